@@ -1,0 +1,170 @@
+"""The run configuration (a scenario): its keys, defaults, and validation at the boundary.
+
+A scenario is a dict of sections (TOML tables). ``resolve`` checks every key against the
+schema, fills defaults and returns the complete scenario, or raises ``ScenarioError`` listing
+every problem with its dotted field name and what was expected. The workload named in
+``run.workload`` contributes its own section and cross-field checks.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from strategies import STRATEGIES
+from workloads import WORKLOADS, workload_class
+from workloads.base import REQUIRED, ConfigField, non_negative, positive
+from workloads.federation import SIZE_LAWS
+
+
+def _strategy_list(v: list) -> str | None:
+    if not v:
+        return "must name at least one strategy"
+    unknown = [s for s in v if s not in STRATEGIES]
+    return f"unknown strategy {unknown[0]!r}; expected some of {list(STRATEGIES)}" if unknown else None
+
+
+def _above_one(v: float) -> str | None:
+    return None if v > 1 else "must be > 1 (a Zipf law needs an exponent above one)"
+
+
+CORE_SCHEMA: dict[str, dict[str, ConfigField]] = {
+    "run": {
+        "name": ConfigField(str, "scenario", "name of the run (the run directory's prefix)"),
+        "workload": ConfigField(str, "mixed_regression", "client workload", choices=tuple(WORKLOADS)),
+        "rounds": ConfigField(int, 20, "rounds per strategy", positive),
+        "strategies": ConfigField(
+            list, ["fedavg", "fedprox"], "strategies, run one after another", _strategy_list
+        ),
+        "out": ConfigField(str, "runs", "folder that receives the run directory"),
+        "round_timeout": ConfigField(float, 600.0, "seconds to wait for a round's replies", positive),
+    },
+    "federation": {
+        "clients": ConfigField(int, REQUIRED, "number of (virtual) clients", positive),
+        "size_law": ConfigField(str, "zipf", "law of local dataset sizes", choices=SIZE_LAWS),
+        "zipf_exponent": ConfigField(float, 1.6, "exponent of the zipf size law", _above_one),
+        "min_size": ConfigField(int, 1, "smallest local dataset", positive),
+        "max_size": ConfigField(int, 200, "largest local dataset", positive),
+        "cohort_size": ConfigField(int, 100, "most virtual clients hosted by one node", positive),
+        "seed": ConfigField(int, 0, "seed of every random draw", non_negative),
+    },
+    "anchors": {
+        "count": ConfigField(int, 0, "anchor clients (ids 0..count-1)", non_negative),
+        "size": ConfigField(int, 65, "points held by each anchor client", positive),
+    },
+    "train": {
+        "local_steps": ConfigField(int, 5, "local gradient steps per round", positive),
+        "lr": ConfigField(float, 0.3, "local step size (capped per client)", positive),
+        "proximal_mu": ConfigField(float, 1.0, "FedProx proximal weight", positive),
+    },
+}
+
+
+class ScenarioError(ValueError):
+    """A scenario that cannot run: ``problems`` lists (dotted field, what was expected)."""
+
+    def __init__(self, source: str, problems: list[tuple[str, str]]) -> None:
+        self.source, self.problems = source, problems
+        lines = "\n".join(f"  {name}: {msg}" for name, msg in problems)
+        super().__init__(f"invalid scenario {source}:\n{lines}")
+
+
+def schema_for(workload: str) -> dict[str, dict[str, ConfigField]]:
+    schema = dict(CORE_SCHEMA)
+    cls = workload_class(workload)
+    schema[cls.section] = cls.schema
+    return schema
+
+
+def _check_value(name: str, value: Any, spec: ConfigField) -> tuple[Any, str | None]:
+    """Coerce and check one value; returns (value, error or None)."""
+    kind = spec.kind
+    if kind is list and isinstance(value, str):  # Flower run configs cannot hold lists
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, kind):
+        expected = getattr(kind, "__name__", str(kind))
+        return value, f"expected {expected}, got {type(value).__name__} {value!r}"
+    if spec.choices is not None and value not in spec.choices:
+        return value, f"{value!r} is not one of {list(spec.choices)}"
+    if spec.check is not None:
+        problem = spec.check(value)
+        if problem:
+            return value, f"{problem} (got {value!r})"
+    return value, None
+
+
+def resolve(raw: dict[str, Any], source: str = "<scenario>") -> dict[str, dict[str, Any]]:
+    """Validate a scenario and fill its defaults. Raises ``ScenarioError``."""
+    problems: list[tuple[str, str]] = []
+    workload = raw.get("run", {}).get("workload", CORE_SCHEMA["run"]["workload"].default)
+    if workload not in WORKLOADS:
+        raise ScenarioError(
+            source, [("run.workload", f"{workload!r} is not one of {sorted(WORKLOADS)}")]
+        )
+    schema = schema_for(workload)
+    for section in raw:
+        if section not in schema:
+            problems.append((section, f"unknown section; expected one of {sorted(schema)}"))
+        elif not isinstance(raw[section], dict):
+            problems.append((section, "expected a table of keys"))
+    resolved: dict[str, dict[str, Any]] = {}
+    for section, fields in schema.items():
+        given = raw.get(section, {})
+        given = given if isinstance(given, dict) else {}
+        for key in given:
+            if key not in fields:
+                problems.append((f"{section}.{key}", f"unknown key; expected one of {sorted(fields)}"))
+        out = {}
+        for key, spec in fields.items():
+            name = f"{section}.{key}"
+            if key not in given:
+                if spec.default is REQUIRED:
+                    problems.append((name, f"missing; {spec.help}"))
+                out[key] = copy.deepcopy(spec.default)
+                continue
+            value, problem = _check_value(name, given[key], spec)
+            if problem:
+                problems.append((name, problem))
+            out[key] = value
+        resolved[section] = out
+    if not problems:
+        problems += _cross_checks(resolved)
+        problems += workload_class(workload).check_scenario(resolved)
+    if problems:
+        raise ScenarioError(source, problems)
+    return resolved
+
+
+def _cross_checks(s: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+    fed = s["federation"]
+    problems = []
+    if fed["max_size"] < fed["min_size"]:
+        problems.append(
+            ("federation.max_size", f"{fed['max_size']} is below min_size {fed['min_size']}")
+        )
+    return problems
+
+
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    """Flower flattens nested tables into dotted keys (``run.rounds``); undo that."""
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        section, _, field = key.partition(".")
+        if not field:
+            nested[section] = value
+        else:
+            nested.setdefault(section, {})[field] = value
+    return nested
+
+
+def client_view(scenario: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The part of a scenario that clients need to rebuild their workload and data."""
+    workload = workload_class(scenario["run"]["workload"])
+    return {
+        "run": {"workload": scenario["run"]["workload"]},
+        "federation": scenario["federation"],
+        "anchors": scenario["anchors"],
+        workload.section: scenario[workload.section],
+    }

@@ -1,0 +1,114 @@
+"""Run a scenario on Flower's simulation engine (Ray backend).
+
+One simulation runs all strategies of the scenario. Ray gets a temp dir of its own per run
+(removed afterwards) unless the run attaches to an existing Ray cluster (``ray_address``),
+which is the multi-machine path: start ``ray start --head`` on one machine, ``ray start
+--address=...`` on the others, then ``umbel run --ray-address <head>:6379``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from server.app import make_server_app
+from server.record import RunObserver, RunRecord, new_run_dir
+from simulations.report import write_report
+from workloads import workload_class
+from workloads.federation import num_nodes
+
+
+class RunFailed(RuntimeError):
+    """The simulation stopped before every strategy finished; the record says so."""
+
+
+class Observers(RunObserver):
+    """Fan one run's events out to several observers."""
+
+    def __init__(self, *observers: RunObserver) -> None:
+        self.observers = observers
+
+    def on_strategy_start(self, strategy: str, rounds: int) -> None:
+        for o in self.observers:
+            o.on_strategy_start(strategy, rounds)
+
+    def on_round(self, strategy: str, row: dict[str, Any]) -> None:
+        for o in self.observers:
+            o.on_round(strategy, row)
+
+    def on_strategy_end(self, strategy: str, rows: list[dict[str, Any]]) -> None:
+        for o in self.observers:
+            o.on_strategy_end(strategy, rows)
+
+
+def backend_config(
+    ray_address: str | None, temp_dir: str | None, verbose: bool = False
+) -> dict[str, Any]:
+    init_args: dict[str, Any] = {
+        "include_dashboard": False,
+        "logging_level": logging.ERROR,
+        "log_to_driver": False,  # client failures come back as error replies, named in the record
+    }
+    if verbose:
+        init_args.update(logging_level=logging.INFO, log_to_driver=True)
+    if ray_address:
+        init_args["address"] = ray_address
+    else:
+        init_args["num_cpus"] = os.cpu_count() or 1
+        init_args["_temp_dir"] = temp_dir
+    return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": init_args}
+
+
+def simulate(
+    scenario: dict[str, Any],
+    out: str | Path | None = None,
+    ray_address: str | None = None,
+    observer: RunObserver | None = None,
+    verbose: bool = False,
+) -> Path:
+    """Run a resolved scenario; returns its run directory. Raises ``RunFailed``."""
+    from flwr.simulation import run_simulation  # heavy import: only when running
+
+    from client.app import app as client_app
+
+    fed = scenario["federation"]
+    nodes = num_nodes(fed["clients"], fed["cohort_size"])
+    key_metric = workload_class(scenario["run"]["workload"]).key_metric
+    run_dir = new_run_dir(out or scenario["run"]["out"], scenario["run"]["name"])
+    record = RunRecord(run_dir, scenario, key_metric)
+    observers = Observers(record, *([observer] if observer else []))
+
+    # One BLAS/OpenMP thread per Ray worker: many small clients on few cores.
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    if not verbose:  # Flower's per-round INFO lines and the run_simulation deprecation notice
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+    temp_dir = None if ray_address else tempfile.mkdtemp(prefix="umbel-ray-", dir="/tmp")
+    try:
+        run_simulation(
+            server_app=make_server_app(scenario, observers),
+            client_app=client_app,
+            num_supernodes=nodes,
+            backend_config=backend_config(ray_address, temp_dir, verbose),
+            verbose_logging=verbose,
+        )
+    except BaseException as err:
+        record.finish("failed", repr(err))
+        raise RunFailed(f"run failed: {err} (record in {run_dir})") from err
+    finally:
+        if temp_dir:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+    expected = set(scenario["run"]["strategies"])
+    if set(record.history["strategies"]) != expected or any(
+        len(rows) != scenario["run"]["rounds"] + 1 for rows in record.history["strategies"].values()
+    ):
+        record.finish("failed", "the simulation ended before every strategy finished")
+        raise RunFailed(f"run incomplete (record in {run_dir})")
+    record.finish("finished")
+    write_report(run_dir)
+    return run_dir

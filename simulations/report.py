@@ -1,0 +1,111 @@
+"""Reports drawn from a run's ``history.json``: ``summary.md`` and PNG plots."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display: files only
+import matplotlib.pyplot as plt  # noqa: E402
+
+from server.record import load_history  # noqa: E402
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _steady_round_time(rows: list[dict[str, Any]]) -> float | None:
+    """Mean wall time of rounds after the first (the first pays data generation)."""
+    times = [r["wall_time_s"] for r in rows if r["round"] >= 2 and "wall_time_s" in r]
+    return sum(times) / len(times) if times else None
+
+
+def loss_name(rows: list[dict[str, Any]]) -> str | None:
+    keys = set().union(*(r.keys() for r in rows)) if rows else set()
+    return next((k for k in ("mse", "loss") if k in keys), None)
+
+
+def summary_table(history: dict[str, Any]) -> str:
+    key = history["key_metric"]
+    lines = [
+        f"# {history['name']}: {history['workload']}, seed {history['seed']} "
+        f"({history['status']})",
+        "",
+    ]
+    any_rows = next(iter(history["strategies"].values()), [])
+    loss = loss_name(any_rows)
+    header = ["strategy", f"final {key}", f"best {key}"]
+    if loss:
+        header.append(f"final {loss}")
+    header += ["rounds", "s/round", "dropped replies"]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "---|" * len(header))
+    for name, rows in history["strategies"].items():
+        if not rows:
+            continue
+        values = [r[key] for r in rows if r.get(key) is not None]
+        cells = [name, _fmt(rows[-1].get(key)), _fmt(min(values) if values else None)]
+        if loss:
+            cells.append(_fmt(rows[-1].get(loss)))
+        cells += [
+            str(rows[-1]["round"]),
+            _fmt(_steady_round_time(rows)),
+            str(sum(r.get("dropped", 0) for r in rows)),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_metric(history: dict[str, Any], metric: str, path: Path) -> bool:
+    """One figure, one line per strategy; log scale when the values span decades."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    drawn = False
+    values_all = []
+    for name, rows in history["strategies"].items():
+        pts = [(r["round"], r[metric]) for r in rows if r.get(metric) is not None]
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker="o", markersize=3, label=name)
+            values_all += [y for y in ys if y > 0]
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return False
+    if values_all and max(values_all) / min(values_all) > 30:
+        ax.set_yscale("log")
+    ax.set_xlabel("round")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{history['name']}: {metric}")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_report(run_dir: Path) -> list[Path]:
+    """(Re)draw ``summary.md`` and the plots of a run directory; returns the files."""
+    run_dir = Path(run_dir)
+    history = load_history(run_dir)
+    written = [run_dir / "summary.md"]
+    written[0].write_text(summary_table(history))
+    rows = next(iter(history["strategies"].values()), [])
+    for metric in dict.fromkeys([history["key_metric"], loss_name(rows)]):
+        if metric and plot_metric(history, metric, run_dir / f"{metric}.png"):
+            written.append(run_dir / f"{metric}.png")
+    return written
+
+
+def final_metric(history: dict[str, Any], strategy: str) -> float:
+    rows = history["strategies"][strategy]
+    value = rows[-1].get(history["key_metric"])
+    return math.nan if value is None else float(value)

@@ -1,0 +1,101 @@
+"""FedAvg and FedProx on one global model, for cohort replies.
+
+Thin adapters over Flower's own ``FedAvg`` / ``FedProx`` (``flwr.serverapp.strategy``):
+sampling, the ``proximal-mu`` config entry and message construction are Flower's; only the
+aggregation changes, because a reply carries a batch of virtual clients rather than one
+model. Malformed replies are dropped and named in the round metrics instead of aborting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from logging import WARNING
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, FedProx
+
+from strategies.aggregation import (
+    ClientBatch,
+    MalformedBatch,
+    merge_batches,
+    metric_means,
+    weighted_average,
+)
+from strategies.cohort_reply import decode_batch, params_to_record, record_to_params
+
+
+class RoundReport:
+    """What the last aggregation saw: accepted clients, dropped replies and why."""
+
+    def __init__(self) -> None:
+        self.clients = 0
+        self.dropped: list[str] = []
+        self.metrics: dict[str, float] = {}
+
+
+def collect(
+    replies: Iterable[Message], reference: ArrayRecord | None, report: RoundReport
+) -> ClientBatch | None:
+    """Decode every reply; drop (and name) the malformed ones; merge the rest."""
+    ref = record_to_params(reference) if reference is not None else None
+    batches = []
+    for msg in replies:
+        node = msg.metadata.src_node_id
+        if msg.has_error():
+            report.dropped.append(f"node {node}: error reply: {msg.error.reason}")
+            continue
+        try:
+            batches.append(decode_batch(msg.content, ref))
+        except MalformedBatch as err:
+            report.dropped.append(f"node {node}: {err}")
+    try:
+        merged = merge_batches(batches)
+    except MalformedBatch as err:  # two nodes claimed one client: trust neither
+        report.dropped.append(f"all nodes: {err}")
+        return None
+    for reason in report.dropped:
+        log(WARNING, "dropped reply from %s", reason)
+    report.clients = 0 if merged is None else len(merged)
+    return merged
+
+
+class CohortAggregation:
+    """Mixin: example-weighted averaging over the clients of every cohort reply."""
+
+    last_report: RoundReport
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._reference = arrays  # the shape every reply must match
+        return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        self.last_report = report = RoundReport()
+        batch = collect(replies, self._reference, report)
+        if batch is None:
+            return None, None
+        report.metrics = metric_means(batch)
+        return params_to_record(weighted_average(batch)), MetricRecord(report.metrics)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        self.last_report = report = RoundReport()
+        batch = collect(replies, None, report)
+        if batch is None:
+            return None
+        report.metrics = metric_means(batch)
+        return MetricRecord(report.metrics)
+
+
+class CohortFedAvg(CohortAggregation, FedAvg):
+    """Flower's FedAvg over cohorts of virtual clients."""
+
+
+class CohortFedProx(CohortAggregation, FedProx):
+    """Flower's FedProx over cohorts; clients read ``proximal-mu`` from the config."""

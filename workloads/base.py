@@ -1,0 +1,117 @@
+"""The workload contract: what a client runs, independent of Flower and of the strategy.
+
+A workload owns a data source, a model, local training and local evaluation. Every method
+works on a *cohort*: a batch of virtual clients handled in one call (a batch of one is the
+device case). Parameters are an ordered ``dict[str, np.ndarray]`` (the shape of a Flower
+``ArrayRecord``); per-client results are stacked along a leading client axis.
+
+Strategies never see a workload; the client app calls it, the server asks it only for the
+initial parameters and for central metrics (e.g. the distance to a known ground truth).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Protocol
+
+import numpy as np
+
+Params = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class ConfigField:
+    """One key of a scenario section: its type, default and constraint.
+
+    ``check`` returns an error text (``"must be > 0"``) or ``None`` when the value is fine.
+    ``default=REQUIRED`` makes the key mandatory.
+    """
+
+    kind: type | tuple[type, ...]
+    default: Any
+    help: str
+    check: Callable[[Any], str | None] | None = None
+    choices: tuple[Any, ...] | None = None
+
+
+REQUIRED = object()
+
+
+def positive(v: Any) -> str | None:
+    return None if v > 0 else "must be > 0"
+
+
+def non_negative(v: Any) -> str | None:
+    return None if v >= 0 else "must be >= 0"
+
+
+class CohortData(Protocol):
+    """Local data of a cohort of virtual clients."""
+
+    client_ids: np.ndarray  # (B,) int64, sorted
+    num_examples: np.ndarray  # (B,) int64, every entry >= 1
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Local-training knobs sent by the server each round.
+
+    ``proximal_mu > 0`` asks for FedProx: the local objective gains (mu/2)||w - w_start||^2.
+    """
+
+    local_steps: int
+    lr: float
+    proximal_mu: float = 0.0
+
+
+class Workload(ABC):
+    """A method's client side: data, model, local train, local loss and evaluate.
+
+    Subclasses declare ``name`` (the ``run.workload`` value), ``section`` (their scenario
+    table) with ``schema`` (its keys), ``key_metric`` (the metric plotted by default) and
+    ``loss_name`` (the record's name for the mean local loss, e.g. ``mse``).
+    """
+
+    name: ClassVar[str]
+    section: ClassVar[str]
+    schema: ClassVar[dict[str, ConfigField]]
+    key_metric: ClassVar[str]
+    loss_name: ClassVar[str] = "loss"  # how the run record names the mean local loss
+
+    @classmethod
+    def check_scenario(cls, scenario: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+        """Cross-field checks over the whole scenario: a list of (dotted field, message)."""
+        return []
+
+    @abstractmethod
+    def client_data(self, client_ids: np.ndarray) -> CohortData:
+        """Local data of the given virtual clients (deterministic in seed and client id)."""
+
+    @abstractmethod
+    def initial_parameters(self) -> Params:
+        """Parameters of one model before any training (deterministic in the seed)."""
+
+    @abstractmethod
+    def local_loss(self, params: Params, data: CohortData) -> np.ndarray:
+        """Mean local loss of every client of the cohort under ``params``: shape (B,)."""
+
+    @abstractmethod
+    def local_train(self, start: Params, data: CohortData, settings: TrainSettings) -> Params:
+        """Train each client from its own start (arrays stacked on a leading (B,) axis).
+
+        Returns the trained parameters, stacked the same way.
+        """
+
+    def local_evaluate(self, params: Params, data: CohortData) -> dict[str, np.ndarray]:
+        """Per-client metric *sums* over each client's examples (mean = sum / n)."""
+        return {"loss": self.local_loss(params, data) * data.num_examples}
+
+    def central_metrics(self, models: list[Params]) -> dict[str, float]:
+        """Server-side metrics of the current model(s); empty when there is no ground truth."""
+        return {}
+
+
+def stack_params(params: Params, batch: int) -> Params:
+    """Broadcast one model to a batch of clients (a copy per client, ready to train)."""
+    return {k: np.repeat(v[None], batch, axis=0) for k, v in params.items()}
