@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,24 @@ from server.record import RunObserver, RunRecord, new_run_dir
 from simulations.report import write_report
 from workloads import workload_class
 from workloads.federation import num_nodes
+
+
+class LaunchError(ValueError):
+    """The run cannot start (bad launch option); nothing was written."""
+
+
+def check_ray_address(address: str, timeout: float = 3.0) -> None:
+    """Fail fast on an unreachable cluster (Ray itself retries for minutes)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise LaunchError(f"--ray-address {address!r}: expected host:port (e.g. 10.0.0.5:6379)")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise LaunchError(
+            f"--ray-address {address}: no Ray head answers there ({err.strerror or err}); "
+            "start one with `ray start --head --port=PORT`"
+        ) from None
 
 
 class RunFailed(RuntimeError):
@@ -46,8 +65,9 @@ class Observers(RunObserver):
 
 
 def backend_config(
-    ray_address: str | None, temp_dir: str | None, verbose: bool = False
+    ray_address: str | None, temp_dir: str | None, verbose: bool = False, client_cpus: float = 1
 ) -> dict[str, Any]:
+    """Flower's Ray backend settings: one actor per ``client_cpus`` CPUs of the cluster."""
     init_args: dict[str, Any] = {
         "include_dashboard": False,
         "logging_level": logging.ERROR,
@@ -60,7 +80,7 @@ def backend_config(
     else:
         init_args["num_cpus"] = os.cpu_count() or 1
         init_args["_temp_dir"] = temp_dir
-    return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": init_args}
+    return {"client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0}, "init_args": init_args}
 
 
 def simulate(
@@ -69,12 +89,18 @@ def simulate(
     ray_address: str | None = None,
     observer: RunObserver | None = None,
     verbose: bool = False,
+    client_cpus: float = 1,
 ) -> Path:
-    """Run a resolved scenario; returns its run directory. Raises ``RunFailed``."""
+    """Run a resolved scenario; returns its run directory. Raises ``RunFailed``.
+
+    ``client_cpus`` is the CPUs Ray reserves per actor (fewer actors when larger).
+    """
     from flwr.simulation import run_simulation  # heavy import: only when running
 
     from client.app import app as client_app
 
+    if ray_address:
+        check_ray_address(ray_address)
     fed = scenario["federation"]
     nodes = num_nodes(fed["clients"], fed["cohort_size"])
     key_metric = workload_class(scenario["run"]["workload"]).key_metric
@@ -94,7 +120,7 @@ def simulate(
             server_app=make_server_app(scenario, observers),
             client_app=client_app,
             num_supernodes=nodes,
-            backend_config=backend_config(ray_address, temp_dir, verbose),
+            backend_config=backend_config(ray_address, temp_dir, verbose, client_cpus),
             verbose_logging=verbose,
         )
     except BaseException as err:

@@ -57,13 +57,15 @@ def run(
     verbose: Annotated[bool, typer.Option(help="show Flower's and Ray's logs")] = False,
 ) -> None:
     """Run a scenario on Flower's simulation engine and write its run record."""
-    from simulations.launcher import RunFailed, simulate
+    from simulations.launcher import LaunchError, RunFailed, check_ray_address, simulate
     from simulations.scenarios import load_scenario
     from workloads import workload_class
 
     try:
         resolved = load_scenario(scenario, set_ or [], seed)
-    except ScenarioError as err:
+        if ray_address:
+            check_ray_address(ray_address)
+    except (ScenarioError, LaunchError) as err:
         _fail(str(err), EXIT_BAD_INPUT)
     key = workload_class(resolved["run"]["workload"]).key_metric
     fed = resolved["federation"]
@@ -85,10 +87,12 @@ def run(
                 resolved, out=out, ray_address=ray_address,
                 observer=ProgressObserver(progress, key), verbose=verbose,
             )
+    except LaunchError as err:
+        _fail(str(err), EXIT_BAD_INPUT)
     except RunFailed as err:
         _fail(str(err), EXIT_RUN_FAILED)
     console.print((run_dir / "summary.md").read_text(), highlight=False, soft_wrap=True)
-    console.print(f"run record: [bold]{run_dir}[/]")
+    console.print(f"run record: [bold]{run_dir}[/]", soft_wrap=True)
 
 
 @app.command()
@@ -113,7 +117,7 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> 
         _fail(str(err), EXIT_BAD_INPUT)
     console.print(files[0].read_text(), highlight=False, soft_wrap=True)
     for f in files:
-        console.print(f"wrote {f}")
+        console.print(f"wrote {f}", soft_wrap=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,33 @@
+# Every target sets up .venv on a fresh machine first (Python 3.11, pinned dependencies).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install run test test-fast bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## the main job: the default scenario, run record under runs/
+run: $(STAMP)
+	$(BIN)/umbel run default
+
+## the whole test suite (slow tests included)
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+## unit tests only (seconds)
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/sim_throughput.py
+
+clean:
+	rm -rf runs .pytest_cache benchmarks/results

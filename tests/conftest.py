@@ -1,0 +1,45 @@
+"""Shared fixtures: one local Ray cluster (``ray start --head``) for all integration tests.
+
+Attaching to it is also the documented multi-machine path (``umbel run --ray-address``), so
+every integration test exercises it. Its temp dir lives under pytest's tmp dir.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """Address of a Ray head started for this test session (stopped at the end)."""
+    # Ray's socket paths must stay short: a temp dir directly under /tmp.
+    temp_dir = tempfile.mkdtemp(prefix="umbel-test-ray-", dir="/tmp")
+    port = _free_port()
+    env = {**os.environ, "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "OMP_NUM_THREADS": "1"}
+    ray = str(BIN / "ray")
+    subprocess.run(
+        [ray, "start", "--head", f"--port={port}", "--num-cpus=2", f"--temp-dir={temp_dir}",
+         "--include-dashboard=false", "--disable-usage-stats"],
+        check=True, env=env, capture_output=True,
+    )
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True)
+        shutil.rmtree(temp_dir, ignore_errors=True)
