@@ -1,0 +1,134 @@
+"""The pure aggregation core and the cohort reply protocol, fed hand-made Flower messages."""
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Error, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from strategies import build_strategy
+from strategies.aggregation import ClientBatch, MalformedBatch, merge_batches, weighted_average
+from strategies.cohort_reply import decode_batch, encode_batch, params_to_record
+
+D = 3
+REF = {"w": np.zeros(D)}
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """Messages outside a running Flower app need an identity."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+
+
+def batch(ids, seed=0, n=None):
+    rng = np.random.default_rng(seed)
+    ids = np.asarray(ids, dtype=np.int64)
+    n = np.asarray(n if n is not None else rng.integers(1, 9, len(ids)), dtype=np.int64)
+    return ClientBatch(ids, n, {"w": rng.standard_normal((len(ids), D))},
+                       {"loss-before": rng.random(len(ids))})
+
+
+def reply(content, node):
+    sent = Message(RecordDict(), dst_node_id=node, message_type="train")
+    return Message(content, reply_to=sent)
+
+
+def test_weighted_average_weights_by_examples():
+    b = ClientBatch(np.array([0, 1]), np.array([1, 3]), {"w": np.array([[1.0, 0, 0], [5.0, 4, 0]])}, {})
+    assert np.allclose(weighted_average(b)["w"], [4.0, 3.0, 0.0])
+
+
+def test_merge_is_independent_of_grouping_and_arrival_order():
+    whole = batch(range(12), seed=1)
+    parts = [ClientBatch(whole.client_ids[s], whole.num_examples[s], {"w": whole.params["w"][s]},
+                         {"loss-before": whole.metrics["loss-before"][s]})
+             for s in (slice(7, 12), slice(0, 3), slice(3, 7))]
+    a = weighted_average(merge_batches(parts))["w"]
+    b = weighted_average(merge_batches([whole]))["w"]
+    assert np.array_equal(a, b)  # bit for bit
+
+
+def test_round_trip_through_a_record():
+    b = batch([4, 9, 2])
+    back = decode_batch(encode_batch(b), REF)
+    assert np.array_equal(back.client_ids, b.client_ids)
+    assert np.array_equal(back.params["w"], b.params["w"])
+    assert np.array_equal(back.metrics["loss-before"], b.metrics["loss-before"])
+
+
+def corrupt(kind):
+    b = batch([0, 1, 2])
+    if kind == "nan":
+        b.params["w"][1, 0] = np.nan
+    elif kind == "inf-metric":
+        b.metrics["loss-before"][0] = np.inf
+    elif kind == "shape":
+        b.params["w"] = np.zeros((3, D + 1))
+    elif kind == "negative-count":
+        b.num_examples[2] = -4
+    elif kind == "duplicate":
+        b.client_ids[1] = 0
+    return encode_batch(b)
+
+
+@pytest.mark.parametrize(
+    "kind, reason",
+    [("nan", "non-finite"), ("inf-metric", "non-finite"), ("shape", "shape (3, 4)"),
+     ("negative-count", "non-positive num-examples"), ("duplicate", "duplicate client ids")],
+)
+def test_malformed_replies_are_dropped_named_and_the_round_goes_on(kind, reason):
+    strategy = build_strategy("fedavg", num_nodes=3, proximal_mu=1.0)
+    strategy._reference = params_to_record(REF)
+    good = [batch([10, 11], seed=2), batch([20], seed=3)]
+    replies = [reply(encode_batch(good[0]), 1), reply(corrupt(kind), 2), reply(encode_batch(good[1]), 3)]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    expected = weighted_average(merge_batches(good))["w"]
+    assert np.array_equal(arrays["w"].numpy(), expected)  # the bad reply changed nothing
+    report = strategy.last_report
+    assert report.clients == 3 and len(report.dropped) == 1
+    assert report.dropped[0].startswith("node 2:") and reason in report.dropped[0]
+
+
+def test_error_replies_missing_records_and_double_claims():
+    strategy = build_strategy("fedprox", num_nodes=3, proximal_mu=1.0)
+    strategy._reference = params_to_record(REF)
+    sent = Message(RecordDict(), dst_node_id=7, message_type="train")
+    replies = [
+        Message(Error(code=0, reason="ValueError: data file truncated"), reply_to=sent),
+        reply(RecordDict({"config": ConfigRecord({"x": 1})}), 8),
+        reply(encode_batch(batch([1, 2])), 9),
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None and strategy.last_report.clients == 2
+    assert any("data file truncated" in d for d in strategy.last_report.dropped)
+    assert any(d.startswith("node 8: missing or unreadable record") for d in strategy.last_report.dropped)
+    # two nodes claim client 1: the server cannot tell which is right, so it keeps neither
+    replies = [reply(encode_batch(batch([1, 2])), 1), reply(encode_batch(batch([1])), 2)]
+    arrays, _ = strategy.aggregate_train(2, replies)
+    assert arrays is None and "reported by two nodes" in strategy.last_report.dropped[0]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    ids=st.lists(st.integers(-3, 50), min_size=0, max_size=6),
+    counts=st.lists(st.integers(-2, 5), min_size=0, max_size=6),
+    rows=st.integers(0, 7),
+    cols=st.integers(1, 4),
+    fill=st.sampled_from([0.5, np.nan, np.inf, -np.inf, 1e308]),
+)
+def test_any_reply_either_decodes_to_a_valid_batch_or_is_rejected_by_name(ids, counts, rows, cols, fill):
+    clients = {"client-id": np.array(ids, dtype=np.int64),
+               "num-examples": np.array(counts, dtype=np.int64)}
+    content = RecordDict({
+        "clients": params_to_record(clients),
+        "arrays": params_to_record({"w": np.full((rows, cols), fill)}),
+    })
+    try:
+        b = decode_batch(content, REF)
+    except MalformedBatch as err:
+        assert str(err)  # a reason, never a crash of another kind
+        return
+    assert len(b) > 0 and (b.num_examples > 0).all() and np.isfinite(b.params["w"]).all()
+    assert b.params["w"].shape == (len(b), D) and len(set(b.client_ids.tolist())) == len(b)
