@@ -14,10 +14,13 @@ import sys
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from flwr.app import MetricRecord, RecordDict
+
+from client.compute import coarse_cohort, evaluate_cohort, train_cohort
 from strategies.aggregation import ClientBatch
-from strategies.cohort_reply import encode_batch, record_to_params
+from strategies.cohort_reply import encode_batch, encode_result, params_to_record, record_to_params
 from workloads import workload_class
-from workloads.base import CohortData, TrainSettings, Workload, stack_params
+from workloads.base import CohortData, TrainSettings, Workload
 from workloads.federation import cohort_slice
 
 _workloads: dict[str, Workload] = {}
@@ -51,30 +54,66 @@ def cohort(msg: Message, context: Context) -> tuple[Workload, CohortData]:
     return workload, _cohorts[key]
 
 
+def _settings(config) -> TrainSettings:
+    return TrainSettings(
+        local_steps=int(config["local-steps"]),
+        lr=float(config["lr"]),
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
+    )
+
+
 app = ClientApp()
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     workload, data = cohort(msg, context)
-    params = record_to_params(msg.content["arrays"])
     config = msg.content["config"]
-    settings = TrainSettings(
-        local_steps=int(config["local-steps"]),
-        lr=float(config["lr"]),
-        proximal_mu=float(config.get("proximal-mu", 0.0)),
+    params = record_to_params(msg.content["arrays"])
+    k_models = "k-models" in config
+    models = params if k_models else {n: v[None] for n, v in params.items()}
+    result = train_cohort(
+        workload, data, models,
+        selection=str(config["selection"]) if k_models else "single",
+        reply=str(config["reply"]) if k_models else "clients",
+        settings=_settings(config),
+        round_=int(config["server-round"]),
+        federation=workload.federation,
     )
-    counts = data.num_examples
-    loss_before = workload.local_loss(params, data) * counts
-    trained = workload.local_train(stack_params(params, len(counts)), data, settings)
-    batch = ClientBatch(data.client_ids, counts, trained, {"loss-before": loss_before})
-    return Message(encode_batch(batch), reply_to=msg)
+    if not k_models:  # Flower's FedAvg/FedProx: one model, per-client results
+        if result.batch is None:
+            return Message(RecordDict({"metrics": MetricRecord({"num-examples": 0})}), reply_to=msg)
+        result.batch.metrics.pop("cluster")
+        return Message(encode_batch(result.batch), reply_to=msg)
+    return Message(encode_result(result, int(data.num_examples.sum())), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     workload, data = cohort(msg, context)
+    config = msg.content["config"]
     params = record_to_params(msg.content["arrays"])
-    metrics = workload.local_evaluate(params, data)
-    batch = ClientBatch(data.client_ids, data.num_examples, {}, metrics)
-    return Message(encode_batch(batch), reply_to=msg)
+    if "k-models" not in config:
+        metrics = workload.local_evaluate(params, data)
+        batch = ClientBatch(data.client_ids, data.num_examples, {}, metrics)
+        return Message(encode_batch(batch), reply_to=msg)
+    examples, (hi, lo), confusion = evaluate_cohort(workload, data, params, str(config["selection"]))
+    content = RecordDict(
+        {
+            "eval": params_to_record({"examples": examples, "loss.hi": hi, "loss.lo": lo}),
+            "metrics": MetricRecord({"num-examples": int(examples[0])}),
+        }
+    )
+    if confusion is not None:
+        content["stats"] = params_to_record({"confusion": confusion})
+    return Message(content, reply_to=msg)
+
+
+@app.query("coarse")
+def coarse(msg: Message, context: Context) -> Message:
+    """A Phase-1 step of a clustered strategy: statistics, never raw data."""
+    workload, data = cohort(msg, context)
+    config = msg.content["config"]
+    request = record_to_params(msg.content["request"])
+    stats = coarse_cohort(workload, data, str(config["step"]), request, str(config["reduce"]))
+    return Message(RecordDict({"stats": params_to_record(stats)}), reply_to=msg)

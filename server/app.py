@@ -17,17 +17,20 @@ import random
 import time
 from typing import Any
 
+import numpy as np
+
 from flwr.app import ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from server.record import RunObserver, RunRecord, new_run_dir
 from server.run_config import client_view, resolve, unflatten
-from strategies import build_strategy
+from strategies import K_MODEL, build_strategy
+from strategies.aggregation import Params
 from strategies.cohort_reply import params_to_record, record_to_params
 from workloads import workload_class
 from workloads.base import Workload
-from workloads.federation import num_nodes
+from workloads.federation import STREAM_INIT, num_nodes
 
 NODE_WAIT_S = 120.0
 PULL_INTERVAL_S = 0.005  # Flower's default 0.1 s poll dominates small rounds
@@ -50,6 +53,23 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float = NODE_WAIT_S) -> N
         time.sleep(0.05)
 
 
+def initial_models(workload: Workload, init: str, seed: int) -> Params:
+    """The k models handed to a k-model strategy (``clustered.init``)."""
+    k = workload.num_clusters
+    base = workload.initial_parameters()
+    if init == "zeros":
+        return {n: np.zeros((k, *v.shape)) for n, v in base.items()}
+    if init == "random":  # N(0, I/size) per model: the scale of a unit-norm model
+        rng = np.random.default_rng(np.random.SeedSequence([seed, STREAM_INIT]))
+        return {n: rng.standard_normal((k, *v.shape)) / np.sqrt(v.size) for n, v in base.items()}
+    truth = workload.true_parameters()
+    if truth is None:
+        raise ValueError(f"clustered.init = {init!r} needs true models; this workload has none")
+    if init == "true-first":  # every model equal to the first true model
+        return {n: np.repeat(v[:1], k, axis=0) for n, v in truth.items()}
+    return truth
+
+
 def run_strategy(
     grid: Grid,
     name: str,
@@ -60,12 +80,21 @@ def run_strategy(
 ) -> list[dict[str, Any]]:
     """Run one strategy for ``run.rounds`` rounds; returns its per-round rows.
 
-    Row r holds the central metrics of the model after round r (row 0: the initial model),
-    its mean local loss, the clients aggregated, dropped replies and the round's wall time.
+    Row r describes the models after round r (row 0: the models of round 1, i.e. the
+    initial ones, or Phase 1's estimates for the clustered strategies): the workload's central
+    metrics, then, once the next exchange has scored them on the clients, the mean local loss
+    and the misclustering of the clients' choices. Rows r >= 1 also hold the clients
+    aggregated per model, dropped replies and the round's wall time.
     """
-    run, train = scenario["run"], scenario["train"]
+    run, train, fed = scenario["run"], scenario["train"], scenario["federation"]
     loss_key = workload.loss_name
-    strategy = build_strategy(name, nodes, proximal_mu=train["proximal_mu"])
+    k_model = name in K_MODEL
+    base = workload.initial_parameters()
+    strategy = build_strategy(
+        name, nodes, proximal_mu=train["proximal_mu"], k=workload.num_clusters,
+        dim=sum(v.size for v in base.values()), seed=fed["seed"],
+        clustered=scenario["clustered"], timeout=run["round_timeout"],
+    )
     config = ConfigRecord(
         {
             "scenario": json.dumps(client_view(scenario), sort_keys=True),
@@ -73,41 +102,56 @@ def run_strategy(
             "lr": train["lr"],
         }
     )
-    arrays = params_to_record(workload.initial_parameters())
+    handed_in = initial_models(workload, scenario["clustered"]["init"], fed["seed"]) if k_model else base
+    arrays = params_to_record(handed_in)
     observer.on_strategy_start(name, run["rounds"])
     rows: list[dict[str, Any]] = []
 
-    def central(arrays_: Any) -> dict[str, Any]:
-        return workload.central_metrics([record_to_params(arrays_)])
+    def scored(models: Params, report: Any, loss: str) -> dict[str, Any]:
+        """What the clients' replies say about the models they received."""
+        out = {loss_key: report.metrics.get(loss)}
+        if report.confusion is not None:
+            extra = workload.central_metrics(models, report.confusion)
+            out.update({m: v for m, v in extra.items() if m.startswith("misclustering")})
+        return out
 
-    row: dict[str, Any] = {"round": 0, **central(arrays)}
-    rows.append(row)
-    observer.on_round(name, row)
     for rnd in range(1, run["rounds"] + 1):
         start = time.perf_counter()
         messages = strategy.configure_train(rnd, arrays, config, grid)
+        sent = getattr(strategy, "sent_models", None) or record_to_params(arrays)
+        if rnd == 1:
+            row0: dict[str, Any] = {"round": 0, **workload.central_metrics(sent)}
+            if getattr(strategy, "coarse", None) is not None:  # Phase 1 replaced the models
+                key = workload.key_metric
+                row0[f"handed_in_{key}"] = workload.central_metrics(handed_in)[key]
+                row0["phase1_warnings"] = strategy.coarse.warnings
+            rows.append(row0)
         replies = grid.send_and_receive(messages, timeout=run["round_timeout"])
         new_arrays, _ = strategy.aggregate_train(rnd, replies)
         report = strategy.last_report
         wall = time.perf_counter() - start
-        # The replies scored the previous model on every client's data.
-        rows[-1][loss_key] = report.metrics.get("loss-before")
+        rows[-1].update(scored(sent, report, "loss-before"))
+        if rnd == 1:
+            observer.on_round(name, rows[0])
         if new_arrays is not None:
             arrays = new_arrays
-        row = {"round": rnd, **central(arrays), "clients": report.clients}
+        row = {"round": rnd, **workload.central_metrics(record_to_params(arrays))}
+        row["clients"] = report.clients
+        if report.cluster_sizes is not None:
+            row["cluster_clients"] = report.cluster_sizes
         row["dropped"] = len(report.dropped)
         if report.dropped:
             row["dropped_replies"] = report.dropped
         row["wall_time_s"] = wall
         rows.append(row)
         observer.on_round(name, row)
-    # One evaluate exchange scores the final model.
+    # One evaluate exchange scores the final models.
     replies = grid.send_and_receive(
         strategy.configure_evaluate(run["rounds"], arrays, ConfigRecord(dict(config)), grid),
         timeout=run["round_timeout"],
     )
     strategy.aggregate_evaluate(run["rounds"], replies)
-    rows[-1][loss_key] = strategy.last_report.metrics.get("loss")
+    rows[-1].update(scored(record_to_params(arrays), strategy.last_report, "loss"))
     observer.on_strategy_end(name, rows)
     return rows
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from strategies import STRATEGIES
+from strategies import PHASE1, STRATEGIES
 from workloads import WORKLOADS, workload_class
 from workloads.base import REQUIRED, ConfigField, non_negative, positive
 from workloads.federation import SIZE_LAWS
@@ -22,6 +22,17 @@ def _strategy_list(v: list) -> str | None:
         return "must name at least one strategy"
     unknown = [s for s in v if s not in STRATEGIES]
     return f"unknown strategy {unknown[0]!r}; expected some of {list(STRATEGIES)}" if unknown else None
+
+
+INITS = ("random", "zeros", "true-first", "truth")
+
+
+def _fraction(v: float) -> str | None:
+    return None if 0 < v <= 1 else "must be in (0, 1]"
+
+
+def _probability(v: float) -> str | None:
+    return None if 0 <= v < 1 else "must be in [0, 1)"
 
 
 def _above_one(v: float) -> str | None:
@@ -47,15 +58,39 @@ CORE_SCHEMA: dict[str, dict[str, ConfigField]] = {
         "max_size": ConfigField(int, 200, "largest local dataset", positive),
         "cohort_size": ConfigField(int, 100, "most virtual clients hosted by one node", positive),
         "seed": ConfigField(int, 0, "seed of every random draw", non_negative),
+        "participation": ConfigField(
+            float, 1.0, "fraction of clients sampled each round", _fraction
+        ),
+        "dropout": ConfigField(
+            float, 0.0, "probability that a sampled client fails to reply", _probability
+        ),
     },
     "anchors": {
         "count": ConfigField(int, 0, "anchor clients (ids 0..count-1)", non_negative),
         "size": ConfigField(int, 65, "points held by each anchor client", positive),
     },
+    "clustered": {
+        "init": ConfigField(
+            str, "random", "initial k models handed to the k-model strategies",
+            choices=INITS,
+        ),
+        "phase1": ConfigField(
+            str, "subspace-kmeans", "coarse-estimate routine of the clustered strategies",
+            choices=tuple(PHASE1),
+        ),
+        "moments_from": ConfigField(
+            str, "all", "whose second moments estimate the subspace", choices=("all", "anchors")
+        ),
+        "kmeans_restarts": ConfigField(int, 10, "k-means++ restarts on anchor estimates", positive),
+        "reply": ConfigField(
+            str, "clients", "cohorts reply with every client's result or per-cluster sums",
+            choices=("clients", "sums"),
+        ),
+    },
     "train": {
-        "local_steps": ConfigField(int, 5, "local gradient steps per round", positive),
-        "lr": ConfigField(float, 0.3, "local step size (capped per client)", positive),
-        "proximal_mu": ConfigField(float, 1.0, "FedProx proximal weight", positive),
+        "local_steps": ConfigField(int, 2, "local gradient steps per round", positive),
+        "lr": ConfigField(float, 0.05, "local step size (capped per client)", positive),
+        "proximal_mu": ConfigField(float, 10.0, "FedProx proximal weight", positive),
     },
 }
 

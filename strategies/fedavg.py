@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from logging import WARNING
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -33,6 +34,8 @@ class RoundReport:
         self.clients = 0
         self.dropped: list[str] = []
         self.metrics: dict[str, float] = {}
+        self.confusion: np.ndarray | None = None  # chosen x true cluster x size bucket
+        self.cluster_sizes: list[int] | None = None  # clients aggregated per model
 
 
 def collect(

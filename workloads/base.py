@@ -68,7 +68,8 @@ class TrainSettings:
 class Workload(ABC):
     """A method's client side: data, model, local train, local loss and evaluate.
 
-    Subclasses declare ``name`` (the ``run.workload`` value), ``section`` (their scenario
+    Instances keep the scenario's ``federation`` table (seed, participation, dropout) as
+    ``self.federation``. Subclasses declare ``name`` (the ``run.workload`` value), ``section`` (their scenario
     table) with ``schema`` (its keys), ``key_metric`` (the metric plotted by default) and
     ``loss_name`` (the record's name for the mean local loss, e.g. ``mse``).
     """
@@ -103,13 +104,50 @@ class Workload(ABC):
         Returns the trained parameters, stacked the same way.
         """
 
+    @abstractmethod
+    def subset(self, data: CohortData, index: np.ndarray) -> CohortData:
+        """The cohort data of the clients at positions ``index`` (e.g. this round's active ones)."""
+
     def local_evaluate(self, params: Params, data: CohortData) -> dict[str, np.ndarray]:
         """Per-client metric *sums* over each client's examples (mean = sum / n)."""
         return {"loss": self.local_loss(params, data) * data.num_examples}
 
-    def central_metrics(self, models: list[Params]) -> dict[str, float]:
-        """Server-side metrics of the current model(s); empty when there is no ground truth."""
+    def coarse_statistics(self, step: str, request: Params, data: CohortData) -> dict[str, np.ndarray]:
+        """Statistics for a coarse-estimate (Phase 1) step of a clustered strategy.
+
+        Returns per-client arrays with a leading client axis, including ``client-id``; the
+        step decides whether they are summed over clients or sent as rows (anchors). Raw data
+        never leave the client. Workloads without such a routine cannot run Phase 1.
+        """
+        raise ValueError(f"workload {self.name!r} has no coarse-estimate step {step!r}")
+
+    @property
+    def num_clusters(self) -> int:
+        """k for the k-model strategies (1: the workload has no cluster structure)."""
+        return 1
+
+    def true_parameters(self) -> Params | None:
+        """The true models stacked on a model axis, when known (synthetic data)."""
+        return None
+
+    def central_metrics(
+        self, models: Params, confusion: np.ndarray | None = None
+    ) -> dict[str, float]:
+        """Server-side metrics of the current model(s), stacked on a leading model axis.
+
+        ``confusion`` (chosen cluster x true cluster x size bucket, client counts) comes from
+        clients that know their true cluster (synthetic data) and yields misclustering rates.
+        Empty when there is no ground truth.
+        """
         return {}
+
+
+# Client-size buckets for misclustering: 1, 2, 3-10 and over 10 points.
+SIZE_BUCKETS = ("n1", "n2", "n3_10", "n11plus")
+
+
+def size_bucket(num_examples: np.ndarray) -> np.ndarray:
+    return np.digitize(num_examples, [2, 3, 11])
 
 
 def stack_params(params: Params, batch: int) -> Params:

@@ -60,3 +60,41 @@ def cohort_slice(partition_id: int, num_partitions: int, num_clients: int) -> np
 def num_nodes(num_clients: int, cohort_size: int) -> int:
     """Nodes needed to host every client in cohorts of at most ``cohort_size``."""
     return -(-num_clients // cohort_size)
+
+
+STREAM_PARTICIPATION = 3
+STREAM_DROPOUT = 4
+STREAM_INIT = 5
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(z: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser: a well-mixed 64-bit hash (vectorised, wraps mod 2^64)."""
+    z = np.array(z, dtype=np.uint64, ndmin=1)
+    with np.errstate(over="ignore"):  # multiplication modulo 2^64 is the point
+        z = z + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def client_uniform(seed: int, stream: int, client_ids: np.ndarray, round_: int) -> np.ndarray:
+    """A uniform [0, 1) draw per client, a pure function of (seed, stream, client id, round).
+
+    Counter-based, so a cohort of any size draws the same value for the same client, and a
+    million clients cost one vectorised pass.
+    """
+    key = _splitmix64(np.uint64(seed & _MASK64) ^ _splitmix64(np.uint64(stream)))
+    key = _splitmix64(key ^ np.uint64(round_ & _MASK64))
+    bits = _splitmix64(key ^ np.asarray(client_ids, dtype=np.uint64))
+    return (bits >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def active_clients(
+    seed: int, client_ids: np.ndarray, round_: int, participation: float, dropout: float
+) -> np.ndarray:
+    """Clients that train this round: sampled with probability ``participation`` and then
+    not dropping out (probability ``dropout``)."""
+    sampled = client_uniform(seed, STREAM_PARTICIPATION, client_ids, round_) < participation
+    stays = client_uniform(seed, STREAM_DROPOUT, client_ids, round_) >= dropout
+    return sampled & stays

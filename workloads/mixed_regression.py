@@ -28,8 +28,10 @@ from workloads.base import (
     Params,
     TrainSettings,
     Workload,
+    SIZE_BUCKETS,
     non_negative,
     positive,
+    size_bucket,
 )
 from workloads.federation import BLOCK, STREAM_TRUTH, block_rng, draw_sizes
 
@@ -118,6 +120,25 @@ class MixedRegression(Workload):
                 errors.append(
                     ("mixed_regression.cluster_weights", "expected positive numbers")
                 )
+        uses_phase1 = any(s.startswith("clustered-") for s in scenario["run"]["strategies"])
+        if uses_phase1 and k > mr["dim"]:
+            errors.append(
+                ("mixed_regression.clusters",
+                 f"{k} clusters exceed dim {mr['dim']}: the k models span at most dim directions")
+            )
+        if uses_phase1 and anchors["count"] < k:
+            errors.append(
+                ("anchors.count",
+                 f"{anchors['count']} anchors cannot cover {k} clusters: Phase 1 of the clustered "
+                 f"strategies needs at least one anchor per cluster (set anchors.count >= {k})")
+            )
+        if uses_phase1 and anchors["size"] < k:
+            errors.append(
+                ("anchors.size",
+                 f"{anchors['size']} points per anchor cannot fit a {k}-dimensional model; "
+                 f"expected >= {k} (recommended >= 10 k ln(k+1) = "
+                 f"{int(np.ceil(10 * k * np.log(k + 1)))})")
+            )
         if anchors["count"] > fed["clients"]:
             errors.append(
                 (
@@ -129,6 +150,7 @@ class MixedRegression(Workload):
 
     def __init__(self, scenario: dict[str, dict[str, Any]]) -> None:
         fed, mr, anchors = scenario["federation"], scenario[self.section], scenario["anchors"]
+        self.federation = dict(fed)
         self.seed = int(fed["seed"])
         self.num_clients = int(fed["clients"])
         self.size_law = fed["size_law"]
@@ -141,6 +163,7 @@ class MixedRegression(Workload):
         self.anchor_count, self.anchor_size = int(anchors["count"]), int(anchors["size"])
         self.true_models = true_models(self.seed, self.k, self.dim, self.separation)
         self._blocks: dict[int, LinearCohort] = {}
+        self._oracle: dict[str, Any] | None = None
 
     # ---- data -------------------------------------------------------------------------
 
@@ -163,10 +186,22 @@ class MixedRegression(Workload):
             self._blocks[b] = LinearCohort(ids, sizes, labels, x, y)
         return self._blocks[b]
 
+    def subset(self, data: CohortData, index: np.ndarray) -> LinearCohort:
+        assert isinstance(data, LinearCohort)
+        keep = np.zeros(len(data.client_ids), dtype=bool)
+        keep[index] = True
+        points = keep[data.owner]
+        return LinearCohort(
+            data.client_ids[index], data.num_examples[index], data.labels[index],
+            data.x[points], data.y[points],
+        )
+
     def client_data(self, client_ids: np.ndarray) -> LinearCohort:
         client_ids = np.asarray(client_ids, dtype=np.int64)
         if len(client_ids) == 0:
             raise ValueError("a cohort needs at least one client")
+        if (np.diff(client_ids) <= 0).any():
+            raise ValueError("client ids must be strictly increasing")
         if client_ids.min() < 0 or client_ids.max() >= self.num_clients:
             raise ValueError(
                 f"client ids must lie in [0, {self.num_clients}); got "
@@ -177,10 +212,11 @@ class MixedRegression(Workload):
         for b in np.unique(blocks):
             blk = self._block(int(b))
             local = client_ids[blocks == b] - b * BLOCK
-            ends = blk.starts + blk.num_examples
-            point_idx = np.concatenate([np.arange(blk.starts[i], ends[i]) for i in local])
-            parts_x.append(blk.x[point_idx])
-            parts_y.append(blk.y[point_idx])
+            keep = np.zeros(BLOCK, dtype=bool)
+            keep[local] = True
+            points = keep[blk.owner]  # ids are sorted, so points stay in client order
+            parts_x.append(blk.x[points])
+            parts_y.append(blk.y[points])
             sizes.append(blk.num_examples[local])
             labels.append(blk.labels[local])
         return LinearCohort(
@@ -195,6 +231,14 @@ class MixedRegression(Workload):
 
     def initial_parameters(self) -> Params:
         return {"w": np.zeros(self.dim)}
+
+    def true_parameters(self) -> Params:
+        """The k true models, stacked (for truth-started references and tests)."""
+        return {"w": self.true_models.copy()}
+
+    @property
+    def num_clusters(self) -> int:
+        return self.k
 
     def local_loss(self, params: Params, data: CohortData) -> np.ndarray:
         assert isinstance(data, LinearCohort)
@@ -217,11 +261,105 @@ class MixedRegression(Workload):
             w -= step[:, None] * grad
         return {"w": w}
 
+    # ---- Phase 1 statistics (anchors send statistics, never raw data) ----------------------
+
+    def coarse_statistics(self, step: str, request: Params, data: CohortData) -> dict[str, np.ndarray]:
+        """Steps of the coarse estimate:
+
+        - ``second-moment``: per client sum of y^2 x x' (d x d) and of y^2, and n (to sum);
+        - ``second-moment-product``: the same moment times a basis V (d x k): y^2 x (x'V);
+        - ``anchor-fit``: each anchor's least squares inside the subspace U (d x k), returned
+          as U beta (a row per anchor). ``request["descent-steps"] > 0`` reaches it by that many
+          gradient steps on the anchor's second moment of residuals from beta = 0 instead
+          (moment descent); 0 solves it exactly.
+        Requests may restrict the moments to anchors (``request["anchors-only"] = 1``).
+        """
+        assert isinstance(data, LinearCohort)
+        is_anchor = data.client_ids < self.anchor_count
+        if step in ("second-moment", "second-moment-product"):
+            members = is_anchor if _scalar(request, "anchors-only") else slice(None)
+            y2 = data.y**2
+            out = {"y2": data.client_sum(y2), "n": data.num_examples.astype(np.float64)}
+            if step == "second-moment":
+                out["y2xx"] = data.client_sum(y2[:, None, None] * data.x[:, :, None] * data.x[:, None, :])
+            else:
+                xv = data.x @ request["basis"]  # (P, k)
+                out["y2xv"] = data.client_sum(y2[:, None, None] * data.x[:, :, None] * xv[:, None, :])
+            out = {k: v[members] for k, v in out.items()}
+            out["client-id"] = data.client_ids[members]
+            return out
+        if step == "anchor-fit":
+            basis = request["basis"]
+            estimates = []
+            for i in np.flatnonzero(is_anchor):
+                sl = slice(data.starts[i], data.starts[i] + data.num_examples[i])
+                z, y = data.x[sl] @ basis, data.y[sl]
+                steps = int(_scalar(request, "descent-steps"))
+                if steps == 0:
+                    beta = np.linalg.lstsq(z, y, rcond=None)[0]
+                else:
+                    beta = np.zeros(basis.shape[1])
+                    gram = z.T @ z / len(y)
+                    step_size = 0.5 / np.linalg.eigvalsh(gram)[-1]
+                    for _ in range(steps):  # descend the residual second moment E[(y - z'b)^2]
+                        beta -= step_size * 2 * (gram @ beta - z.T @ y / len(y))
+                estimates.append(basis @ beta)
+            ids = data.client_ids[is_anchor]
+            return {"client-id": ids, "estimate": np.array(estimates).reshape(len(ids), self.dim)}
+        return super().coarse_statistics(step, request, data)
+
     # ---- central metrics ----------------------------------------------------------------
 
-    def central_metrics(self, models: list[Params]) -> dict[str, float]:
-        estimates = np.stack([m["w"] for m in models])
-        return {"estimation_error": estimation_error(estimates, self.true_models)}
+    def central_metrics(
+        self, models: Params, confusion: np.ndarray | None = None
+    ) -> dict[str, float]:
+        estimates = models["w"].reshape(-1, self.dim)
+        error, match = best_matching(estimates, self.true_models)
+        out = {"estimation_error": error, "oracle_error": self.oracle()["error"]}
+        if confusion is not None and len(estimates) == self.k and confusion.sum() > 0:
+            # confusion[j, l, b]: clients of true cluster l and size bucket b that chose j
+            total = confusion.sum(axis=(0, 1))
+            wrong = total - sum(confusion[j, match[j]] for j in range(self.k))
+            out["misclustering_rate"] = float(wrong.sum() / total.sum())
+            for name, w, t in zip(SIZE_BUCKETS, wrong, total):
+                out[f"misclustering_{name}"] = float(w / t) if t else None
+        return out
+
+    def oracle(self) -> dict[str, Any]:
+        """The label oracle (per-cluster least squares with the true labels, over all clients)
+        and the argmin rule evaluated at the true models (the Bayes-like misclustering per
+        size bucket). One pass over the federation's data, cached."""
+        if self._oracle is None:
+            gram = np.zeros((self.k, self.dim, self.dim))
+            moment = np.zeros((self.k, self.dim))
+            wrong, total = np.zeros(len(SIZE_BUCKETS)), np.zeros(len(SIZE_BUCKETS))
+            truth = {"w": self.true_models}
+            for lo in range(0, self.num_clients, BLOCK):
+                data = self.client_data(np.arange(lo, min(lo + BLOCK, self.num_clients)))
+                point_label = np.repeat(data.labels, data.num_examples)
+                for j in range(self.k):
+                    xj = data.x[point_label == j]
+                    gram[j] += xj.T @ xj
+                    moment[j] += xj.T @ data.y[point_label == j]
+                losses = np.stack([self.local_loss({"w": t}, data) for t in truth["w"]], axis=1)
+                bucket = size_bucket(data.num_examples)
+                miss = losses.argmin(axis=1) != data.labels
+                wrong += np.bincount(bucket, weights=miss, minlength=len(SIZE_BUCKETS))
+                total += np.bincount(bucket, minlength=len(SIZE_BUCKETS))
+            models = np.linalg.solve(gram, moment[..., None])[..., 0]
+            self._oracle = {
+                "models": models,
+                "error": best_matching(models, self.true_models)[0],
+                "bayes_misclustering": {
+                    name: (w / t if t else None) for name, w, t in zip(SIZE_BUCKETS, wrong, total)
+                },
+            }
+        return self._oracle
+
+
+def _scalar(request: Params, key: str, default: float = 0) -> float:
+    """A scalar carried as an array in a request (it may arrive 0-d or 1-d)."""
+    return float(np.asarray(request[key]).reshape(-1)[0]) if key in request else default
 
 
 def true_models(seed: int, k: int, dim: int, separation: float) -> np.ndarray:
@@ -246,20 +384,27 @@ def true_models(seed: int, k: int, dim: int, separation: float) -> np.ndarray:
     )
 
 
-def estimation_error(estimates: np.ndarray, truth: np.ndarray) -> float:
-    """max_j ||estimate matched to j - theta*_j||, minimised over matchings.
+def best_matching(estimates: np.ndarray, truth: np.ndarray) -> tuple[float, np.ndarray]:
+    """(max_j ||estimate matched to j - theta*_j||, minimised over matchings; the matching).
 
-    One estimate (a single global model) is matched to every true model. With m >= k
-    estimates the matching is the bottleneck assignment: the smallest threshold under which
-    every true model can get its own estimate (exact, via assignment feasibility checks).
+    ``match[i]`` is the true model that estimate i stands for. One estimate (a single global
+    model) stands for every true model. With m >= k estimates the matching is the bottleneck
+    assignment: the smallest threshold under which every true model gets its own estimate
+    (exact, via assignment feasibility checks).
     """
     dist = np.linalg.norm(estimates[:, None, :] - truth[None, :, :], axis=2)  # (m, k)
     if len(estimates) == 1:
-        return float(dist.max())
+        return float(dist.max()), np.zeros(1, dtype=np.int64)
     if len(estimates) < len(truth):
         raise ValueError(f"{len(estimates)} estimates cannot be matched to {len(truth)} models")
     for threshold in np.unique(dist):
         rows, cols = linear_sum_assignment(dist > threshold)
         if not (dist[rows, cols] > threshold).any():
-            return float(threshold)
+            match = np.full(len(estimates), -1, dtype=np.int64)
+            match[rows] = cols
+            return float(threshold), match
     raise AssertionError("unreachable: the largest distance always admits a matching")
+
+
+def estimation_error(estimates: np.ndarray, truth: np.ndarray) -> float:
+    return best_matching(estimates, truth)[0]

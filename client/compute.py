@@ -1,0 +1,119 @@
+"""What a cohort computes in a round, as pure functions (no Flower here).
+
+The client app wraps these in messages; the in-process reference (``simulations.reference``)
+and the tests call them directly, so the Flower run and the reference share every line of
+client-side arithmetic.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from strategies.aggregation import ClientBatch
+from strategies.clustered import assign_clusters, cluster_sums
+from strategies.cohort_reply import CohortResult
+from strategies.exact_sum import DD, dd_sum
+from workloads.base import SIZE_BUCKETS, CohortData, Params, TrainSettings, Workload, size_bucket
+from workloads.federation import active_clients
+
+SELECTIONS = ("min-loss", "true-label", "single")
+REPLIES = ("clients", "sums")
+
+
+def select_models(
+    workload: Workload, data: CohortData, models: Params, selection: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(chosen cluster (B,), mean loss under it (B,)) for every client of the cohort."""
+    k = len(next(iter(models.values())))
+    losses = np.stack(
+        [workload.local_loss({n: v[j] for n, v in models.items()}, data) for j in range(k)], axis=1
+    )
+    if selection == "min-loss":
+        choice = assign_clusters(losses)
+    elif selection == "true-label":
+        labels = getattr(data, "labels", None)
+        if labels is None:
+            raise ValueError("the oracle needs true cluster labels, which this data lacks")
+        choice = np.asarray(labels, dtype=np.int64)
+    elif selection == "single":
+        choice = np.zeros(len(data.client_ids), dtype=np.int64)
+    else:
+        raise ValueError(f"unknown selection {selection!r}; expected one of {SELECTIONS}")
+    return choice, losses[np.arange(len(choice)), choice]
+
+
+def train_cohort(
+    workload: Workload,
+    data: CohortData,
+    models: Params,
+    *,
+    selection: str,
+    reply: str,
+    settings: TrainSettings,
+    round_: int,
+    federation: dict[str, Any],
+) -> CohortResult:
+    """Each active client picks a model, trains it from there, and the cohort replies.
+
+    ``models`` holds k models stacked on a leading axis. Inactive clients (not sampled this
+    round, or dropping out) neither train nor appear in the reply.
+    """
+    k = len(next(iter(models.values())))
+    active = active_clients(
+        int(federation["seed"]), data.client_ids, round_,
+        float(federation.get("participation", 1.0)), float(federation.get("dropout", 0.0)),
+    )
+    choice, loss = select_models(workload, data, models, selection)
+    idx = np.flatnonzero(active)
+    confusion = None
+    labels = getattr(data, "labels", None)
+    if labels is not None:
+        true_k = int(getattr(workload, "k", k))
+        confusion = np.zeros((k, true_k, len(SIZE_BUCKETS)), dtype=np.int64)
+        np.add.at(confusion, (choice[idx], labels[idx], size_bucket(data.num_examples[idx])), 1)
+    if len(idx) == 0:
+        return CohortResult(None, None, confusion)
+    sub = data if len(idx) == len(choice) else workload.subset(data, idx)
+    start = {name: v[choice[idx]] for name, v in models.items()}
+    trained = workload.local_train(start, sub, settings)
+    counts = data.num_examples[idx]
+    loss_sums = loss[idx] * counts
+    if reply == "sums":
+        return CohortResult(None, cluster_sums(choice[idx], counts, trained, loss_sums, k), confusion)
+    batch = ClientBatch(
+        data.client_ids[idx], counts, trained,
+        {"loss-before": loss_sums, "cluster": choice[idx].astype(np.float64)},
+    )
+    return CohortResult(batch, None, confusion)
+
+
+def evaluate_cohort(
+    workload: Workload, data: CohortData, models: Params, selection: str
+) -> tuple[np.ndarray, DD, np.ndarray | None]:
+    """(examples, loss sum as a double-double, confusion) under each client's chosen model."""
+    k = len(next(iter(models.values())))
+    choice, loss = select_models(workload, data, models, selection)
+    confusion = None
+    labels = getattr(data, "labels", None)
+    if labels is not None:
+        confusion = np.zeros((k, int(getattr(workload, "k", k)), len(SIZE_BUCKETS)), np.int64)
+        np.add.at(confusion, (choice, labels, size_bucket(data.num_examples)), 1)
+    return np.array([data.num_examples.sum()]), dd_sum(loss * data.num_examples), confusion
+
+
+def coarse_cohort(
+    workload: Workload, data: CohortData, step: str, request: Params, reduce: str
+) -> dict[str, np.ndarray]:
+    """A Phase-1 step: the workload's statistics, summed over the cohort or as rows."""
+    stats = workload.coarse_statistics(step, request, data)
+    ids = stats.pop("client-id")
+    if reduce == "rows":
+        return {"client-id": ids, **stats}
+    out = {}
+    for name, values in stats.items():
+        hi, lo = dd_sum(values)
+        out[f"{name}.hi"], out[f"{name}.lo"] = hi, lo
+    out["clients"] = np.array([len(ids)])
+    return out
