@@ -42,9 +42,15 @@ def summary_table(history: dict[str, Any]) -> str:
     ]
     any_rows = next(iter(history["strategies"].values()), [])
     loss = loss_name(any_rows)
+    oracle = any_rows[-1].get("oracle_error") if any_rows else None
     header = ["strategy", f"final {key}", f"best {key}"]
+    if oracle:
+        header.append("÷ oracle")
     if loss:
         header.append(f"final {loss}")
+    mis = any(r.get("misclustering_rate") is not None for rows in history["strategies"].values() for r in rows)
+    if mis:
+        header += ["misclustering", "1-point misclustering"]
     header += ["rounds", "s/round", "dropped replies"]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
@@ -53,8 +59,13 @@ def summary_table(history: dict[str, Any]) -> str:
             continue
         values = [r[key] for r in rows if r.get(key) is not None]
         cells = [name, _fmt(rows[-1].get(key)), _fmt(min(values) if values else None)]
+        if oracle:
+            final = rows[-1].get(key)
+            cells.append(_fmt(final / oracle) if final is not None else "–")
         if loss:
             cells.append(_fmt(rows[-1].get(loss)))
+        if mis:
+            cells += [_fmt(rows[-1].get("misclustering_rate")), _fmt(rows[-1].get("misclustering_n1"))]
         cells += [
             str(rows[-1]["round"]),
             _fmt(_steady_round_time(rows)),
@@ -79,13 +90,17 @@ def plot_metric(history: dict[str, Any], metric: str, path: Path) -> bool:
     if not drawn:
         plt.close(fig)
         return False
+    rows = next(iter(history["strategies"].values()))
+    if metric == history["key_metric"] and rows and rows[-1].get("oracle_error"):
+        ax.axhline(rows[-1]["oracle_error"], color="k", linestyle="--", linewidth=1,
+                   label="label oracle (least squares)")
     if values_all and max(values_all) / min(values_all) > 30:
         ax.set_yscale("log")
     ax.set_xlabel("round")
     ax.set_ylabel(metric)
     ax.set_title(f"{history['name']}: {metric}")
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

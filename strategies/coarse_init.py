@@ -148,12 +148,13 @@ def subspace_distance(a: np.ndarray, b: np.ndarray) -> float:
 
 def coverage_warnings(estimates: np.ndarray, centres: np.ndarray) -> list[str]:
     """Warn when the anchors do not seem to cover k distinct clusters: two centres closer
-    than the spread of the estimates around their centres."""
+    than twice the spread of the estimates around their centres, or than a quarter of the
+    typical centre distance (one true cluster split in two)."""
     label = np.argmin(((estimates[:, None] - centres[None]) ** 2).sum(-1), axis=1)
     spread = np.sqrt(((estimates - centres[label]) ** 2).sum(-1)).max()
     gaps = [np.linalg.norm(a - b) for i, a in enumerate(centres) for b in centres[i + 1:]]
     warnings = []
-    if gaps and min(gaps) < 2 * spread:
+    if gaps and (min(gaps) < 2 * spread or min(gaps) < np.median(gaps) / 4):
         warnings.append(
             f"anchor estimates do not separate into {len(centres)} groups (closest centres "
             f"{min(gaps):.3g} apart, spread {spread:.3g}): anchors may not cover every cluster; "
