@@ -56,6 +56,9 @@ CORE_SCHEMA: dict[str, dict[str, ConfigField]] = {
         "zipf_exponent": ConfigField(float, 1.6, "exponent of the zipf size law", _above_one),
         "min_size": ConfigField(int, 1, "smallest local dataset", positive),
         "max_size": ConfigField(int, 200, "largest local dataset", positive),
+        "single_point_fraction": ConfigField(
+            float, 0.0, "share of (non-anchor) clients forced to hold one point", _probability
+        ),
         "cohort_size": ConfigField(int, 100, "most virtual clients hosted by one node", positive),
         "seed": ConfigField(int, 0, "seed of every random draw", non_negative),
         "participation": ConfigField(
@@ -88,9 +91,9 @@ CORE_SCHEMA: dict[str, dict[str, ConfigField]] = {
         ),
     },
     "train": {
-        "local_steps": ConfigField(int, 2, "local gradient steps per round", positive),
-        "lr": ConfigField(float, 0.05, "local step size (capped per client)", positive),
-        "proximal_mu": ConfigField(float, 10.0, "FedProx proximal weight", positive),
+        "local_steps": ConfigField(int, 1, "local gradient steps per round", positive),
+        "lr": ConfigField(float, 0.02, "local step size (capped per client)", positive),
+        "proximal_mu": ConfigField(float, 40.0, "FedProx proximal weight", positive),
     },
 }
 

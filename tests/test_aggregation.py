@@ -132,3 +132,72 @@ def test_any_reply_either_decodes_to_a_valid_batch_or_is_rejected_by_name(ids, c
         return
     assert len(b) > 0 and (b.num_examples > 0).all() and np.isfinite(b.params["w"]).all()
     assert b.params["w"].shape == (len(b), D) and len(set(b.client_ids.tolist())) == len(b)
+
+
+# ---- k-model (clustered) replies ---------------------------------------------------------
+
+from strategies.clustered import ClusterSums, cluster_sums  # noqa: E402
+from strategies.cohort_reply import CohortResult, encode_result  # noqa: E402
+
+K = 3
+MODELS = {"w": np.zeros((K, D))}
+
+
+def clustered_strategy():
+    from strategies.clustered_fl import ClusteredStrategy
+
+    s = ClusteredStrategy(K, num_nodes=3)
+    s.sent_models = MODELS
+    return s
+
+
+def sums_reply(seed, **corrupt):
+    rng = np.random.default_rng(seed)
+    sums = cluster_sums(rng.integers(0, K, 6), rng.integers(1, 9, 6),
+                        {"w": rng.standard_normal((6, D))}, rng.random(6), K)
+    for field, value in corrupt.items():
+        if field == "w":
+            sums.weighted["w"] = (value, sums.weighted["w"][1])
+        else:
+            setattr(sums, field, value)
+    return encode_result(CohortResult(None, sums, np.ones((K, K, 4), np.int64)), 10)
+
+
+@pytest.mark.parametrize(
+    "corrupt, reason",
+    [({"examples": np.array([1, -2, 3])}, "negative cluster counts"),
+     ({"examples": np.array([1.5, 2, 3])}, "must be integers"),
+     ({"w": np.full((K, D), np.nan)}, "non-finite"),
+     ({"w": np.zeros((K, D + 2))}, "shape"),
+     ({"clients": np.array([50, 0, 0])}, "more clients than examples")],
+)
+def test_malformed_partial_sums_are_dropped_and_named(corrupt, reason):
+    strategy = clustered_strategy()
+    good = [sums_reply(1), sums_reply(2)]
+    arrays, _ = strategy.aggregate_train(1, [reply(good[0], 1), reply(sums_reply(3, **corrupt), 2), reply(good[1], 3)])
+    alone = clustered_strategy()
+    expected, _ = alone.aggregate_train(1, [reply(g, n) for g, n in zip(good, (1, 3))])
+    assert np.array_equal(arrays["w"].numpy(), expected["w"].numpy())
+    assert len(strategy.last_report.dropped) == 1 and reason in strategy.last_report.dropped[0]
+    assert strategy.last_report.dropped[0].startswith("node 2:")
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    examples=st.lists(st.integers(-3, 20), min_size=1, max_size=5),
+    hi=st.sampled_from([0.0, 1.0, np.nan, np.inf]),
+    k=st.integers(1, 4),
+    cluster=st.integers(-2, 5),
+)
+def test_any_clustered_reply_is_aggregated_or_dropped_never_a_crash(examples, hi, k, cluster):
+    strategy = clustered_strategy()
+    ex = np.array(examples[:k] + [0] * (k - len(examples[:k])), dtype=np.int64)
+    bad = ClusterSums({"w": (np.full((k, D), hi), np.zeros((k, D)))}, ex, np.zeros(k, np.int64),
+                      (np.zeros(k), np.zeros(k)))
+    per_client = batch([5, 6])
+    per_client.metrics["cluster"] = np.array([cluster, 0], dtype=np.float64)
+    replies = [reply(encode_result(CohortResult(None, bad, None), 1), 1),
+               reply(encode_batch(per_client), 2), reply(sums_reply(4), 3)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None and np.isfinite(arrays["w"].numpy()).all()  # the good reply landed
+    assert arrays["w"].numpy().shape == (K, D)

