@@ -87,6 +87,7 @@ class Reference:
             )
             confusion = sum(r.confusion for r in results if r.confusion is not None)
             rows.append(self._row(rnd - 1, models, confusion, dd_value(total.loss).sum() / total.examples.sum()))
+            rows[-1]["clients"] = int(total.clients.sum())  # clients that trained on these models
             models = cluster_means(total, models)
         final = [evaluate_cohort(wl, c, models, selection) for c in self.cohorts]
         confusion = sum(f[2] for f in final)
