@@ -28,6 +28,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/sim_throughput.py
+	$(BIN)/python benchmarks/mixed_regression.py
 
 clean:
 	rm -rf runs .pytest_cache benchmarks/results

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -119,8 +118,3 @@ def write_report(run_dir: Path) -> list[Path]:
             written.append(run_dir / f"{metric}.png")
     return written
 
-
-def final_metric(history: dict[str, Any], strategy: str) -> float:
-    rows = history["strategies"][strategy]
-    value = rows[-1].get(history["key_metric"])
-    return math.nan if value is None else float(value)

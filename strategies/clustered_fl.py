@@ -210,6 +210,3 @@ def unflatten(rows: np.ndarray, reference: Params) -> Params:
         offset += size
     return out
 
-
-def stack_models(model: Params, k: int) -> Params:
-    return {name: np.repeat(v[None], k, axis=0) for name, v in model.items()}
