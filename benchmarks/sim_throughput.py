@@ -105,7 +105,7 @@ def main() -> None:
     for r in results:
         print(f"| {r['clients']:,} | {r['cohort_size']} | {r['nodes']} | "
               f"{r['flower_client_rounds_per_s']:,.0f} | {r['numpy_client_rounds_per_s']:,.0f} | "
-              f"{r['ratio']:.2f} | {r['flower_s_per_round']:.3f} | {r['startup_s']:.1f} |")
+              f"{r['ratio']:.2g} | {r['flower_s_per_round']:.3f} | {r['startup_s']:.1f} |")
 
 
 if __name__ == "__main__":
