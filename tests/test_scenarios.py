@@ -15,7 +15,7 @@ def test_builtins_resolve_and_default_is_the_documented_job():
         load_scenario(name)
     s = load_scenario("default")
     assert s["federation"]["clients"] == 1000 and s["federation"]["size_law"] == "zipf"
-    assert s["run"]["strategies"] == ["fedavg", "fedprox"]
+    assert s["run"]["strategies"] == ["clustered-fedavg", "clustered-fedprox", "ifca", "fedavg", "oracle"]
 
 
 def test_pyproject_run_config_is_the_default_scenario():

@@ -63,7 +63,7 @@ def test_ten_nodes_one_client_each_matches_the_numpy_reference(ray_cluster, tmp_
     for r in range(1, 4):
         trained = wl.local_train(stack_params({"w": w}, 10), data, settings)["w"]
         w = data.num_examples @ trained / data.num_examples.sum()
-        expected = wl.central_metrics([{"w": w}])["estimation_error"]
+        expected = wl.central_metrics({"w": w})["estimation_error"]
         assert abs(rows[r]["estimation_error"] - expected) < 1e-12
 
 
