@@ -11,10 +11,8 @@ from __future__ import annotations
 import json
 import sys
 
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-
-from flwr.app import MetricRecord, RecordDict
 
 from client.compute import coarse_cohort, evaluate_cohort, train_cohort
 from strategies.aggregation import ClientBatch
@@ -54,7 +52,7 @@ def cohort(msg: Message, context: Context) -> tuple[Workload, CohortData]:
     return workload, _cohorts[key]
 
 
-def _settings(config) -> TrainSettings:
+def _settings(config: ConfigRecord) -> TrainSettings:
     return TrainSettings(
         local_steps=int(config["local-steps"]),
         lr=float(config["lr"]),

@@ -33,7 +33,7 @@ from strategies.cohort_reply import (
     record_to_params,
 )
 from strategies.exact_sum import dd_add, dd_value
-from strategies.fedavg import RoundReport
+from strategies.fedavg import RoundReport, decode_replies, log_dropped
 
 COARSE_ACTION = "query.coarse"
 
@@ -125,30 +125,24 @@ class ClusteredStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         assert self.sent_models is not None, "configure_train must run first"
         self.last_report = report = RoundReport()
-        parts, batches, confusion = [], [], None
-        for msg in replies:
-            node = msg.metadata.src_node_id
-            if msg.has_error():
-                report.dropped.append(f"node {node}: error reply: {msg.error.reason}")
-                continue
-            try:
-                content = msg.content
-                conf = decode_confusion(content, None)
-                if "sums" in content:
-                    parts.append(decode_sums(content["sums"], self.sent_models))
-                elif "clients" in content:
-                    batches.append(decode_clustered_batch(content, self.sent_models))
-                if conf is not None:
-                    confusion = conf if confusion is None else _add_confusion(confusion, conf)
-            except MalformedBatch as err:
-                report.dropped.append(f"node {node}: {err}")
+        models = self.sent_models
+
+        def decode(content: RecordDict):
+            conf = decode_confusion(content, None)
+            if "sums" in content:
+                return decode_sums(content["sums"], models), None, conf
+            return None, decode_clustered_batch(content, models), conf
+
+        decoded = decode_replies(replies, decode, report)
+        parts = [d[0] for d in decoded if d[0] is not None]
+        batches = [d[1] for d in decoded if d[1] is not None]
+        confusion = sum_confusion([d[2] for d in decoded], report)
         try:
             total = aggregate_results(batches, parts, self.k)
         except MalformedBatch as err:  # two nodes claimed one client: trust neither
             report.dropped.append(f"all per-client replies: {err}")
             total = combine(parts)
-        for reason in report.dropped:
-            log(WARNING, "dropped reply from %s", reason)
+        log_dropped(report)
         report.confusion = confusion
         if total is None or total.examples.sum() == 0:
             return None, None
@@ -168,25 +162,24 @@ class ClusteredStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         self.last_report = report = RoundReport()
-        examples, loss, confusion = 0, None, None
-        for msg in replies:
-            node = msg.metadata.src_node_id
-            if msg.has_error():
-                report.dropped.append(f"node {node}: error reply: {msg.error.reason}")
-                continue
+
+        def decode(content: RecordDict):
             try:
-                a = record_to_params(msg.content["eval"])
+                a = record_to_params(content["eval"])
                 n, part = int(a["examples"][0]), (a["loss.hi"], a["loss.lo"])
-                if n < 0 or not np.isfinite(part[0]).all():
-                    raise MalformedBatch("negative count or non-finite loss")
-                conf = decode_confusion(msg.content, None)
-            except (KeyError, TypeError, ValueError) as err:
-                report.dropped.append(f"node {node}: {err}")
-                continue
-            examples += n
+            except (KeyError, TypeError, ValueError, IndexError) as err:
+                raise MalformedBatch(f"missing or unreadable evaluation: {err}") from None
+            if n < 0 or not (np.isfinite(part[0]).all() and np.isfinite(part[1]).all()):
+                raise MalformedBatch("negative count or non-finite loss")
+            return n, part, decode_confusion(content, None)
+
+        decoded = decode_replies(replies, decode, report)
+        log_dropped(report)
+        examples = sum(d[0] for d in decoded)
+        loss = None
+        for _, part, _ in decoded:
             loss = part if loss is None else dd_add(loss, part)
-            if conf is not None:
-                confusion = conf if confusion is None else _add_confusion(confusion, conf)
+        confusion = sum_confusion([d[2] for d in decoded], report)
         report.confusion = confusion
         if not examples:
             return None
@@ -194,10 +187,19 @@ class ClusteredStrategy(Strategy):
         return MetricRecord(report.metrics)
 
 
-def _add_confusion(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    if a.shape != b.shape:
-        raise MalformedBatch(f"confusion shapes {a.shape} and {b.shape} differ")
-    return a + b
+def sum_confusion(parts: list[np.ndarray | None], report: RoundReport) -> np.ndarray | None:
+    """Add the cohorts' confusion counts (telemetry only: a mismatched one is left out and
+    noted, the models are unaffected)."""
+    present = [p for p in parts if p is not None]
+    if not present:
+        return None
+    total = np.zeros_like(present[0])
+    for p in present:
+        if p.shape != total.shape:
+            report.dropped.append(f"confusion counts of shape {p.shape} ignored")
+            continue
+        total += p
+    return total
 
 
 def unflatten(rows: np.ndarray, reference: Params) -> Params:

@@ -8,11 +8,12 @@ model. Malformed replies are dropped and named in the round metrics instead of a
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging import WARNING
+from typing import TypeVar
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx
@@ -27,6 +28,9 @@ from strategies.aggregation import (
 from strategies.cohort_reply import decode_batch, params_to_record, record_to_params
 
 
+T = TypeVar("T")
+
+
 class RoundReport:
     """What the last aggregation saw: accepted clients, dropped replies and why."""
 
@@ -38,28 +42,40 @@ class RoundReport:
         self.cluster_sizes: list[int] | None = None  # clients aggregated per model
 
 
-def collect(
-    replies: Iterable[Message], reference: ArrayRecord | None, report: RoundReport
-) -> ClientBatch | None:
-    """Decode every reply; drop (and name) the malformed ones; merge the rest."""
-    ref = record_to_params(reference) if reference is not None else None
-    batches = []
+def decode_replies(
+    replies: Iterable[Message], decode: Callable[[RecordDict], T], report: RoundReport
+) -> list[T]:
+    """Decode every reply; error replies and malformed ones are dropped and named."""
+    decoded = []
     for msg in replies:
         node = msg.metadata.src_node_id
         if msg.has_error():
             report.dropped.append(f"node {node}: error reply: {msg.error.reason}")
             continue
         try:
-            batches.append(decode_batch(msg.content, ref))
+            decoded.append(decode(msg.content))
         except MalformedBatch as err:
             report.dropped.append(f"node {node}: {err}")
+    return decoded
+
+
+def log_dropped(report: RoundReport) -> None:
+    for reason in report.dropped:
+        log(WARNING, "dropped reply from %s", reason)
+
+
+def collect(
+    replies: Iterable[Message], reference: ArrayRecord | None, report: RoundReport
+) -> ClientBatch | None:
+    """Decode every reply, dropping (and naming) the malformed ones; merge the rest."""
+    ref = record_to_params(reference) if reference is not None else None
+    batches = decode_replies(replies, lambda content: decode_batch(content, ref), report)
     try:
         merged = merge_batches(batches)
     except MalformedBatch as err:  # two nodes claimed one client: trust neither
         report.dropped.append(f"all nodes: {err}")
-        return None
-    for reason in report.dropped:
-        log(WARNING, "dropped reply from %s", reason)
+        merged = None
+    log_dropped(report)
     report.clients = 0 if merged is None else len(merged)
     return merged
 

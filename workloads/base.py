@@ -69,7 +69,7 @@ class Workload(ABC):
     """A method's client side: data, model, local train, local loss and evaluate.
 
     Instances keep the scenario's ``federation`` table (seed, participation, dropout) as
-    ``self.federation``. Subclasses declare ``name`` (the ``run.workload`` value), ``section`` (their scenario
+    ``self.federation`` and the number of clients as ``self.num_clients``. Subclasses declare ``name`` (the ``run.workload`` value), ``section`` (their scenario
     table) with ``schema`` (its keys), ``key_metric`` (the metric plotted by default) and
     ``loss_name`` (the record's name for the mean local loss, e.g. ``mse``).
     """
