@@ -83,7 +83,7 @@ def plot_metric(history: dict[str, Any], metric: str, path: Path) -> bool:
         pts = [(r["round"], r[metric]) for r in rows if r.get(metric) is not None]
         if pts:
             xs, ys = zip(*pts)
-            ax.plot(xs, ys, marker="o", markersize=3, label=name)
+            ax.plot(xs, ys, marker="o" if len(xs) <= 40 else None, markersize=3, label=name)
             values_all += [y for y in ys if y > 0]
             drawn = True
     if not drawn:
