@@ -44,6 +44,19 @@ def select_models(
     return choice, losses[np.arange(len(choice)), choice]
 
 
+def confusion_counts(
+    workload: Workload, data: CohortData, choice: np.ndarray, k: int, index: np.ndarray | slice
+) -> np.ndarray | None:
+    """(chosen model x true cluster x size bucket) client counts over ``index``; None when
+    the data carry no true labels (real deployments)."""
+    labels = getattr(data, "labels", None)
+    if labels is None:
+        return None
+    counts = np.zeros((k, workload.num_clusters, len(SIZE_BUCKETS)), np.int64)
+    np.add.at(counts, (choice[index], labels[index], size_bucket(data.num_examples[index])), 1)
+    return counts
+
+
 def train_cohort(
     workload: Workload,
     data: CohortData,
@@ -67,12 +80,7 @@ def train_cohort(
     )
     choice, loss = select_models(workload, data, models, selection)
     idx = np.flatnonzero(active)
-    confusion = None
-    labels = getattr(data, "labels", None)
-    if labels is not None:
-        true_k = int(getattr(workload, "k", k))
-        confusion = np.zeros((k, true_k, len(SIZE_BUCKETS)), dtype=np.int64)
-        np.add.at(confusion, (choice[idx], labels[idx], size_bucket(data.num_examples[idx])), 1)
+    confusion = confusion_counts(workload, data, choice, k, idx)
     if len(idx) == 0:
         return CohortResult(None, None, confusion)
     sub = data if len(idx) == len(choice) else workload.subset(data, idx)
@@ -80,6 +88,8 @@ def train_cohort(
     trained = workload.local_train(start, sub, settings)
     counts = data.num_examples[idx]
     loss_sums = loss[idx] * counts
+    if reply not in REPLIES:
+        raise ValueError(f"unknown reply form {reply!r}; expected one of {REPLIES}")
     if reply == "sums":
         return CohortResult(None, cluster_sums(choice[idx], counts, trained, loss_sums, k), confusion)
     batch = ClientBatch(
@@ -95,11 +105,7 @@ def evaluate_cohort(
     """(examples, loss sum as a double-double, confusion) under each client's chosen model."""
     k = len(next(iter(models.values())))
     choice, loss = select_models(workload, data, models, selection)
-    confusion = None
-    labels = getattr(data, "labels", None)
-    if labels is not None:
-        confusion = np.zeros((k, int(getattr(workload, "k", k)), len(SIZE_BUCKETS)), np.int64)
-        np.add.at(confusion, (choice, labels, size_bucket(data.num_examples)), 1)
+    confusion = confusion_counts(workload, data, choice, k, slice(None))
     return np.array([data.num_examples.sum()]), dd_sum(loss * data.num_examples), confusion
 
 

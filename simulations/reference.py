@@ -15,7 +15,7 @@ import numpy as np
 from client.compute import coarse_cohort, evaluate_cohort, train_cohort
 from server.app import initial_models
 from server.run_config import client_view
-from strategies import K_MODEL, PHASE1
+from strategies import K_MODEL, coarse_init_for, k_model_roles
 from strategies.clustered import aggregate_results, cluster_means
 from strategies.clustered_fl import unflatten
 from strategies.coarse_init import CoarseResult, reduce_coarse
@@ -43,21 +43,15 @@ class Reference:
         )
 
     def phase1(self, phase1: str | None = None) -> CoarseResult:
-        s = self.scenario
-        opts = s["clustered"]
-        init = PHASE1[phase1 or opts["phase1"]](
-            self.workload.num_clusters, self.workload.dim, s["federation"]["seed"],
-            restarts=opts["kmeans_restarts"], anchors_only=opts["moments_from"] == "anchors",
-        )
+        """Phase 1 of the clustered strategies (``phase1`` overrides ``clustered.phase1``)."""
+        wl = self.workload
+        dim = sum(v.size for v in wl.initial_parameters().values())
+        init = coarse_init_for("clustered-fedavg", wl.num_clusters, dim,
+                               self.scenario["federation"]["seed"], self.scenario["clustered"], phase1)
         return init.estimate(self.exchange)
 
     def run(
-        self,
-        strategy: str,
-        start: Params | None = None,
-        rounds: int | None = None,
-        proximal_mu: float | None = None,
-        reply: str | None = None,
+        self, strategy: str, start: Params | None = None, reply: str | None = None
     ) -> list[dict[str, Any]]:
         """Rows like the run record's (central metrics per round, misclustering of the
         choices made under each round's models); the models of every row in ``models``."""
@@ -68,13 +62,11 @@ class Reference:
         models = start if start is not None else initial_models(wl, s["clustered"]["init"], fed["seed"])
         if strategy.startswith("clustered-"):
             models = unflatten(self.phase1().centres, models)
-        if proximal_mu is None:
-            proximal_mu = train["proximal_mu"] if strategy == "clustered-fedprox" else 0.0
+        selection, proximal_mu = k_model_roles(strategy, train["proximal_mu"])
         settings = TrainSettings(train["local_steps"], train["lr"], proximal_mu)
-        selection = "true-label" if strategy == "oracle" else "min-loss"
         reply = reply or s["clustered"]["reply"]
         rows = []
-        for rnd in range(1, (rounds or s["run"]["rounds"]) + 1):
+        for rnd in range(1, s["run"]["rounds"] + 1):
             results = [
                 train_cohort(wl, c, models, selection=selection, reply=reply,
                              settings=settings, round_=rnd, federation=fed)

@@ -14,13 +14,33 @@ from typing import Any
 from flwr.serverapp.strategy import Strategy
 
 from strategies.clustered_fl import ClusteredStrategy
-from strategies.coarse_init import MomentDescent, SubspaceKMeans
+from strategies.coarse_init import CoarseInit, MomentDescent, SubspaceKMeans
 from strategies.fedavg import CohortFedAvg, CohortFedProx
 
 SINGLE_MODEL = ("fedavg", "fedprox")
 K_MODEL = ("clustered-fedavg", "clustered-fedprox", "ifca", "oracle")
 STRATEGIES = SINGLE_MODEL + K_MODEL
 PHASE1 = {init.name: init for init in (SubspaceKMeans, MomentDescent)}
+
+
+def k_model_roles(name: str, proximal_mu: float) -> tuple[str, float]:
+    """(how clients pick their model, the FedProx weight of the refinement; 0 = FedAvg)."""
+    selection = "true-label" if name == "oracle" else "min-loss"
+    return selection, proximal_mu if name == "clustered-fedprox" else 0.0
+
+
+def coarse_init_for(
+    name: str, k: int, dim: int, seed: int, clustered: dict[str, Any], phase1: str | None = None
+) -> CoarseInit | None:
+    """Phase 1 of a k-model strategy (None for IFCA and the oracle); ``phase1`` overrides
+    ``clustered.phase1``."""
+    if not name.startswith("clustered-"):
+        return None
+    init_cls = PHASE1[phase1 or clustered.get("phase1", "subspace-kmeans")]
+    return init_cls(
+        k, dim, seed, restarts=clustered.get("kmeans_restarts", 10),
+        anchors_only=clustered.get("moments_from", "all") == "anchors",
+    )
 
 
 def build_strategy(
@@ -49,19 +69,13 @@ def build_strategy(
     if name not in K_MODEL:
         raise ValueError(f"unknown strategy {name!r}; expected one of {list(STRATEGIES)}")
     opts = clustered or {}
-    coarse = None
-    if name.startswith("clustered-"):
-        init_cls = PHASE1[opts.get("phase1", "subspace-kmeans")]
-        coarse = init_cls(
-            k, dim, seed, restarts=opts.get("kmeans_restarts", 10),
-            anchors_only=opts.get("moments_from", "all") == "anchors",
-        )
+    selection, refine_mu = k_model_roles(name, proximal_mu)
     return ClusteredStrategy(
         k,
         num_nodes=num_nodes,
-        selection="true-label" if name == "oracle" else "min-loss",
-        coarse_init=coarse,
-        proximal_mu=proximal_mu if name == "clustered-fedprox" else 0.0,
+        selection=selection,
+        coarse_init=coarse_init_for(name, k, dim, seed, opts),
+        proximal_mu=refine_mu,
         reply=opts.get("reply", "clients"),
         timeout=timeout,
     )

@@ -293,11 +293,11 @@ class MixedRegression(Workload):
             return out
         if step == "anchor-fit":
             basis = request["basis"]
+            steps = int(_scalar(request, "descent-steps"))
             estimates = []
             for i in np.flatnonzero(is_anchor):
                 sl = slice(data.starts[i], data.starts[i] + data.num_examples[i])
                 z, y = data.x[sl] @ basis, data.y[sl]
-                steps = int(_scalar(request, "descent-steps"))
                 if steps == 0:
                     beta = np.linalg.lstsq(z, y, rcond=None)[0]
                 else:
