@@ -14,11 +14,11 @@ import sys
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.compute import coarse_cohort, evaluate_cohort, train_cohort
+from client.compute import begin_round, coarse_cohort, evaluate_cohort, train_cohort
 from strategies.aggregation import ClientBatch
 from strategies.cohort_reply import encode_batch, encode_result, params_to_record, record_to_params
 from workloads import workload_class
-from workloads.base import CohortData, TrainSettings, Workload
+from workloads.base import CohortData, Params, TrainSettings, Workload
 from workloads.federation import cohort_slice
 
 _workloads: dict[str, Workload] = {}
@@ -63,6 +63,19 @@ def _settings(config: ConfigRecord) -> TrainSettings:
 app = ClientApp()
 
 
+def _state_key(config: ConfigRecord) -> str:
+    return f"umbel.state/{config.get('arm', '')}"
+
+
+def load_state(context: Context, config: ConfigRecord) -> Params | None:
+    """The cohort's state for this arm (a stateful workload's memory between rounds).
+
+    Flower keeps ``context.state`` per node for the whole run, whichever process serves it.
+    """
+    key = _state_key(config)
+    return record_to_params(context.state[key]) if key in context.state else None
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     workload, data = cohort(msg, context)
@@ -70,13 +83,21 @@ def train(msg: Message, context: Context) -> Message:
     params = record_to_params(msg.content["arrays"])
     k_models = "k-models" in config
     models = params if k_models else {n: v[None] for n, v in params.items()}
+    round_ = int(config["server-round"])
+    data, state, extra = begin_round(
+        workload, data, models, load_state(context, config), round_=round_,
+        variant=str(config.get("variant", "")), federation=workload.federation,
+    )
+    if state is not None:
+        context.state[_state_key(config)] = params_to_record(state)
     result = train_cohort(
         workload, data, models,
         selection=str(config["selection"]) if k_models else "single",
         reply=str(config["reply"]) if k_models else "clients",
         settings=_settings(config),
-        round_=int(config["server-round"]),
+        round_=round_,
         federation=workload.federation,
+        extra_metrics=extra,
     )
     if not k_models:  # Flower's FedAvg/FedProx: one model, per-client results
         if result.batch is None:
@@ -91,6 +112,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     workload, data = cohort(msg, context)
     config = msg.content["config"]
     params = record_to_params(msg.content["arrays"])
+    state = load_state(context, config)
+    if state is not None:
+        data = workload.with_state(data, state)
     if "k-models" not in config:
         metrics = workload.local_evaluate(params, data)
         batch = ClientBatch(data.client_ids, data.num_examples, {}, metrics)

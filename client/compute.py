@@ -7,6 +7,7 @@ client-side arithmetic.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -57,6 +58,41 @@ def confusion_counts(
     return counts
 
 
+def active_mask(federation: dict[str, Any], data: CohortData, round_: int) -> np.ndarray:
+    """Which clients of the cohort take part in this round (sampled and not dropping out)."""
+    return active_clients(
+        int(federation["seed"]), data.client_ids, round_,
+        float(federation.get("participation", 1.0)), float(federation.get("dropout", 0.0)),
+    )
+
+
+def begin_round(
+    workload: Workload,
+    data: CohortData,
+    models: Params,
+    state: Params | None,
+    *,
+    round_: int,
+    variant: str,
+    federation: dict[str, Any],
+) -> tuple[CohortData, Params | None, dict[str, np.ndarray]]:
+    """A stateful workload's round start: (data to train on, new state, per-client metric
+    sums). ``state=None`` starts from the workload's initial state; stateless workloads
+    return their data unchanged."""
+    if state is None:
+        state = workload.initial_state(data)
+        if state is None:
+            return data, None, {}
+    k = len(next(iter(models.values())))
+    if k != 1:
+        raise ValueError(f"workload {workload.name!r} keeps state per model; it takes one model, not {k}")
+    state, metrics = workload.update_state(
+        {n: v[0] for n, v in models.items()}, data, state, round_, variant,
+        active_mask(federation, data, round_),
+    )
+    return workload.with_state(data, state), state, metrics
+
+
 def train_cohort(
     workload: Workload,
     data: CohortData,
@@ -67,17 +103,17 @@ def train_cohort(
     settings: TrainSettings,
     round_: int,
     federation: dict[str, Any],
+    extra_metrics: dict[str, np.ndarray] | None = None,
 ) -> CohortResult:
     """Each active client picks a model, trains it from there, and the cohort replies.
 
     ``models`` holds k models stacked on a leading axis. Inactive clients (not sampled this
-    round, or dropping out) neither train nor appear in the reply.
+    round, or dropping out) neither train nor appear in the reply. ``extra_metrics`` are
+    per-client sums (e.g. from ``begin_round``) added to the reply of the active clients.
     """
     k = len(next(iter(models.values())))
-    active = active_clients(
-        int(federation["seed"]), data.client_ids, round_,
-        float(federation.get("participation", 1.0)), float(federation.get("dropout", 0.0)),
-    )
+    active = active_mask(federation, data, round_)
+    settings = replace(settings, server_round=round_)
     choice, loss = select_models(workload, data, models, selection)
     idx = np.flatnonzero(active)
     confusion = confusion_counts(workload, data, choice, k, idx)
@@ -94,7 +130,8 @@ def train_cohort(
         return CohortResult(None, cluster_sums(choice[idx], counts, trained, loss_sums, k), confusion)
     batch = ClientBatch(
         data.client_ids[idx], counts, trained,
-        {"loss-before": loss_sums, "cluster": choice[idx].astype(np.float64)},
+        {"loss-before": loss_sums, "cluster": choice[idx].astype(np.float64),
+         **{name: np.asarray(v, np.float64)[idx] for name, v in (extra_metrics or {}).items()}},
     )
     return CohortResult(batch, None, confusion)
 

@@ -70,6 +70,11 @@ def initial_models(workload: Workload, init: str, seed: int) -> Params:
     return truth
 
 
+def arm_label(strategy: str, variant: str) -> str:
+    """How the run record names a strategy run on one of the workload's variants."""
+    return f"{strategy}/{variant}" if variant else strategy
+
+
 def run_strategy(
     grid: Grid,
     name: str,
@@ -77,15 +82,19 @@ def run_strategy(
     workload: Workload,
     nodes: int,
     observer: RunObserver,
+    variant: str = "",
 ) -> list[dict[str, Any]]:
-    """Run one strategy for ``run.rounds`` rounds; returns its per-round rows.
+    """Run one strategy (on one of the workload's variants) for ``run.rounds`` rounds;
+    returns its per-round rows, recorded under ``arm_label(name, variant)``.
 
     Row r describes the models after round r (row 0: the models of round 1, i.e. the
     initial ones, or Phase 1's estimates for the clustered strategies): the workload's central
     metrics, then, once the next exchange has scored them on the clients, the mean local loss
     and the misclustering of the clients' choices. Rows r >= 1 also hold the clients
-    aggregated per model, dropped replies and the round's wall time.
+    aggregated per model, the examples they trained on, the workload's own per-round counts
+    (totals, e.g. labels queried), dropped replies and the round's wall time.
     """
+    label = arm_label(name, variant)
     run, train, fed = scenario["run"], scenario["train"], scenario["federation"]
     loss_key = workload.loss_name
     k_model = name in K_MODEL
@@ -100,12 +109,19 @@ def run_strategy(
             "scenario": json.dumps(client_view(scenario), sort_keys=True),
             "local-steps": train["local_steps"],
             "lr": train["lr"],
+            "variant": variant,
+            "arm": label,  # clients keep state per arm
         }
     )
     handed_in = initial_models(workload, scenario["clustered"]["init"], fed["seed"]) if k_model else base
     arrays = params_to_record(handed_in)
-    observer.on_strategy_start(name, run["rounds"])
+    observer.on_strategy_start(label, run["rounds"])
     rows: list[dict[str, Any]] = []
+
+    def stacked(record: Any) -> Params:
+        """The models of an ArrayRecord on a leading model axis (one for FedAvg/FedProx)."""
+        params = record_to_params(record)
+        return params if k_model else {n: v[None] for n, v in params.items()}
 
     def scored(models: Params, report: Any, loss: str) -> dict[str, Any]:
         """What the clients' replies say about the models they received."""
@@ -118,7 +134,7 @@ def run_strategy(
     for rnd in range(1, run["rounds"] + 1):
         start = time.perf_counter()
         messages = strategy.configure_train(rnd, arrays, config, grid)
-        sent = getattr(strategy, "sent_models", None) or record_to_params(arrays)
+        sent = getattr(strategy, "sent_models", None) or stacked(arrays)
         if rnd == 1:
             row0: dict[str, Any] = {"round": 0, **workload.central_metrics(sent)}
             if getattr(strategy, "coarse", None) is not None:  # Phase 1 replaced the models
@@ -132,27 +148,33 @@ def run_strategy(
         wall = time.perf_counter() - start
         rows[-1].update(scored(sent, report, "loss-before"))
         if rnd == 1:
-            observer.on_round(name, rows[0])
+            observer.on_round(label, rows[0])
         if new_arrays is not None:
             arrays = new_arrays
-        row = {"round": rnd, **workload.central_metrics(record_to_params(arrays))}
+        row = {"round": rnd, **workload.central_metrics(stacked(arrays))}
         row["clients"] = report.clients
+        row["examples"] = report.examples
+        row.update({m: v * report.examples for m, v in report.metrics.items()
+                    if m not in ("loss-before", "cluster")})
         if report.cluster_sizes is not None:
             row["cluster_clients"] = report.cluster_sizes
         row["dropped"] = len(report.dropped)
         if report.dropped:
             row["dropped_replies"] = report.dropped
         row["wall_time_s"] = wall
+        if row.get("clipped"):
+            log(logging.WARNING, "%s round %d: %g requested items clipped (clients' pools "
+                "exhausted)", label, rnd, row["clipped"])
         rows.append(row)
-        observer.on_round(name, row)
+        observer.on_round(label, row)
     # One evaluate exchange scores the final models.
     replies = grid.send_and_receive(
         strategy.configure_evaluate(run["rounds"], arrays, ConfigRecord(dict(config)), grid),
         timeout=run["round_timeout"],
     )
     strategy.aggregate_evaluate(run["rounds"], replies)
-    rows[-1].update(scored(record_to_params(arrays), strategy.last_report, "loss"))
-    observer.on_strategy_end(name, rows)
+    rows[-1].update(scored(stacked(arrays), strategy.last_report, "loss"))
+    observer.on_strategy_end(label, rows)
     return rows
 
 
@@ -165,8 +187,9 @@ def run_federation(grid: Grid, scenario: dict[str, Any], observer: RunObserver) 
         grid.pull_interval = PULL_INTERVAL_S
     wait_for_nodes(grid, nodes)
     for name in scenario["run"]["strategies"]:
-        random.seed(fed["seed"])  # Flower samples nodes with the global `random`
-        run_strategy(grid, name, scenario, workload, nodes, observer)
+        for variant in workload.variants():
+            random.seed(fed["seed"])  # Flower samples nodes with the global `random`
+            run_strategy(grid, name, scenario, workload, nodes, observer, variant)
 
 
 def make_server_app(scenario: dict[str, Any], observer: RunObserver) -> ServerApp:
@@ -187,9 +210,8 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Entry point for ``flwr run .``: the scenario comes from the run config."""
     scenario = resolve(unflatten(dict(context.run_config)), source="run config")
-    key_metric = workload_class(scenario["run"]["workload"]).key_metric
     run_dir = new_run_dir(scenario["run"]["out"], scenario["run"]["name"])
-    record = RunRecord(run_dir, scenario, key_metric)
+    record = RunRecord(run_dir, scenario)
     log(logging.INFO, "umbel: run record in %s", run_dir)
     try:
         run_federation(grid, scenario, record)

@@ -14,6 +14,8 @@ from typing import Any
 
 import tomli_w
 
+from workloads import workload_class
+
 HISTORY = "history.json"
 SCENARIO = "scenario.toml"
 
@@ -49,13 +51,16 @@ def _write_atomic(path: Path, text: str) -> None:
 class RunRecord(RunObserver):
     """Writes the scenario once and the history after every round."""
 
-    def __init__(self, run_dir: Path, scenario: dict[str, Any], key_metric: str) -> None:
+    def __init__(self, run_dir: Path, scenario: dict[str, Any]) -> None:
         self.dir = run_dir
+        workload = workload_class(scenario["run"]["workload"])
         self.history: dict[str, Any] = {
             "name": scenario["run"]["name"],
             "workload": scenario["run"]["workload"],
             "seed": scenario["federation"]["seed"],
-            "key_metric": key_metric,
+            "key_metric": workload.key_metric,
+            "higher_is_better": workload.higher_is_better,
+            "curve_x": workload.curve_x,
             "status": "running",
             "strategies": {},
         }

@@ -121,7 +121,7 @@ def _check_value(name: str, value: Any, spec: ConfigField) -> tuple[Any, str | N
         value = [part.strip() for part in value.split(",") if part.strip()]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if isinstance(value, bool) or not isinstance(value, kind):
+    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
         expected = getattr(kind, "__name__", str(kind))
         return value, f"expected {expected}, got {type(value).__name__} {value!r}"
     if spec.choices is not None and value not in spec.choices:

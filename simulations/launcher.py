@@ -8,6 +8,7 @@ which is the multi-machine path: start ``ray start --head`` on one machine, ``ra
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
@@ -16,8 +17,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from server.app import make_server_app
+from server.app import arm_label, make_server_app
 from server.record import RunObserver, RunRecord, new_run_dir
+from server.run_config import client_view
 from simulations.report import write_report
 from workloads import workload_class
 from workloads.federation import num_nodes
@@ -103,9 +105,8 @@ def simulate(
         check_ray_address(ray_address)
     fed = scenario["federation"]
     nodes = num_nodes(fed["clients"], fed["cohort_size"])
-    key_metric = workload_class(scenario["run"]["workload"]).key_metric
     run_dir = new_run_dir(out or scenario["run"]["out"], scenario["run"]["name"])
-    record = RunRecord(run_dir, scenario, key_metric)
+    record = RunRecord(run_dir, scenario)
     observers = Observers(record, *([observer] if observer else []))
 
     # One BLAS/OpenMP thread per Ray worker: many small clients on few cores.
@@ -129,12 +130,46 @@ def simulate(
     finally:
         if temp_dir:
             shutil.rmtree(temp_dir, ignore_errors=True)
-    expected = set(scenario["run"]["strategies"])
+    expected = set(arm_labels(scenario))
     if set(record.history["strategies"]) != expected or any(
         len(rows) != scenario["run"]["rounds"] + 1 for rows in record.history["strategies"].values()
     ):
         record.finish("failed", "the simulation ended before every strategy finished")
         raise RunFailed(f"run incomplete (record in {run_dir})")
+    try:
+        run_baselines(scenario, observers)
+    except Exception as err:
+        record.finish("failed", f"baseline: {err!r}")
+        raise RunFailed(f"baseline run failed: {err} (record in {run_dir})") from err
     record.finish("finished")
     write_report(run_dir)
     return run_dir
+
+
+def arm_labels(scenario: dict[str, Any]) -> list[str]:
+    """The federated arms of a scenario: every strategy on every workload variant."""
+    workload = workload_class(scenario["run"]["workload"])(client_view(scenario))
+    return [arm_label(s, v) for s in scenario["run"]["strategies"] for v in workload.variants()]
+
+
+def with_overrides(scenario: dict[str, Any], overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    out = copy.deepcopy(scenario)
+    for section, values in overrides.items():
+        out[section].update(values)
+    return out
+
+
+def run_baselines(scenario: dict[str, Any], observer: RunObserver) -> None:
+    """The workload's reference runs outside the federation (e.g. one client holding all
+    data), in this process with plain FedAvg, recorded as ``<baseline>/<variant>``."""
+    from simulations.reference import Reference  # torch-heavy for some workloads
+
+    cls = workload_class(scenario["run"]["workload"])
+    for baseline, overrides in cls.baselines(scenario).items():
+        ref = Reference(with_overrides(scenario, overrides))
+        for variant in ref.workload.variants():
+            label = arm_label(baseline, variant)
+            observer.on_strategy_start(label, scenario["run"]["rounds"])
+            rows = ref.run("fedavg", variant=variant, keep_models=False,
+                           on_row=lambda row, label=label: observer.on_round(label, row))
+            observer.on_strategy_end(label, rows)

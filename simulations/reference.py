@@ -1,4 +1,4 @@
-"""The in-process reference of the k-model strategies: the same arithmetic, no Flower.
+"""The in-process reference of every strategy: the same arithmetic, no Flower.
 
 Cohorts are computed one after another in this process with the client's own functions
 (``client.compute``) and aggregated with the strategy's pure core. Tests compare Flower runs
@@ -8,14 +8,15 @@ that the Flower path is measured against.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from client.compute import coarse_cohort, evaluate_cohort, train_cohort
+from client.compute import begin_round, coarse_cohort, evaluate_cohort, train_cohort
 from server.app import initial_models
 from server.run_config import client_view
-from strategies import K_MODEL, coarse_init_for, k_model_roles
+from strategies import SINGLE_MODEL, STRATEGIES, coarse_init_for, k_model_roles
+from strategies.aggregation import merge_batches, metric_means, weighted_average
 from strategies.clustered import aggregate_results, cluster_means
 from strategies.clustered_fl import unflatten
 from strategies.coarse_init import CoarseResult, reduce_coarse
@@ -51,44 +52,85 @@ class Reference:
         return init.estimate(self.exchange)
 
     def run(
-        self, strategy: str, start: Params | None = None, reply: str | None = None
+        self, strategy: str, start: Params | None = None, reply: str | None = None,
+        variant: str = "", on_row: Callable[[dict[str, Any]], None] | None = None,
+        keep_models: bool = True,
     ) -> list[dict[str, Any]]:
-        """Rows like the run record's (central metrics per round, misclustering of the
-        choices made under each round's models); the models of every row in ``models``."""
-        if strategy not in K_MODEL:
-            raise ValueError(f"the reference runs k-model strategies {K_MODEL}, not {strategy!r}")
+        """Rows like the run record's: row r describes the models after round r (row 0: the
+        models of round 1) with the workload's central metrics, the mean local loss and
+        misclustering of the choices made under them, and, for r >= 1, the clients and
+        examples that trained them plus the workload's own per-round counts. The models of
+        every row are in ``models`` (unless ``keep_models`` is off). ``variant`` picks one of the
+        workload's variants; ``on_row`` sees each row when it is first written (as the run
+        record does: a row's loss is filled in one round later)."""
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}; expected one of {list(STRATEGIES)}")
         s, wl = self.scenario, self.workload
         train, fed = s["train"], s["federation"]
-        models = start if start is not None else initial_models(wl, s["clustered"]["init"], fed["seed"])
-        if strategy.startswith("clustered-"):
-            models = unflatten(self.phase1().centres, models)
-        selection, proximal_mu = k_model_roles(strategy, train["proximal_mu"])
+        single = strategy in SINGLE_MODEL
+        if single:
+            selection, reply = "single", "clients"
+            proximal_mu = train["proximal_mu"] if strategy == "fedprox" else 0.0
+            models = {n: v[None] for n, v in (start or wl.initial_parameters()).items()}
+        else:
+            models = start if start is not None else initial_models(wl, s["clustered"]["init"], fed["seed"])
+            if strategy.startswith("clustered-"):
+                models = unflatten(self.phase1().centres, models)
+            selection, proximal_mu = k_model_roles(strategy, train["proximal_mu"])
+            reply = reply or s["clustered"]["reply"]
         settings = TrainSettings(train["local_steps"], train["lr"], proximal_mu)
-        reply = reply or s["clustered"]["reply"]
-        rows = []
+        states: list[Params | None] = [None] * len(self.cohorts)
+        self._keep_models = keep_models
+        rows = [self._row(0, models)]
         for rnd in range(1, s["run"]["rounds"] + 1):
-            results = [
-                train_cohort(wl, c, models, selection=selection, reply=reply,
-                             settings=settings, round_=rnd, federation=fed)
-                for c in self.cohorts
-            ]
-            total = aggregate_results(
-                [r.batch for r in results if r.batch is not None],
-                [r.sums for r in results if r.sums is not None],
-                wl.num_clusters,
-            )
-            confusion = sum(r.confusion for r in results if r.confusion is not None)
-            rows.append(self._row(rnd - 1, models, confusion, dd_value(total.loss).sum() / total.examples.sum()))
-            rows[-1]["clients"] = int(total.clients.sum())  # clients that trained on these models
-            models = cluster_means(total, models)
-        final = [evaluate_cohort(wl, c, models, selection) for c in self.cohorts]
-        confusion = sum(f[2] for f in final)
+            results = []
+            for p, cohort in enumerate(self.cohorts):
+                data, states[p], extra = begin_round(
+                    wl, cohort, models, states[p], round_=rnd, variant=variant, federation=fed)
+                results.append(train_cohort(
+                    wl, data, models, selection=selection, reply=reply, settings=settings,
+                    round_=rnd, federation=fed, extra_metrics=extra))
+            if single:
+                batch = merge_batches([r.batch for r in results if r.batch is not None])
+                means = metric_means(batch)
+                rows[-1][wl.loss_name] = means.pop("loss-before")
+                models = {n: v[None] for n, v in weighted_average(batch).items()}
+                row = self._row(rnd, models)
+                row.update(clients=len(batch), examples=int(batch.num_examples.sum()))
+                row.update({m: v * row["examples"] for m, v in means.items() if m != "cluster"})
+            else:
+                total = aggregate_results(
+                    [r.batch for r in results if r.batch is not None],
+                    [r.sums for r in results if r.sums is not None],
+                    wl.num_clusters,
+                )
+                confusion = sum(r.confusion for r in results if r.confusion is not None)
+                rows[-1].update(self._scored(models, confusion, dd_value(total.loss).sum() / total.examples.sum()))
+                models = cluster_means(total, models)
+                row = self._row(rnd, models)
+                row.update(clients=int(total.clients.sum()), examples=int(total.examples.sum()))
+            rows.append(row)
+            if on_row is not None:
+                if rnd == 1:
+                    on_row(rows[0])
+                on_row(row)
+        data = [wl.with_state(c, st) if st is not None else c for c, st in zip(self.cohorts, states)]
+        final = [evaluate_cohort(wl, d, models, selection) for d in data]
+        confusion = None if final[0][2] is None else sum(f[2] for f in final)
         loss = sum(dd_value(f[1]) for f in final) / sum(int(f[0][0]) for f in final)
-        rows.append(self._row(len(rows), models, confusion, loss))
+        rows[-1].update(self._scored(models, confusion, loss))
         return rows
 
-    def _row(self, rnd: int, models: Params, confusion: np.ndarray, loss: float) -> dict[str, Any]:
-        row = {"round": rnd, **self.workload.central_metrics(models, confusion)}
-        row[self.workload.loss_name] = float(loss)
-        row["models"] = {n: v.copy() for n, v in models.items()}
+    def _row(self, rnd: int, models: Params) -> dict[str, Any]:
+        row = {"round": rnd, **self.workload.central_metrics(models)}
+        if self._keep_models:
+            row["models"] = {n: v.copy() for n, v in models.items()}
         return row
+
+    def _scored(self, models: Params, confusion: np.ndarray | None, loss: float) -> dict[str, Any]:
+        """The mean local loss under ``models`` and the misclustering of the choices made."""
+        out: dict[str, Any] = {self.workload.loss_name: float(loss)}
+        if confusion is not None:
+            extra = self.workload.central_metrics(models, confusion)
+            out.update({m: v for m, v in extra.items() if m.startswith("misclustering")})
+        return out

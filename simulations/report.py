@@ -42,7 +42,11 @@ def summary_table(history: dict[str, Any]) -> str:
     any_rows = next(iter(history["strategies"].values()), [])
     loss = loss_name(any_rows)
     oracle = any_rows[-1].get("oracle_error") if any_rows else None
+    best = max if history.get("higher_is_better") else min
+    curve_x = history.get("curve_x")
     header = ["strategy", f"final {key}", f"best {key}"]
+    if curve_x:
+        header.append(curve_x)
     if oracle:
         header.append("÷ oracle")
     if loss:
@@ -57,7 +61,9 @@ def summary_table(history: dict[str, Any]) -> str:
         if not rows:
             continue
         values = [r[key] for r in rows if r.get(key) is not None]
-        cells = [name, _fmt(rows[-1].get(key)), _fmt(min(values) if values else None)]
+        cells = [name, _fmt(rows[-1].get(key)), _fmt(best(values) if values else None)]
+        if curve_x:
+            cells.append(_fmt(rows[-1].get("examples")))
         if oracle:
             final = rows[-1].get(key)
             cells.append(_fmt(final / oracle) if final is not None else "–")
@@ -106,6 +112,49 @@ def plot_metric(history: dict[str, Any], metric: str, path: Path) -> bool:
     return True
 
 
+def curve_points(rows: list[dict[str, Any]], metric: str) -> list[tuple[float, float]]:
+    """(examples, metric) at the last row of every examples level: for active learning,
+    the accuracy reached at the end of each query cycle against the labels used."""
+    last: dict[float, float] = {}
+    for r in rows:
+        if r.get("examples") and r.get(metric) is not None:
+            last[r["examples"]] = r[metric]
+    return sorted(last.items())
+
+
+def plot_curve(history: dict[str, Any], path: Path) -> bool:
+    """The key metric against the examples used (``curve_x``), one line per arm: colour by
+    variant (``strategy/variant``), line style by strategy, so paired arms read together."""
+    metric, arms = history["key_metric"], history["strategies"]
+    variants = list(dict.fromkeys(name.partition("/")[2] or name for name in arms))
+    prefixes = list(dict.fromkeys(name.partition("/")[0] for name in arms))
+    styles = ["-", "--", ":", "-."]
+    fig, ax = plt.subplots(figsize=(7.0, 4.4))
+    drawn = False
+    for name, rows in arms.items():
+        pts = curve_points(rows, metric)
+        if not pts:
+            continue
+        prefix, _, variant = name.partition("/")
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, marker="o", markersize=3, label=name,
+                color=f"C{variants.index(variant or name) % 10}",
+                linestyle=styles[prefixes.index(prefix) % len(styles)])
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return False
+    ax.set_xlabel(history["curve_x"])
+    ax.set_ylabel(metric)
+    ax.set_title(f"{history['name']}: {metric} against {history['curve_x']}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def write_report(run_dir: Path) -> list[Path]:
     """(Re)draw ``summary.md`` and the plots of a run directory; returns the files."""
     run_dir = Path(run_dir)
@@ -116,5 +165,9 @@ def write_report(run_dir: Path) -> list[Path]:
     for metric in dict.fromkeys([history["key_metric"], loss_name(rows)]):
         if metric and plot_metric(history, metric, run_dir / f"{metric}.png"):
             written.append(run_dir / f"{metric}.png")
+    if history.get("curve_x"):
+        path = run_dir / "learning_curve.png"
+        if plot_curve(history, path):
+            written.append(path)
     return written
 

@@ -147,6 +147,7 @@ class ClusteredStrategy(Strategy):
         if total is None or total.examples.sum() == 0:
             return None, None
         report.clients = int(total.clients.sum())
+        report.examples = int(total.examples.sum())
         report.cluster_sizes = total.clients.tolist()
         report.metrics = {"loss-before": float(dd_value(total.loss).sum() / total.examples.sum())}
         new = cluster_means(total, self.sent_models)

@@ -36,6 +36,7 @@ class RoundReport:
 
     def __init__(self) -> None:
         self.clients = 0
+        self.examples = 0  # training examples behind the aggregate (e.g. labels used)
         self.dropped: list[str] = []
         self.metrics: dict[str, float] = {}
         self.confusion: np.ndarray | None = None  # chosen x true cluster x size bucket
@@ -77,6 +78,7 @@ def collect(
         merged = None
     log_dropped(report)
     report.clients = 0 if merged is None else len(merged)
+    report.examples = 0 if merged is None else int(merged.num_examples.sum())
     return merged
 
 

@@ -154,7 +154,7 @@ def test_thirty_percent_dropout_each_round(strategy):
         ref = reference("federation.dropout=0.3", seed=seed)
         rows = ref.run(strategy)
         assert ratio(ref, rows) <= BAR, (seed, ratio(ref, rows))
-        assert all(600 < r["clients"] < 800 for r in rows[:-1])  # about 30% dropped each round
+        assert all(600 < r["clients"] < 800 for r in rows[1:])  # about 30% dropped each round
 
 
 @pytest.mark.slow

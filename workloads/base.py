@@ -63,6 +63,7 @@ class TrainSettings:
     local_steps: int
     lr: float
     proximal_mu: float = 0.0
+    server_round: int = 0  # seeds per-round randomness of local training (e.g. minibatch order)
 
 
 class Workload(ABC):
@@ -79,11 +80,24 @@ class Workload(ABC):
     schema: ClassVar[dict[str, ConfigField]]
     key_metric: ClassVar[str]
     loss_name: ClassVar[str] = "loss"  # how the run record names the mean local loss
+    higher_is_better: ClassVar[bool] = False  # direction of ``key_metric``
+    curve_x: ClassVar[str | None] = None  # a row field to plot the key metric against
 
     @classmethod
     def check_scenario(cls, scenario: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
         """Cross-field checks over the whole scenario: a list of (dotted field, message)."""
         return []
+
+    @classmethod
+    def baselines(cls, scenario: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+        """Reference runs outside the federation, as scenario overrides by name (e.g. one
+        client holding all data); the launcher runs them in-process after the simulation."""
+        return {}
+
+    def variants(self) -> tuple[str, ...]:
+        """Arms compared within every strategy (e.g. active-learning selection rules), each
+        run on the same federation and seed; ``("",)``: the workload has none."""
+        return ("",)
 
     @abstractmethod
     def client_data(self, client_ids: np.ndarray) -> CohortData:
@@ -111,6 +125,25 @@ class Workload(ABC):
     def local_evaluate(self, params: Params, data: CohortData) -> dict[str, np.ndarray]:
         """Per-client metric *sums* over each client's examples (mean = sum / n)."""
         return {"loss": self.local_loss(params, data) * data.num_examples}
+
+    # ---- state kept by a cohort across rounds (stateless workloads keep the defaults) ----
+
+    def initial_state(self, data: CohortData) -> Params | None:
+        """What a cohort must remember between rounds (e.g. which samples are labeled), as
+        arrays; ``None``: the workload is stateless."""
+        return None
+
+    def with_state(self, data: CohortData, state: Params) -> CohortData:
+        """The data the cohort trains and is evaluated on under ``state``."""
+        return data
+
+    def update_state(
+        self, model: Params, data: CohortData, state: Params, round_: int, variant: str,
+        active: np.ndarray,
+    ) -> tuple[Params, dict[str, np.ndarray]]:
+        """At the start of a round, with the one model received: the new state and per-client
+        metric sums (shape (B,)); ``active`` marks the clients taking part this round."""
+        return state, {}
 
     def coarse_statistics(self, step: str, request: Params, data: CohortData) -> dict[str, np.ndarray]:
         """Statistics for a coarse-estimate (Phase 1) step of a clustered strategy.
