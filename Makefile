@@ -29,6 +29,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/sim_throughput.py
 	$(BIN)/python benchmarks/mixed_regression.py
+	$(BIN)/python benchmarks/active_learning.py
 
 clean:
 	rm -rf runs .pytest_cache benchmarks/results

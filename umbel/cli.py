@@ -57,7 +57,7 @@ def run(
     verbose: Annotated[bool, typer.Option(help="show Flower's and Ray's logs")] = False,
 ) -> None:
     """Run a scenario on Flower's simulation engine and write its run record."""
-    from simulations.launcher import LaunchError, RunFailed, check_ray_address, simulate
+    from simulations.launcher import LaunchError, RunFailed, arm_labels, check_ray_address, simulate
     from simulations.scenarios import load_scenario
     from workloads import workload_class
 
@@ -74,6 +74,9 @@ def run(
         f"{fed['cohort_size']}, strategies {', '.join(resolved['run']['strategies'])}, "
         f"{resolved['run']['rounds']} rounds, seed {fed['seed']}"
     )
+    arms = arm_labels(resolved)
+    if len(arms) > len(resolved["run"]["strategies"]):
+        console.print(f"arms (each strategy on each workload variant): {', '.join(arms)}")
     columns = (
         TextColumn("{task.description:>12}"),
         BarColumn(),
