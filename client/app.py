@@ -8,12 +8,17 @@ a Ray actor generates a cohort's data once and reuses it across rounds and strat
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import socket
 import sys
+from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client import cohort_store
 from client.compute import begin_round, coarse_cohort, evaluate_cohort, train_cohort
 from strategies.aggregation import ClientBatch
 from strategies.cohort_reply import encode_batch, encode_result, params_to_record, record_to_params
@@ -23,6 +28,7 @@ from workloads.federation import cohort_slice
 
 _workloads: dict[str, Workload] = {}
 _cohorts: dict[tuple[str, int, int], CohortData] = {}
+_generated = [False]  # whether the last cohort() call generated its data
 _CACHE_LIMIT = 8  # scenarios kept per process (tests run many small ones)
 
 
@@ -33,8 +39,13 @@ def _one_thread() -> None:
 
 
 def cohort(msg: Message, context: Context) -> tuple[Workload, CohortData]:
-    """The workload and this node's cohort data (cached per scenario and partition)."""
-    scenario_json = str(msg.content["config"]["scenario"])
+    """The workload and this node's cohort data (cached per scenario and partition).
+
+    With a ``data-cache`` folder in the config (the launcher sets one per run and machine),
+    the data are generated once per machine and memory-mapped by every worker.
+    """
+    config = msg.content["config"]
+    scenario_json = str(config["scenario"])
     if scenario_json not in _workloads:
         if len(_workloads) >= _CACHE_LIMIT:
             _workloads.clear()
@@ -46,10 +57,28 @@ def cohort(msg: Message, context: Context) -> tuple[Workload, CohortData]:
     pid = int(context.node_config["partition-id"])
     parts = int(context.node_config["num-partitions"])
     key = (scenario_json, pid, parts)
+    _generated[0] = False
     if key not in _cohorts:
         ids = cohort_slice(pid, parts, workload.num_clients)
-        _cohorts[key] = workload.client_data(ids)
+        root = str(config.get("data-cache", ""))
+        if root:
+            digest = hashlib.sha256(scenario_json.encode()).hexdigest()[:16]
+            path = Path(root) / f"{digest}-{pid}-of-{parts}"
+            _cohorts[key], _generated[0] = cohort_store.cached(path, lambda: workload.client_data(ids))
+        else:
+            _cohorts[key], _generated[0] = workload.client_data(ids), True
     return workload, _cohorts[key]
+
+
+def placement(context: Context) -> ConfigRecord:
+    """Where this reply was computed (the run record shows which node ran which cohort)."""
+    node = ""
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        node = sys.modules["ray"].get_runtime_context().get_node_id()
+    return ConfigRecord({
+        "partition": int(context.node_config["partition-id"]), "ray-node": node,
+        "host": socket.gethostname(), "pid": os.getpid(), "generated": _generated[0],
+    })
 
 
 def _settings(config: ConfigRecord) -> TrainSettings:
@@ -99,12 +128,11 @@ def train(msg: Message, context: Context) -> Message:
         federation=workload.federation,
         extra_metrics=extra,
     )
-    if not k_models:  # Flower's FedAvg/FedProx: one model, per-client results
-        if result.batch is None:
-            return Message(RecordDict({"metrics": MetricRecord({"num-examples": 0})}), reply_to=msg)
+    if not k_models and result.batch is not None:  # Flower's FedAvg/FedProx: one model
         result.batch.metrics.pop("cluster")
-        return Message(encode_batch(result.batch), reply_to=msg)
-    return Message(encode_result(result, int(data.num_examples.sum())), reply_to=msg)
+    content = encode_result(result)
+    content["node"] = placement(context)
+    return Message(content, reply_to=msg)
 
 
 @app.evaluate()

@@ -15,11 +15,12 @@ import numpy as np
 from strategies.aggregation import ClientBatch
 from strategies.clustered import assign_clusters, cluster_sums
 from strategies.cohort_reply import CohortResult
-from strategies.exact_sum import DD, dd_sum
+from strategies.exact_sum import DD, dd_add, dd_sum
 from workloads.base import SIZE_BUCKETS, CohortData, Params, TrainSettings, Workload, size_bucket
-from workloads.federation import active_clients
+from workloads.federation import round_participation
 
 SELECTIONS = ("min-loss", "true-label", "single")
+COARSE_CHUNK = 2048  # clients per pass of a Phase-1 statistic
 REPLIES = ("clients", "sums")
 
 
@@ -27,10 +28,7 @@ def select_models(
     workload: Workload, data: CohortData, models: Params, selection: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """(chosen cluster (B,), mean loss under it (B,)) for every client of the cohort."""
-    k = len(next(iter(models.values())))
-    losses = np.stack(
-        [workload.local_loss({n: v[j] for n, v in models.items()}, data) for j in range(k)], axis=1
-    )
+    losses = workload.local_losses(models, data)
     if selection == "min-loss":
         choice = assign_clusters(losses)
     elif selection == "true-label":
@@ -59,11 +57,8 @@ def confusion_counts(
 
 
 def active_mask(federation: dict[str, Any], data: CohortData, round_: int) -> np.ndarray:
-    """Which clients of the cohort take part in this round (sampled and not dropping out)."""
-    return active_clients(
-        int(federation["seed"]), data.client_ids, round_,
-        float(federation.get("participation", 1.0)), float(federation.get("dropout", 0.0)),
-    )
+    """Which clients of the cohort take part in this round (``round_participation``)."""
+    return round_participation(federation, data.client_ids, round_).active
 
 
 def begin_round(
@@ -108,32 +103,35 @@ def train_cohort(
     """Each active client picks a model, trains it from there, and the cohort replies.
 
     ``models`` holds k models stacked on a leading axis. Inactive clients (not sampled this
-    round, or dropping out) neither train nor appear in the reply. ``extra_metrics`` are
+    round, offline, dropping out or missing the deadline) neither train nor appear in the
+    reply; the reply counts them by reason (``federation.OUTCOMES``). ``extra_metrics`` are
     per-client sums (e.g. from ``begin_round``) added to the reply of the active clients.
     """
-    k = len(next(iter(models.values())))
-    active = active_mask(federation, data, round_)
-    settings = replace(settings, server_round=round_)
-    choice, loss = select_models(workload, data, models, selection)
-    idx = np.flatnonzero(active)
-    confusion = confusion_counts(workload, data, choice, k, idx)
-    if len(idx) == 0:
-        return CohortResult(None, None, confusion)
-    sub = data if len(idx) == len(choice) else workload.subset(data, idx)
-    start = {name: v[choice[idx]] for name, v in models.items()}
-    trained = workload.local_train(start, sub, settings)
-    counts = data.num_examples[idx]
-    loss_sums = loss[idx] * counts
     if reply not in REPLIES:
         raise ValueError(f"unknown reply form {reply!r}; expected one of {REPLIES}")
+    k = len(next(iter(models.values())))
+    participation = round_participation(federation, data.client_ids, round_)
+    outcomes = participation.counts()
+    idx = np.flatnonzero(participation.active)
+    if len(idx) == 0:
+        none_chose = np.zeros(len(data.client_ids), dtype=np.int64)
+        return CohortResult(None, None, confusion_counts(workload, data, none_chose, k, idx), outcomes)
+    # Only the clients taking part compute anything (a 10% sample costs 10% of the cohort).
+    sub = data if len(idx) == len(data.client_ids) else workload.subset(data, idx)
+    choice, loss = select_models(workload, sub, models, selection)
+    confusion = confusion_counts(workload, sub, choice, k, slice(None))
+    start = {name: v[choice] for name, v in models.items()}
+    trained = workload.local_train(start, sub, replace(settings, server_round=round_))
+    counts = sub.num_examples
+    loss_sums = loss * counts
     if reply == "sums":
-        return CohortResult(None, cluster_sums(choice[idx], counts, trained, loss_sums, k), confusion)
+        return CohortResult(None, cluster_sums(choice, counts, trained, loss_sums, k), confusion, outcomes)
     batch = ClientBatch(
-        data.client_ids[idx], counts, trained,
-        {"loss-before": loss_sums, "cluster": choice[idx].astype(np.float64),
+        sub.client_ids, counts, trained,
+        {"loss-before": loss_sums, "cluster": choice.astype(np.float64),
          **{name: np.asarray(v, np.float64)[idx] for name, v in (extra_metrics or {}).items()}},
     )
-    return CohortResult(batch, None, confusion)
+    return CohortResult(batch, None, confusion, outcomes)
 
 
 def evaluate_cohort(
@@ -149,14 +147,35 @@ def evaluate_cohort(
 def coarse_cohort(
     workload: Workload, data: CohortData, step: str, request: Params, reduce: str
 ) -> dict[str, np.ndarray]:
-    """A Phase-1 step: the workload's statistics, summed over the cohort or as rows."""
-    stats = workload.coarse_statistics(step, request, data)
-    ids = stats.pop("client-id")
+    """A Phase-1 step: the workload's statistics, summed over the cohort or as rows.
+
+    Computed ``COARSE_CHUNK`` clients at a time (per-client statistics such as d x d
+    moments would not fit for a large cohort at once); double-double sums make the
+    result independent of the chunking.
+    """
+    num = len(data.client_ids)
+    parts = [data] if num <= COARSE_CHUNK else [
+        workload.subset(data, np.arange(lo, min(lo + COARSE_CHUNK, num)))
+        for lo in range(0, num, COARSE_CHUNK)
+    ]
+    rows: dict[str, list[np.ndarray]] = {}
+    sums: dict[str, DD] = {}
+    clients = 0
+    for part in parts:
+        stats = workload.coarse_statistics(step, request, part)
+        ids = stats.pop("client-id")
+        clients += len(ids)
+        if reduce == "rows":
+            for name, values in {"client-id": ids, **stats}.items():
+                rows.setdefault(name, []).append(values)
+            continue
+        for name, values in stats.items():
+            part_sum = dd_sum(values)
+            sums[name] = dd_add(sums[name], part_sum) if name in sums else part_sum
     if reduce == "rows":
-        return {"client-id": ids, **stats}
+        return {name: np.concatenate(values) for name, values in rows.items()}
     out = {}
-    for name, values in stats.items():
-        hi, lo = dd_sum(values)
+    for name, (hi, lo) in sums.items():
         out[f"{name}.hi"], out[f"{name}.lo"] = hi, lo
-    out["clients"] = np.array([len(ids)])
+    out["clients"] = np.array([clients])
     return out

@@ -30,7 +30,7 @@ from strategies.aggregation import Params
 from strategies.cohort_reply import params_to_record, record_to_params
 from workloads import workload_class
 from workloads.base import Workload
-from workloads.federation import STREAM_INIT, num_nodes
+from workloads.federation import OUTCOMES, STREAM_INIT, num_nodes
 
 NODE_WAIT_S = 120.0
 PULL_INTERVAL_S = 0.005  # Flower's default 0.1 s poll dominates small rounds
@@ -70,6 +70,19 @@ def initial_models(workload: Workload, init: str, seed: int) -> Params:
     return truth
 
 
+def placement_summary(placement: list[dict[str, Any]]) -> dict[str, Any]:
+    """Which node (Ray node id, else host) ran which cohorts, and how many cohorts had to
+    generate their data this round (0 after the first round with a data cache)."""
+    nodes: dict[str, list[int]] = {}
+    for p in placement:
+        node = str(p.get("ray-node") or p.get("host", "?"))
+        nodes.setdefault(node, []).append(int(p.get("partition", -1)))
+    return {
+        "cohort_nodes": {n: sorted(parts) for n, parts in sorted(nodes.items())},
+        "cohorts_generated": sum(bool(p.get("generated")) for p in placement),
+    }
+
+
 def arm_label(strategy: str, variant: str) -> str:
     """How the run record names a strategy run on one of the workload's variants."""
     return f"{strategy}/{variant}" if variant else strategy
@@ -83,6 +96,7 @@ def run_strategy(
     nodes: int,
     observer: RunObserver,
     variant: str = "",
+    data_cache: str = "",
 ) -> list[dict[str, Any]]:
     """Run one strategy (on one of the workload's variants) for ``run.rounds`` rounds;
     returns its per-round rows, recorded under ``arm_label(name, variant)``.
@@ -111,6 +125,7 @@ def run_strategy(
             "lr": train["lr"],
             "variant": variant,
             "arm": label,  # clients keep state per arm
+            "data-cache": data_cache,
         }
     )
     handed_in = initial_models(workload, scenario["clustered"]["init"], fed["seed"]) if k_model else base
@@ -154,6 +169,10 @@ def run_strategy(
         row = {"round": rnd, **workload.central_metrics(stacked(arrays))}
         row["clients"] = report.clients
         row["examples"] = report.examples
+        if report.outcomes is not None:  # clients left out of the round, by reason
+            row.update(zip(OUTCOMES, report.outcomes.tolist()))
+        if report.placement:
+            row.update(placement_summary(report.placement))
         row.update({m: v * report.examples for m, v in report.metrics.items()
                     if m not in ("loss-before", "cluster")})
         if report.cluster_sizes is not None:
@@ -178,8 +197,13 @@ def run_strategy(
     return rows
 
 
-def run_federation(grid: Grid, scenario: dict[str, Any], observer: RunObserver) -> None:
-    """Every strategy of the scenario, in order, on the same federation and seed."""
+def run_federation(
+    grid: Grid, scenario: dict[str, Any], observer: RunObserver, data_cache: str = ""
+) -> None:
+    """Every strategy of the scenario, in order, on the same federation and seed.
+
+    ``data_cache``: a folder (on each client machine) where cohorts store their generated
+    data once for all workers; empty: each worker keeps its own copy in memory."""
     workload = workload_class(scenario["run"]["workload"])(client_view(scenario))
     fed = scenario["federation"]
     nodes = num_nodes(fed["clients"], fed["cohort_size"])
@@ -189,16 +213,16 @@ def run_federation(grid: Grid, scenario: dict[str, Any], observer: RunObserver) 
     for name in scenario["run"]["strategies"]:
         for variant in workload.variants():
             random.seed(fed["seed"])  # Flower samples nodes with the global `random`
-            run_strategy(grid, name, scenario, workload, nodes, observer, variant)
+            run_strategy(grid, name, scenario, workload, nodes, observer, variant, data_cache)
 
 
-def make_server_app(scenario: dict[str, Any], observer: RunObserver) -> ServerApp:
+def make_server_app(scenario: dict[str, Any], observer: RunObserver, data_cache: str = "") -> ServerApp:
     """A ServerApp bound to a resolved scenario (used by the simulation launcher)."""
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        run_federation(grid, scenario, observer)
+        run_federation(grid, scenario, observer, data_cache)
 
     return server_app
 

@@ -14,7 +14,7 @@ from typing import Any
 from strategies import PHASE1, STRATEGIES
 from workloads import WORKLOADS, workload_class
 from workloads.base import REQUIRED, ConfigField, non_negative, positive
-from workloads.federation import SIZE_LAWS
+from workloads.federation import AVAILABILITY_TRACES, SIZE_LAWS
 
 
 def _strategy_list(v: list) -> str | None:
@@ -35,6 +35,10 @@ def _probability(v: float) -> str | None:
     return None if 0 <= v < 1 else "must be in [0, 1)"
 
 
+def _hours(v: float) -> str | None:
+    return None if 0 < v <= 24 else "must be in (0, 24]"
+
+
 def _above_one(v: float) -> str | None:
     return None if v > 1 else "must be > 1 (a Zipf law needs an exponent above one)"
 
@@ -49,6 +53,11 @@ CORE_SCHEMA: dict[str, dict[str, ConfigField]] = {
         ),
         "out": ConfigField(str, "runs", "folder that receives the run directory"),
         "round_timeout": ConfigField(float, 600.0, "seconds to wait for a round's replies", positive),
+        "expected_peak_gib": ConfigField(
+            float, 0.0, "the run's stated peak memory, all processes (GiB; 0: the workload's "
+            "estimate); the launcher warns when it exceeds the machine's available memory",
+            non_negative,
+        ),
     },
     "federation": {
         "clients": ConfigField(int, REQUIRED, "number of (virtual) clients", positive),
@@ -67,6 +76,21 @@ CORE_SCHEMA: dict[str, dict[str, ConfigField]] = {
         "dropout": ConfigField(
             float, 0.0, "probability that a sampled client fails to reply", _probability
         ),
+        "availability": ConfigField(
+            str, "always", "availability trace: always, bernoulli (per round) or diurnal (daily window)",
+            choices=AVAILABILITY_TRACES,
+        ),
+        "availability_probability": ConfigField(
+            float, 0.8, "bernoulli trace: probability that a client is online in a round", _fraction
+        ),
+        "online_hours": ConfigField(float, 8.0, "diurnal trace: hours a day a client is online", _hours),
+        "hours_per_round": ConfigField(float, 1.0, "diurnal trace: simulated hours per round", positive),
+        "deadline_s": ConfigField(
+            float, 0.0, "per-round deadline in simulated seconds; later replies are dropped and "
+            "counted (0: none)", non_negative,
+        ),
+        "latency_median_s": ConfigField(float, 1.0, "median simulated client latency (seconds)", positive),
+        "latency_sigma": ConfigField(float, 0.5, "log-normal spread of client latency", non_negative),
     },
     "anchors": {
         "count": ConfigField(int, 0, "anchor clients (ids 0..count-1)", non_negative),

@@ -15,7 +15,7 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from server.app import arm_label, make_server_app
 from server.record import RunObserver, RunRecord, new_run_dir
@@ -41,6 +41,31 @@ def check_ray_address(address: str, timeout: float = 3.0) -> None:
             f"--ray-address {address}: no Ray head answers there ({err.strerror or err}); "
             "start one with `ray start --head --port=PORT`"
         ) from None
+
+
+def available_memory() -> float | None:
+    """Bytes the machine can still give (``MemAvailable``); None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def memory_warning(scenario: dict[str, Any], actors: int) -> str | None:
+    """A warning when the run's peak (stated in ``run.expected_peak_gib``, else the
+    workload's estimate) exceeds the memory available now; None when it fits."""
+    stated = scenario["run"]["expected_peak_gib"] * 2**30
+    estimate = stated or workload_class(scenario["run"]["workload"]).memory_estimate(scenario, actors)
+    free = available_memory()
+    if not estimate or free is None or estimate <= free:
+        return None
+    source = "stated in run.expected_peak_gib" if stated else "estimated"
+    return (f"this run's peak memory ({source}: {estimate / 2**30:.1f} GiB) exceeds the "
+            f"{free / 2**30:.1f} GiB available; it may be killed. Lower federation.clients or "
+            "federation.cohort_size, or use a bigger machine / a Ray cluster (--ray-address)")
 
 
 class RunFailed(RuntimeError):
@@ -92,10 +117,12 @@ def simulate(
     observer: RunObserver | None = None,
     verbose: bool = False,
     client_cpus: float = 1,
+    warn: Callable[[str], None] = logging.getLogger("umbel").warning,
 ) -> Path:
     """Run a resolved scenario; returns its run directory. Raises ``RunFailed``.
 
-    ``client_cpus`` is the CPUs Ray reserves per actor (fewer actors when larger).
+    ``client_cpus`` is the CPUs Ray reserves per actor (fewer actors when larger);
+    ``warn`` receives warnings raised before the start (e.g. memory).
     """
     from flwr.simulation import run_simulation  # heavy import: only when running
 
@@ -116,9 +143,14 @@ def simulate(
     if not verbose:  # Flower's per-round INFO lines and the run_simulation deprecation notice
         logging.getLogger("flwr").setLevel(logging.ERROR)
     temp_dir = None if ray_address else tempfile.mkdtemp(prefix="umbel-ray-", dir="/tmp")
+    # Cohort data, written once per machine and memory-mapped by every worker there.
+    data_cache = tempfile.mkdtemp(prefix="umbel-cohorts-", dir=temp_dir or "/tmp")
+    warning = memory_warning(scenario, actors=int((os.cpu_count() or 1) // client_cpus) or 1)
+    if warning:
+        warn(warning)
     try:
         run_simulation(
-            server_app=make_server_app(scenario, observers),
+            server_app=make_server_app(scenario, observers, data_cache),
             client_app=client_app,
             num_supernodes=nodes,
             backend_config=backend_config(ray_address, temp_dir, verbose, client_cpus),
@@ -128,6 +160,7 @@ def simulate(
         record.finish("failed", repr(err))
         raise RunFailed(f"run failed: {err} (record in {run_dir})") from err
     finally:
+        shutil.rmtree(data_cache, ignore_errors=True)
         if temp_dir:
             shutil.rmtree(temp_dir, ignore_errors=True)
     expected = set(arm_labels(scenario))

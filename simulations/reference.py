@@ -23,7 +23,7 @@ from strategies.coarse_init import CoarseResult, reduce_coarse
 from strategies.exact_sum import dd_value
 from workloads import workload_class
 from workloads.base import Params, TrainSettings, Workload
-from workloads.federation import cohort_slice, num_nodes
+from workloads.federation import OUTCOMES, cohort_slice, num_nodes
 
 
 class Reference:
@@ -109,6 +109,7 @@ class Reference:
                 models = cluster_means(total, models)
                 row = self._row(rnd, models)
                 row.update(clients=int(total.clients.sum()), examples=int(total.examples.sum()))
+            row.update(zip(OUTCOMES, sum(r.outcomes for r in results).tolist()))
             rows.append(row)
             if on_row is not None:
                 if rnd == 1:

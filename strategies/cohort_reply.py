@@ -31,6 +31,7 @@ class CohortResult:
     batch: ClientBatch | None  # per client: params, counts, chosen cluster, loss-before
     sums: ClusterSums | None
     confusion: np.ndarray | None  # (k, k_true, buckets) client counts, when labels are known
+    outcomes: np.ndarray | None = None  # clients left out, by reason (federation.OUTCOMES)
 
 METRIC_PREFIX = "metric."
 
@@ -102,16 +103,38 @@ def decode_sums(record: ArrayRecord, reference: Params) -> ClusterSums:
     return sums
 
 
-def encode_result(result: CohortResult, num_examples: int) -> RecordDict:
-    """A cohort's train reply; an empty one (no active client) carries only its metrics."""
-    content = RecordDict({"metrics": MetricRecord({"num-examples": num_examples})})
+def is_empty_reply(content: RecordDict) -> bool:
+    """A cohort none of whose clients took part: valid, it just carries nothing to add."""
+    if any(key in content for key in ("clients", "sums", "arrays")) or "metrics" not in content:
+        return False
+    return content["metrics"].get("clients") == 0
+
+
+def encode_result(result: CohortResult) -> RecordDict:
+    """A cohort's train reply; an empty one (no client took part) carries only counts."""
+    content = RecordDict({"metrics": MetricRecord({"num-examples": 0, "clients": 0})})
     if result.batch is not None:
         content = encode_batch(result.batch)
     elif result.sums is not None:
         content["sums"] = encode_sums(result.sums)
+    stats = {}
     if result.confusion is not None:
-        content["stats"] = params_to_record({"confusion": result.confusion})
+        stats["confusion"] = result.confusion
+    if result.outcomes is not None:
+        stats["outcomes"] = result.outcomes
+    if stats:
+        content["stats"] = params_to_record(stats)
     return content
+
+
+def decode_outcomes(content: RecordDict) -> np.ndarray | None:
+    """A cohort's counts of clients left out of the round, by reason (telemetry)."""
+    if "stats" not in content or "outcomes" not in content["stats"]:
+        return None
+    outcomes = record_to_params(content["stats"])["outcomes"]
+    if outcomes.ndim != 1 or not np.issubdtype(outcomes.dtype, np.integer) or (outcomes < 0).any():
+        raise MalformedBatch(f"unreadable outcome counts {outcomes!r}")
+    return outcomes
 
 
 def decode_confusion(content: RecordDict, shape: tuple[int, ...] | None) -> np.ndarray | None:

@@ -25,7 +25,13 @@ from strategies.aggregation import (
     metric_means,
     weighted_average,
 )
-from strategies.cohort_reply import decode_batch, params_to_record, record_to_params
+from strategies.cohort_reply import (
+    decode_batch,
+    decode_outcomes,
+    is_empty_reply,
+    params_to_record,
+    record_to_params,
+)
 
 
 T = TypeVar("T")
@@ -41,6 +47,8 @@ class RoundReport:
         self.metrics: dict[str, float] = {}
         self.confusion: np.ndarray | None = None  # chosen x true cluster x size bucket
         self.cluster_sizes: list[int] | None = None  # clients aggregated per model
+        self.outcomes: np.ndarray | None = None  # clients left out, by reason (OUTCOMES)
+        self.placement: list[dict] = []  # where each cohort ran (node, process, data generated)
 
 
 def decode_replies(
@@ -53,8 +61,16 @@ def decode_replies(
         if msg.has_error():
             report.dropped.append(f"node {node}: error reply: {msg.error.reason}")
             continue
+        if "node" in msg.content:  # telemetry: never affects the aggregate
+            report.placement.append(dict(msg.content["node"]))
         try:
-            decoded.append(decode(msg.content))
+            outcomes = decode_outcomes(msg.content)
+            if outcomes is not None:
+                if report.outcomes is not None and report.outcomes.shape != outcomes.shape:
+                    raise MalformedBatch(f"outcome counts of shape {outcomes.shape}")
+                report.outcomes = outcomes if report.outcomes is None else report.outcomes + outcomes
+            if not is_empty_reply(msg.content):
+                decoded.append(decode(msg.content))
         except MalformedBatch as err:
             report.dropped.append(f"node {node}: {err}")
     return decoded

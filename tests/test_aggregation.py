@@ -160,7 +160,7 @@ def sums_reply(seed, **corrupt):
             sums.weighted["w"] = (value, sums.weighted["w"][1])
         else:
             setattr(sums, field, value)
-    return encode_result(CohortResult(None, sums, np.ones((K, K, 4), np.int64)), 10)
+    return encode_result(CohortResult(None, sums, np.ones((K, K, 4), np.int64)))
 
 
 @pytest.mark.parametrize(
@@ -196,7 +196,7 @@ def test_any_clustered_reply_is_aggregated_or_dropped_never_a_crash(examples, hi
                       (np.zeros(k), np.zeros(k)))
     per_client = batch([5, 6])
     per_client.metrics["cluster"] = np.array([cluster, 0], dtype=np.float64)
-    replies = [reply(encode_result(CohortResult(None, bad, None), 1), 1),
+    replies = [reply(encode_result(CohortResult(None, bad, None)), 1),
                reply(encode_batch(per_client), 2), reply(sums_reply(4), 3)]
     arrays, _ = strategy.aggregate_train(1, replies)
     assert arrays is not None and np.isfinite(arrays["w"].numpy()).all()  # the good reply landed

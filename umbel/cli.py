@@ -89,6 +89,7 @@ def run(
             run_dir = simulate(
                 resolved, out=out, ray_address=ray_address,
                 observer=ProgressObserver(progress, key), verbose=verbose,
+                warn=lambda text: progress.console.print(f"[yellow]warning:[/] {text}"),
             )
     except LaunchError as err:
         _fail(str(err), EXIT_BAD_INPUT)

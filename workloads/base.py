@@ -94,6 +94,12 @@ class Workload(ABC):
         client holding all data); the launcher runs them in-process after the simulation."""
         return {}
 
+    @classmethod
+    def memory_estimate(cls, scenario: dict[str, dict[str, Any]], actors: int) -> float | None:
+        """Expected peak bytes of a simulation with ``actors`` Ray workers, all processes
+        (None: no estimate). The launcher warns when it exceeds the available memory."""
+        return None
+
     def variants(self) -> tuple[str, ...]:
         """Arms compared within every strategy (e.g. active-learning selection rules), each
         run on the same federation and seed; ``("",)``: the workload has none."""
@@ -110,6 +116,14 @@ class Workload(ABC):
     @abstractmethod
     def local_loss(self, params: Params, data: CohortData) -> np.ndarray:
         """Mean local loss of every client of the cohort under ``params``: shape (B,)."""
+
+    def local_losses(self, models: Params, data: CohortData) -> np.ndarray:
+        """(B, k): every client's mean loss under each of k models (stacked on axis 0).
+        Override when one pass over the data can score all models at once."""
+        k = len(next(iter(models.values())))
+        return np.stack(
+            [self.local_loss({n: v[j] for n, v in models.items()}, data) for j in range(k)], axis=1
+        )
 
     @abstractmethod
     def local_train(self, start: Params, data: CohortData, settings: TrainSettings) -> Params:

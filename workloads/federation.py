@@ -7,7 +7,11 @@ blocks of ``BLOCK`` ids, each block from its own ``SeedSequence``, so a cohort o
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
+from scipy.special import ndtri, zeta
 
 BLOCK = 2048  # clients per generation block; fixed so data never depend on the cohort size
 
@@ -46,6 +50,18 @@ def draw_sizes(
             np.int64
         )
     raise ValueError(f"unknown size law {law!r}; expected one of {SIZE_LAWS}")
+
+
+def mean_size(law: str, min_size: int, max_size: int, zipf_exponent: float) -> float:
+    """Expected local dataset size under a size law (as drawn by ``draw_sizes``)."""
+    if law == "fixed":
+        return float(min_size)
+    if law == "uniform":
+        return (min_size + max_size) / 2
+    top = max_size - min_size + 1  # Zipf values above this are capped
+    k = np.arange(1, top + 1, dtype=np.float64)
+    pmf = k**-zipf_exponent / zeta(zipf_exponent)
+    return float(((min_size - 1 + k) * pmf).sum() + max_size * max(0.0, 1 - pmf.sum()))
 
 
 def cohort_slice(partition_id: int, num_partitions: int, num_clients: int) -> np.ndarray:
@@ -90,11 +106,80 @@ def client_uniform(seed: int, stream: int, client_ids: np.ndarray, round_: int) 
     return (bits >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
-def active_clients(
-    seed: int, client_ids: np.ndarray, round_: int, participation: float, dropout: float
-) -> np.ndarray:
-    """Clients that train this round: sampled with probability ``participation`` and then
-    not dropping out (probability ``dropout``)."""
-    sampled = client_uniform(seed, STREAM_PARTICIPATION, client_ids, round_) < participation
-    stays = client_uniform(seed, STREAM_DROPOUT, client_ids, round_) >= dropout
-    return sampled & stays
+# ---- availability traces and stragglers (FedScale-style device behaviour) ------------------
+
+STREAM_AVAILABILITY = 6
+STREAM_PHASE = 7
+STREAM_LATENCY = 8
+AVAILABILITY_TRACES = ("always", "bernoulli", "diurnal")
+OUTCOMES = ("unavailable", "not_sampled", "dropped_out", "late")  # why a client is not aggregated
+HOURS_PER_DAY = 24.0
+
+
+def available(federation: dict[str, Any], client_ids: np.ndarray, round_: int) -> np.ndarray:
+    """Which clients are online at this round under the scenario's availability trace.
+
+    - ``always``;
+    - ``bernoulli``: online with probability ``availability_probability``, independently
+      per round;
+    - ``diurnal``: each client is online ``online_hours`` a day from its own start hour
+      (uniform, fixed per client); round r happens at hour (r - 1) * ``hours_per_round``.
+    """
+    trace = federation.get("availability", "always")
+    seed = int(federation["seed"])
+    if trace == "always":
+        return np.ones(len(client_ids), dtype=bool)
+    if trace == "bernoulli":
+        p = float(federation.get("availability_probability", 1.0))
+        return client_uniform(seed, STREAM_AVAILABILITY, client_ids, round_) < p
+    if trace == "diurnal":
+        start = HOURS_PER_DAY * client_uniform(seed, STREAM_PHASE, client_ids, 0)
+        hour = ((round_ - 1) * float(federation.get("hours_per_round", 1.0))) % HOURS_PER_DAY
+        return (hour - start) % HOURS_PER_DAY < float(federation.get("online_hours", 8.0))
+    raise ValueError(f"unknown availability trace {trace!r}; expected one of {AVAILABILITY_TRACES}")
+
+
+def latency(federation: dict[str, Any], client_ids: np.ndarray, round_: int) -> np.ndarray:
+    """Simulated seconds a client needs to train and reply: lognormal around
+    ``latency_median_s``, half from a per-device speed (fixed per client, so slow devices
+    stay slow) and half from per-round jitter."""
+    seed = int(federation["seed"])
+    device = ndtri(np.clip(client_uniform(seed, STREAM_LATENCY, client_ids, 0), 1e-12, 1 - 1e-12))
+    jitter = ndtri(np.clip(client_uniform(seed, STREAM_LATENCY, client_ids, round_), 1e-12, 1 - 1e-12))
+    sigma = float(federation.get("latency_sigma", 0.5))
+    return float(federation.get("latency_median_s", 1.0)) * np.exp(sigma * (device + jitter) / np.sqrt(2))
+
+
+@dataclass(frozen=True)
+class Participation:
+    """Who takes part in a round (``active``) and, for the others, why not."""
+
+    active: np.ndarray
+    unavailable: np.ndarray
+    not_sampled: np.ndarray
+    dropped_out: np.ndarray
+    late: np.ndarray  # replied after the round's deadline: dropped and counted
+
+    def counts(self) -> np.ndarray:
+        """(4,) client counts in ``OUTCOMES`` order."""
+        return np.array([int(getattr(self, name).sum()) for name in OUTCOMES], dtype=np.int64)
+
+
+def round_participation(federation: dict[str, Any], client_ids: np.ndarray, round_: int) -> Participation:
+    """Online (availability trace), then sampled (``participation``), then not dropping out
+    (``dropout``), then on time (latency within ``deadline_s``; 0 = no deadline)."""
+    seed = int(federation["seed"])
+    online = available(federation, client_ids, round_)
+    sampled = client_uniform(seed, STREAM_PARTICIPATION, client_ids, round_) < float(
+        federation.get("participation", 1.0))
+    stays = client_uniform(seed, STREAM_DROPOUT, client_ids, round_) >= float(
+        federation.get("dropout", 0.0))
+    deadline = float(federation.get("deadline_s", 0.0))
+    on_time = latency(federation, client_ids, round_) <= deadline if deadline > 0 else True
+    return Participation(
+        active=online & sampled & stays & on_time,
+        unavailable=~online,
+        not_sampled=online & ~sampled,
+        dropped_out=online & sampled & ~stays,
+        late=online & sampled & stays & ~on_time,
+    )

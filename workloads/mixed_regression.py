@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from typing import Any
 
 import numpy as np
@@ -33,16 +33,29 @@ from workloads.base import (
     positive,
     size_bucket,
 )
-from workloads.federation import BLOCK, STREAM_TRUTH, block_rng, draw_sizes
+from workloads.federation import BLOCK, STREAM_TRUTH, block_rng, draw_sizes, mean_size
+
+RAY_WORKER_BYTES = 350e6  # a Ray worker with numpy and flwr imported (measured RSS)
+DRIVER_BYTES = 900e6  # the driver: Ray head processes, Flower's engine, the server
 
 # Local GD step cap for tiny clients: eta_i = min(eta, STEP_CAP / lambda_max(X_i'X_i / n_i)).
 # The Hessian of the mean squared loss is 2 X'X/n, so this keeps every step contractive.
 STEP_CAP = 0.5
 
 
+BLOCKS_KEPT = 2  # generation blocks kept in memory (neighbouring cohorts share one)
+CHUNK_POINTS = 65_536  # points per kernel pass: temporaries stay small whatever the cohort
+GRAM_CHUNK_POINTS = 4_096  # per-point d x d outer products: a smaller pass
+
+
 @dataclass
 class LinearCohort:
-    """The concatenated points of a cohort of clients."""
+    """The concatenated points of a cohort of clients.
+
+    Kernels walk the cohort in chunks of whole clients (``chunks``), so their temporaries
+    are bounded by the chunk, not the cohort; per-client results do not depend on the
+    chunking (each client's sums are sequential over its own points).
+    """
 
     client_ids: np.ndarray  # (B,)
     num_examples: np.ndarray  # (B,)
@@ -50,31 +63,36 @@ class LinearCohort:
     x: np.ndarray  # (P, d)
     y: np.ndarray  # (P,)
     starts: np.ndarray = field(init=False)  # (B,) first point of each client
-    owner: np.ndarray = field(init=False)  # (P,) client index of each point
 
     def __post_init__(self) -> None:
         self.starts = np.concatenate([[0], np.cumsum(self.num_examples)[:-1]]).astype(np.int64)
-        self.owner = np.repeat(np.arange(len(self.client_ids)), self.num_examples)
 
-    def client_sum(self, per_point: np.ndarray) -> np.ndarray:
-        """Sum a per-point array over each client's points (sequential, order-stable)."""
-        return np.add.reduceat(per_point, self.starts, axis=0)
+    def chunks(self, points: int = CHUNK_POINTS) -> list[tuple[int, int, int, int]]:
+        """(first client, end client, first point, end point) of consecutive client chunks
+        of about ``points`` points (a client larger than that is a chunk of its own)."""
+        ends = self.starts + self.num_examples
+        cuts = np.unique(np.searchsorted(ends, np.arange(points, ends[-1], points), side="right"))
+        bounds = [0, *[int(c) for c in cuts if 0 < c < len(ends)], len(ends)]
+        return [(a, b, int(self.starts[a]), int(ends[b - 1])) for a, b in zip(bounds[:-1], bounds[1:])]
 
-    @cached_property
-    def gram(self) -> np.ndarray:
-        """(B, d, d): X_i'X_i / n_i, needed by the FedProx closed form and the step cap."""
-        outer = self.x[:, :, None] * self.x[:, None, :]
-        return self.client_sum(outer) / self.num_examples[:, None, None]
+    def owner(self, c0: int, c1: int) -> np.ndarray:
+        """Client index (within the chunk) of each point of clients c0..c1."""
+        return np.repeat(np.arange(c1 - c0), self.num_examples[c0:c1])
 
-    @cached_property
-    def moment(self) -> np.ndarray:
-        """(B, d): X_i'y_i / n_i."""
-        return self.client_sum(self.x * self.y[:, None]) / self.num_examples[:, None]
+    def gram(self, c0: int, c1: int) -> np.ndarray:
+        """(c1 - c0, d, d): X_i'X_i / n_i of clients c0..c1."""
+        lo, hi = int(self.starts[c0]), int(self.starts[c1 - 1] + self.num_examples[c1 - 1])
+        x = self.x[lo:hi]
+        outer = np.einsum("pi,pj->pij", x, x)
+        return np.add.reduceat(outer, self.starts[c0:c1] - lo, axis=0) / self.num_examples[c0:c1, None, None]
 
     @cached_property
     def lambda_max(self) -> np.ndarray:
-        """(B,): largest eigenvalue of X_i'X_i / n_i."""
-        return np.linalg.eigvalsh(self.gram)[:, -1]
+        """(B,): largest eigenvalue of X_i'X_i / n_i (for the step cap), chunk by chunk."""
+        out = np.empty(len(self.client_ids))
+        for c0, c1, _, _ in self.chunks(GRAM_CHUNK_POINTS):
+            out[c0:c1] = np.linalg.eigvalsh(self.gram(c0, c1))[:, -1]
+        return out
 
 
 class MixedRegression(Workload):
@@ -172,6 +190,8 @@ class MixedRegression(Workload):
         """All ``BLOCK`` clients of generation block ``b`` (ids beyond the federation included,
         so that a client's data never depend on the federation size)."""
         if b not in self._blocks:
+            if len(self._blocks) >= BLOCKS_KEPT:  # a cohort reads its blocks in order
+                self._blocks.pop(next(iter(self._blocks)))
             rng = block_rng(self.seed, b)
             ids = np.arange(b * BLOCK, (b + 1) * BLOCK, dtype=np.int64)
             sizes = draw_sizes(
@@ -193,7 +213,7 @@ class MixedRegression(Workload):
         assert isinstance(data, LinearCohort)
         keep = np.zeros(len(data.client_ids), dtype=bool)
         keep[index] = True
-        points = keep[data.owner]
+        points = np.repeat(keep, data.num_examples)
         return LinearCohort(
             data.client_ids[index], data.num_examples[index], data.labels[index],
             data.x[points], data.y[points],
@@ -217,7 +237,7 @@ class MixedRegression(Workload):
             local = client_ids[blocks == b] - b * BLOCK
             keep = np.zeros(BLOCK, dtype=bool)
             keep[local] = True
-            points = keep[blk.owner]  # ids are sorted, so points stay in client order
+            points = np.repeat(keep, blk.num_examples)  # ids are sorted: points stay in order
             parts_x.append(blk.x[points])
             parts_y.append(blk.y[points])
             sizes.append(blk.num_examples[local])
@@ -239,29 +259,57 @@ class MixedRegression(Workload):
         """The k true models, stacked (for truth-started references and tests)."""
         return {"w": self.true_models.copy()}
 
+    @classmethod
+    def memory_estimate(cls, scenario: dict[str, dict[str, Any]], actors: int) -> float:
+        """Data of every client (x, y and index arrays, held once: cohort files are shared
+        by all workers through the page cache), plus per worker one cohort's working set
+        (the points of the chunks in flight and their copies) and a Ray worker's base."""
+        fed, d = scenario["federation"], scenario[cls.section]["dim"]
+        size = mean_size(fed["size_law"], fed["min_size"], fed["max_size"], fed["zipf_exponent"])
+        points = fed["clients"] * size + scenario["anchors"]["count"] * scenario["anchors"]["size"]
+        cohort_points = min(fed["clients"], fed["cohort_size"]) * size
+        data = points * (d + 2) * 8
+        working = cohort_points * (d + 4) * 8 * 2 + fed["cohort_size"] * (d + 8) * 8 * 4
+        return data + actors * (working + RAY_WORKER_BYTES) + DRIVER_BYTES
+
     @property
     def num_clusters(self) -> int:
         return self.k
 
     def local_loss(self, params: Params, data: CohortData) -> np.ndarray:
+        return self.local_losses({"w": params["w"][None]}, data)[:, 0]
+
+    def local_losses(self, models: Params, data: CohortData) -> np.ndarray:
+        """(B, k): each client's mean squared error under each model, one pass over x."""
         assert isinstance(data, LinearCohort)
-        residual = np.einsum("pd,d->p", data.x, params["w"]) - data.y
-        return data.client_sum(residual**2) / data.num_examples
+        w = models["w"].reshape(-1, self.dim)
+        out = np.empty((len(data.client_ids), len(w)))
+        for c0, c1, p0, p1 in data.chunks():
+            residual = np.einsum("pd,kd->pk", data.x[p0:p1], w) - data.y[p0:p1, None]
+            sums = np.add.reduceat(residual * residual, data.starts[c0:c1] - p0, axis=0)
+            out[c0:c1] = sums / data.num_examples[c0:c1, None]
+        return out
 
     def local_train(self, start: Params, data: CohortData, settings: TrainSettings) -> Params:
         assert isinstance(data, LinearCohort)
         w = np.array(start["w"], dtype=float, copy=True)  # (B, d)
         if settings.proximal_mu > 0:
             # FedProx, exact: argmin_w ||X w - y||^2/n + (mu/2)||w - w0||^2.
-            mu = settings.proximal_mu
-            lhs = 2.0 * data.gram + mu * np.eye(self.dim)
-            rhs = 2.0 * data.moment + mu * w
-            return {"w": np.linalg.solve(lhs, rhs[..., None])[..., 0]}
+            mu, eye = settings.proximal_mu, np.eye(self.dim)
+            for c0, c1, p0, p1 in data.chunks(GRAM_CHUNK_POINTS):
+                x, y = data.x[p0:p1], data.y[p0:p1]
+                moment = np.add.reduceat(x * y[:, None], data.starts[c0:c1] - p0, axis=0)
+                rhs = 2.0 * moment / data.num_examples[c0:c1, None] + mu * w[c0:c1]
+                w[c0:c1] = np.linalg.solve(2.0 * data.gram(c0, c1) + mu * eye, rhs[..., None])[..., 0]
+            return {"w": w}
         step = np.minimum(settings.lr, STEP_CAP / data.lambda_max)
-        for _ in range(settings.local_steps):
-            residual = np.einsum("pd,pd->p", data.x, w[data.owner]) - data.y
-            grad = 2.0 * data.client_sum(data.x * residual[:, None]) / data.num_examples[:, None]
-            w -= step[:, None] * grad
+        for c0, c1, p0, p1 in data.chunks():
+            x, y, owner = data.x[p0:p1], data.y[p0:p1], data.owner(c0, c1)
+            starts, n = data.starts[c0:c1] - p0, data.num_examples[c0:c1, None]
+            wc = w[c0:c1]
+            for _ in range(settings.local_steps):
+                residual = np.einsum("pd,pd->p", x, wc[owner]) - y
+                wc -= step[c0:c1, None] * (2.0 * np.add.reduceat(x * residual[:, None], starts, axis=0) / n)
         return {"w": w}
 
     # ---- Phase 1 statistics (anchors send statistics, never raw data) ----------------------
@@ -280,16 +328,21 @@ class MixedRegression(Workload):
         assert isinstance(data, LinearCohort)
         is_anchor = data.client_ids < self.anchor_count
         if step in ("second-moment", "second-moment-product"):
-            members = is_anchor if _scalar(request, "anchors-only") else slice(None)
+            if _scalar(request, "anchors-only"):  # only the anchors' moments: drop the rest first
+                if not is_anchor.any():
+                    width = self.dim if step == "second-moment" else request["basis"].shape[1]
+                    return {"y2": np.zeros(0), "n": np.zeros(0), "client-id": np.zeros(0, np.int64),
+                            ("y2xx" if step == "second-moment" else "y2xv"): np.zeros((0, self.dim, width))}
+                data = self.subset(data, np.flatnonzero(is_anchor))
             y2 = data.y**2
-            out = {"y2": data.client_sum(y2), "n": data.num_examples.astype(np.float64)}
+            client_sum = partial(np.add.reduceat, indices=data.starts, axis=0)
+            out = {"y2": client_sum(y2), "n": data.num_examples.astype(np.float64)}
             if step == "second-moment":
-                out["y2xx"] = data.client_sum(y2[:, None, None] * data.x[:, :, None] * data.x[:, None, :])
+                out["y2xx"] = client_sum(np.einsum("p,pi,pj->pij", y2, data.x, data.x))
             else:
                 xv = data.x @ request["basis"]  # (P, k)
-                out["y2xv"] = data.client_sum(y2[:, None, None] * data.x[:, :, None] * xv[:, None, :])
-            out = {k: v[members] for k, v in out.items()}
-            out["client-id"] = data.client_ids[members]
+                out["y2xv"] = client_sum(np.einsum("p,pi,pj->pij", y2, data.x, xv))
+            out["client-id"] = data.client_ids
             return out
         if step == "anchor-fit":
             basis = request["basis"]
