@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from functools import cached_property, partial
-from typing import Any
+from functools import cached_property
+from typing import Any, Iterator
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -45,7 +45,6 @@ STEP_CAP = 0.5
 
 BLOCKS_KEPT = 2  # generation blocks kept in memory (neighbouring cohorts share one)
 CHUNK_POINTS = 65_536  # points per kernel pass: temporaries stay small whatever the cohort
-GRAM_CHUNK_POINTS = 4_096  # per-point d x d outer products: a smaller pass
 
 
 @dataclass
@@ -81,18 +80,46 @@ class LinearCohort:
 
     def gram(self, c0: int, c1: int) -> np.ndarray:
         """(c1 - c0, d, d): X_i'X_i / n_i of clients c0..c1."""
-        lo, hi = int(self.starts[c0]), int(self.starts[c1 - 1] + self.num_examples[c1 - 1])
-        x = self.x[lo:hi]
-        outer = np.einsum("pi,pj->pij", x, x)
-        return np.add.reduceat(outer, self.starts[c0:c1] - lo, axis=0) / self.num_examples[c0:c1, None, None]
+        n = self.num_examples[c0:c1]
+        return client_products(self.x, self.x, self.starts[c0:c1], n) / n[:, None, None]
 
     @cached_property
     def lambda_max(self) -> np.ndarray:
-        """(B,): largest eigenvalue of X_i'X_i / n_i (for the step cap), chunk by chunk."""
+        """(B,): largest eigenvalue of X_i'X_i / n_i (for the step cap).
+
+        X_i'X_i and X_i X_i' share their nonzero eigenvalues: clients with fewer points than
+        dimensions (most of them) solve the smaller n x n problem.
+        """
         out = np.empty(len(self.client_ids))
-        for c0, c1, _, _ in self.chunks(GRAM_CHUNK_POINTS):
-            out[c0:c1] = np.linalg.eigvalsh(self.gram(c0, c1))[:, -1]
+        d = self.x.shape[1]
+        for n, members, rows in size_groups(self.starts, self.num_examples):
+            xs = self.x[rows]  # (m, n, d)
+            small = xs @ xs.transpose(0, 2, 1) if n < d else xs.transpose(0, 2, 1) @ xs
+            out[members] = np.linalg.eigvalsh(small)[:, -1] / n
         return out
+
+
+def size_groups(
+    starts: np.ndarray, num_examples: np.ndarray, points: int = CHUNK_POINTS
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(n, client positions, (m, n) point rows) for batches of clients holding n points each,
+    at most ``points`` points per batch: equal-sized clients stack into one array, so
+    per-client matrix products run as one batched matmul."""
+    for n in np.unique(num_examples):
+        members = np.flatnonzero(num_examples == n)
+        per_batch = max(1, points // int(n))
+        for lo in range(0, len(members), per_batch):
+            batch = members[lo:lo + per_batch]
+            yield int(n), batch, starts[batch][:, None] + np.arange(n)
+
+
+def client_products(a: np.ndarray, b: np.ndarray, starts: np.ndarray, num_examples: np.ndarray) -> np.ndarray:
+    """(B, da, db): A_i'B_i = sum over client i's points of a_p b_p', by batched matmul over
+    clients of equal size (each client's product does not depend on the others)."""
+    out = np.empty((len(starts), a.shape[1], b.shape[1]))
+    for _, members, rows in size_groups(starts, num_examples):
+        out[members] = a[rows].transpose(0, 2, 1) @ b[rows]
+    return out
 
 
 class MixedRegression(Workload):
@@ -211,6 +238,12 @@ class MixedRegression(Workload):
 
     def subset(self, data: CohortData, index: np.ndarray) -> LinearCohort:
         assert isinstance(data, LinearCohort)
+        index = np.asarray(index)
+        if len(index) and index[-1] - index[0] == len(index) - 1 and (np.diff(index) == 1).all():
+            c0, c1 = int(index[0]), int(index[-1]) + 1  # a run of clients: views, no copies
+            p0, p1 = int(data.starts[c0]), int(data.starts[c1 - 1] + data.num_examples[c1 - 1])
+            return LinearCohort(data.client_ids[c0:c1], data.num_examples[c0:c1],
+                                data.labels[c0:c1], data.x[p0:p1], data.y[p0:p1])
         keep = np.zeros(len(data.client_ids), dtype=bool)
         keep[index] = True
         points = np.repeat(keep, data.num_examples)
@@ -296,7 +329,7 @@ class MixedRegression(Workload):
         if settings.proximal_mu > 0:
             # FedProx, exact: argmin_w ||X w - y||^2/n + (mu/2)||w - w0||^2.
             mu, eye = settings.proximal_mu, np.eye(self.dim)
-            for c0, c1, p0, p1 in data.chunks(GRAM_CHUNK_POINTS):
+            for c0, c1, p0, p1 in data.chunks():
                 x, y = data.x[p0:p1], data.y[p0:p1]
                 moment = np.add.reduceat(x * y[:, None], data.starts[c0:c1] - p0, axis=0)
                 rhs = 2.0 * moment / data.num_examples[c0:c1, None] + mu * w[c0:c1]
@@ -335,13 +368,11 @@ class MixedRegression(Workload):
                             ("y2xx" if step == "second-moment" else "y2xv"): np.zeros((0, self.dim, width))}
                 data = self.subset(data, np.flatnonzero(is_anchor))
             y2 = data.y**2
-            client_sum = partial(np.add.reduceat, indices=data.starts, axis=0)
-            out = {"y2": client_sum(y2), "n": data.num_examples.astype(np.float64)}
-            if step == "second-moment":
-                out["y2xx"] = client_sum(np.einsum("p,pi,pj->pij", y2, data.x, data.x))
-            else:
-                xv = data.x @ request["basis"]  # (P, k)
-                out["y2xv"] = client_sum(np.einsum("p,pi,pj->pij", y2, data.x, xv))
+            out = {"y2": np.add.reduceat(y2, data.starts), "n": data.num_examples.astype(np.float64)}
+            z = data.x * np.abs(data.y)[:, None]  # y^2 x x' = z z'
+            other = z if step == "second-moment" else z @ request["basis"]  # (P, d) or (P, k)
+            name = "y2xx" if step == "second-moment" else "y2xv"
+            out[name] = client_products(z, other, data.starts, data.num_examples)
             out["client-id"] = data.client_ids
             return out
         if step == "anchor-fit":
