@@ -27,19 +27,25 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """Address of a Ray head started for this test session (stopped at the end)."""
+    """Address of a two-node Ray cluster on loopback for this test session (stopped at the
+    end): a head and a second worker node, one CPU each, so two actors, one per node. Every
+    integration test thus runs the multi-machine path."""
     # Ray's socket paths must stay short: a temp dir directly under /tmp.
     temp_dir = tempfile.mkdtemp(prefix="umbel-test-ray-", dir="/tmp")
     port = _free_port()
     env = {**os.environ, "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "OMP_NUM_THREADS": "1"}
     ray = str(BIN / "ray")
+    common = ["--num-cpus=1", "--disable-usage-stats"]
     subprocess.run(
-        [ray, "start", "--head", f"--port={port}", "--num-cpus=2", f"--temp-dir={temp_dir}",
-         "--include-dashboard=false", "--disable-usage-stats"],
+        [ray, "start", "--head", f"--port={port}", f"--temp-dir={temp_dir}",
+         "--include-dashboard=false", *common],
         check=True, env=env, capture_output=True,
     )
+    subprocess.run([ray, "start", f"--address=127.0.0.1:{port}", *common],
+                   check=True, env=env, capture_output=True)
     try:
         yield f"127.0.0.1:{port}"
     finally:
         subprocess.run([ray, "stop", "--force"], env=env, capture_output=True)
         shutil.rmtree(temp_dir, ignore_errors=True)
+

@@ -66,9 +66,10 @@ class LinearCohort:
     def __post_init__(self) -> None:
         self.starts = np.concatenate([[0], np.cumsum(self.num_examples)[:-1]]).astype(np.int64)
 
-    def chunks(self, points: int = CHUNK_POINTS) -> list[tuple[int, int, int, int]]:
+    def chunks(self, points: int | None = None) -> list[tuple[int, int, int, int]]:
         """(first client, end client, first point, end point) of consecutive client chunks
-        of about ``points`` points (a client larger than that is a chunk of its own)."""
+        of about ``points`` (default ``CHUNK_POINTS``) points; a larger client is a chunk."""
+        points = points or CHUNK_POINTS
         ends = self.starts + self.num_examples
         cuts = np.unique(np.searchsorted(ends, np.arange(points, ends[-1], points), side="right"))
         bounds = [0, *[int(c) for c in cuts if 0 < c < len(ends)], len(ends)]
@@ -100,14 +101,14 @@ class LinearCohort:
 
 
 def size_groups(
-    starts: np.ndarray, num_examples: np.ndarray, points: int = CHUNK_POINTS
+    starts: np.ndarray, num_examples: np.ndarray, points: int | None = None
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """(n, client positions, (m, n) point rows) for batches of clients holding n points each,
     at most ``points`` points per batch: equal-sized clients stack into one array, so
     per-client matrix products run as one batched matmul."""
     for n in np.unique(num_examples):
         members = np.flatnonzero(num_examples == n)
-        per_batch = max(1, points // int(n))
+        per_batch = max(1, (points or CHUNK_POINTS) // int(n))
         for lo in range(0, len(members), per_batch):
             batch = members[lo:lo + per_batch]
             yield int(n), batch, starts[batch][:, None] + np.arange(n)
