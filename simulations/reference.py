@@ -39,6 +39,9 @@ class Reference:
         ]
 
     def exchange(self, step: str, request: Params, reduce: str) -> dict[str, np.ndarray]:
+        # As after a message: contiguous copies (a strided basis would send BLAS down another
+        # path and change last bits against the Flower run).
+        request = {name: np.ascontiguousarray(v) for name, v in request.items()}
         return reduce_coarse(
             [coarse_cohort(self.workload, c, step, request, reduce) for c in self.cohorts], reduce
         )
