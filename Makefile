@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/sim_throughput.py
 	$(BIN)/python benchmarks/mixed_regression.py
 	$(BIN)/python benchmarks/active_learning.py
+	$(BIN)/python benchmarks/scale.py
 
 clean:
 	rm -rf runs .pytest_cache benchmarks/results
