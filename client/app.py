@@ -28,7 +28,6 @@ from workloads.federation import cohort_slice
 
 _workloads: dict[str, Workload] = {}
 _cohorts: dict[tuple[str, int, int], CohortData] = {}
-_generated = [False]  # whether the last cohort() call generated its data
 _CACHE_LIMIT = 8  # scenarios kept per process (tests run many small ones)
 
 
@@ -38,8 +37,9 @@ def _one_thread() -> None:
         sys.modules["torch"].set_num_threads(1)
 
 
-def cohort(msg: Message, context: Context) -> tuple[Workload, CohortData]:
-    """The workload and this node's cohort data (cached per scenario and partition).
+def cohort(msg: Message, context: Context) -> tuple[Workload, CohortData, bool]:
+    """The workload, this node's cohort data (cached per scenario and partition), and
+    whether this call had to generate the data.
 
     With a ``data-cache`` folder in the config (the launcher sets one per run and machine),
     the data are generated once per machine and memory-mapped by every worker.
@@ -57,27 +57,27 @@ def cohort(msg: Message, context: Context) -> tuple[Workload, CohortData]:
     pid = int(context.node_config["partition-id"])
     parts = int(context.node_config["num-partitions"])
     key = (scenario_json, pid, parts)
-    _generated[0] = False
+    generated = False
     if key not in _cohorts:
         ids = cohort_slice(pid, parts, workload.num_clients)
         root = str(config.get("data-cache", ""))
         if root:
             digest = hashlib.sha256(scenario_json.encode()).hexdigest()[:16]
             path = Path(root) / f"{digest}-{pid}-of-{parts}"
-            _cohorts[key], _generated[0] = cohort_store.cached(path, lambda: workload.client_data(ids))
+            _cohorts[key], generated = cohort_store.cached(path, lambda: workload.client_data(ids))
         else:
-            _cohorts[key], _generated[0] = workload.client_data(ids), True
-    return workload, _cohorts[key]
+            _cohorts[key], generated = workload.client_data(ids), True
+    return workload, _cohorts[key], generated
 
 
-def placement(context: Context) -> ConfigRecord:
+def placement(context: Context, generated: bool) -> ConfigRecord:
     """Where this reply was computed (the run record shows which node ran which cohort)."""
     node = ""
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         node = sys.modules["ray"].get_runtime_context().get_node_id()
     return ConfigRecord({
         "partition": int(context.node_config["partition-id"]), "ray-node": node,
-        "host": socket.gethostname(), "pid": os.getpid(), "generated": _generated[0],
+        "host": socket.gethostname(), "pid": os.getpid(), "generated": generated,
     })
 
 
@@ -107,7 +107,7 @@ def load_state(context: Context, config: ConfigRecord) -> Params | None:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    workload, data = cohort(msg, context)
+    workload, data, generated = cohort(msg, context)
     config = msg.content["config"]
     params = record_to_params(msg.content["arrays"])
     k_models = "k-models" in config
@@ -131,13 +131,13 @@ def train(msg: Message, context: Context) -> Message:
     if not k_models and result.batch is not None:  # Flower's FedAvg/FedProx: one model
         result.batch.metrics.pop("cluster")
     content = encode_result(result)
-    content["node"] = placement(context)
+    content["node"] = placement(context, generated)
     return Message(content, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    workload, data = cohort(msg, context)
+    workload, data, _ = cohort(msg, context)
     config = msg.content["config"]
     params = record_to_params(msg.content["arrays"])
     state = load_state(context, config)
@@ -162,7 +162,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 @app.query("coarse")
 def coarse(msg: Message, context: Context) -> Message:
     """A Phase-1 step of a clustered strategy: statistics, never raw data."""
-    workload, data = cohort(msg, context)
+    workload, data, _ = cohort(msg, context)
     config = msg.content["config"]
     request = record_to_params(msg.content["request"])
     stats = coarse_cohort(workload, data, str(config["step"]), request, str(config["reduce"]))

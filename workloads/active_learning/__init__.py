@@ -145,7 +145,7 @@ class ActiveLearning(Workload):
         self.federation = dict(fed)
         self.seed, self.num_clients = int(fed["seed"]), int(fed["clients"])
         self.rules = tuple(al["rules"])
-        self.settings = dict(al)
+        self.options = dict(al)
         self.split = split_federation(self.seed, self.num_clients, float(al["alpha"]),
                                       int(al["test_size"]), int(al["initial_labels"]), int(al["budget"]))
         self._model = DigitsCNN()
@@ -176,7 +176,7 @@ class ActiveLearning(Workload):
         return LabeledDigits(data.client_ids, data.images[mask], data.targets[mask], _offsets(counts))
 
     def is_query_round(self, round_: int) -> bool:
-        rpc = int(self.settings["rounds_per_cycle"])
+        rpc = int(self.options["rounds_per_cycle"])
         return round_ > 1 and (round_ - 1) % rpc == 0
 
     def update_state(
@@ -247,8 +247,8 @@ class ActiveLearning(Workload):
             rng = np.random.default_rng(np.random.SeedSequence(
                 [self.seed, STREAM_TRAIN, int(client), settings.server_round]))
             train_one(self._model, images[lo:hi], targets[lo:hi], steps=settings.local_steps,
-                      lr=settings.lr, batch_size=int(self.settings["batch_size"]),
-                      weight_decay=float(self.settings["weight_decay"]),
+                      lr=settings.lr, batch_size=int(self.options["batch_size"]),
+                      weight_decay=float(self.options["weight_decay"]),
                       proximal_mu=settings.proximal_mu, rng=rng)
             for name, p in self._model.named_parameters():
                 out[name][j] = p.detach().numpy()
