@@ -154,19 +154,26 @@ def _numbers(history):
 
 @pytest.mark.slow
 def test_two_ray_nodes_share_the_cohorts_and_change_nothing(ray_cluster, tmp_path):
-    """10^4 clients with sampling, a diurnal trace and a deadline: the two-node cluster
-    runs cohorts on both nodes, never regenerates data after round 1, and records the same
-    numbers as a private one-node Ray."""
+    """10^4 clients with sampling, a diurnal trace and a deadline: `umbel run --ray-address`
+    on the two-node cluster runs cohorts on both nodes, never regenerates data after round
+    1, and records the same numbers as a private one-node Ray."""
+    from typer.testing import CliRunner
+
     from server.record import load_history
     from simulations.launcher import simulate
+    from umbel.cli import app
 
-    scenario = load_scenario("scale", [
+    overrides = [
         "federation.clients=10000", "federation.cohort_size=625", "run.rounds=4",
         "federation.participation=0.5", "federation.availability='diurnal'",
         "federation.hours_per_round=3.0", "federation.deadline_s=2.5",
-        "run.strategies=['clustered-fedavg', 'fedavg']"])
-    two = load_history(simulate(scenario, out=tmp_path / "two", ray_address=ray_cluster))
-    one = load_history(simulate(scenario, out=tmp_path / "one"))
+        "run.strategies=['clustered-fedavg', 'fedavg']"]
+    args = ["run", "scale", "--ray-address", ray_cluster, "--out", str(tmp_path / "two")]
+    result = CliRunner().invoke(app, args + [a for o in overrides for a in ("--set", o)])
+    assert result.exit_code == 0, result.output
+    (run_dir,) = (tmp_path / "two").iterdir()
+    two = load_history(run_dir)
+    one = load_history(simulate(load_scenario("scale", overrides), out=tmp_path / "one"))
     rows = two["strategies"]["clustered-fedavg"]
     assert len({node for r in rows[1:] for node in r["cohort_nodes"]}) == 2
     assert sum(len(parts) for parts in rows[1]["cohort_nodes"].values()) == 16
