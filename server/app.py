@@ -74,12 +74,17 @@ def placement_summary(placement: list[dict[str, Any]]) -> dict[str, Any]:
     """Which node (Ray node id, else host) ran which cohorts, and how many cohorts had to
     generate their data this round (0 after the first round with a data cache)."""
     nodes: dict[str, list[int]] = {}
+    generated = 0
     for p in placement:
-        node = str(p.get("ray-node") or p.get("host", "?"))
-        nodes.setdefault(node, []).append(int(p.get("partition", -1)))
+        try:  # telemetry from clients: an odd entry is skipped, never a crash
+            partition = int(p.get("partition", -1))
+        except (TypeError, ValueError):
+            continue
+        nodes.setdefault(str(p.get("ray-node") or p.get("host", "?")), []).append(partition)
+        generated += p.get("generated") is True
     return {
         "cohort_nodes": {n: sorted(parts) for n, parts in sorted(nodes.items())},
-        "cohorts_generated": sum(bool(p.get("generated")) for p in placement),
+        "cohorts_generated": generated,
     }
 
 

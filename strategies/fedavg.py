@@ -61,19 +61,33 @@ def decode_replies(
         if msg.has_error():
             report.dropped.append(f"node {node}: error reply: {msg.error.reason}")
             continue
-        if "node" in msg.content:  # telemetry: never affects the aggregate
-            report.placement.append(dict(msg.content["node"]))
+        add_telemetry(msg.content, node, report)
+        if is_empty_reply(msg.content):
+            continue
         try:
-            outcomes = decode_outcomes(msg.content)
-            if outcomes is not None:
-                if report.outcomes is not None and report.outcomes.shape != outcomes.shape:
-                    raise MalformedBatch(f"outcome counts of shape {outcomes.shape}")
-                report.outcomes = outcomes if report.outcomes is None else report.outcomes + outcomes
-            if not is_empty_reply(msg.content):
-                decoded.append(decode(msg.content))
+            decoded.append(decode(msg.content))
         except MalformedBatch as err:
             report.dropped.append(f"node {node}: {err}")
     return decoded
+
+
+def add_telemetry(content: RecordDict, node: int, report: RoundReport) -> None:
+    """Where the cohort ran and the clients it left out, by reason. Telemetry never affects
+    the aggregate: unreadable counts are ignored and named with the dropped replies."""
+    if "node" in content:
+        try:
+            report.placement.append(dict(content["node"]))
+        except (TypeError, ValueError):
+            report.dropped.append(f"node {node}: unreadable placement record ignored")
+    try:
+        outcomes = decode_outcomes(content)
+        if outcomes is not None and report.outcomes is not None and report.outcomes.shape != outcomes.shape:
+            raise MalformedBatch(f"outcome counts of shape {outcomes.shape}")
+    except (MalformedBatch, KeyError, TypeError, ValueError) as err:
+        report.dropped.append(f"node {node}: outcome counts ignored ({err})")
+        return
+    if outcomes is not None:
+        report.outcomes = outcomes if report.outcomes is None else report.outcomes + outcomes
 
 
 def log_dropped(report: RoundReport) -> None:

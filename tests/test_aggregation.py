@@ -110,6 +110,34 @@ def test_error_replies_missing_records_and_double_claims():
     assert arrays is None and "reported by two nodes" in strategy.last_report.dropped[0]
 
 
+def test_bad_telemetry_is_named_but_never_changes_the_aggregate():
+    """Outcome counts and placement records are telemetry: unreadable ones are ignored and
+    named; the clients' results still count, and empty cohort replies are not errors."""
+    from strategies.cohort_reply import CohortResult, encode_result
+
+    good, odd = batch([1, 2], seed=1), batch([3], seed=2)
+    clean = [reply(encode_batch(good), 1), reply(encode_batch(odd), 2)]
+    strategy = build_strategy("fedavg", num_nodes=3, proximal_mu=0.0)
+    strategy._reference = params_to_record(REF)
+    expected, _ = strategy.aggregate_train(1, clean)
+
+    bad = encode_batch(odd)
+    bad["stats"] = params_to_record({"outcomes": np.array([-1.5, 2.0])})
+    bad["node"] = ConfigRecord({"partition": "not a number", "generated": "yes"})
+    empty = encode_result(CohortResult(None, None, None, np.array([3, 0, 0, 0])))
+    empty["node"] = ConfigRecord({"partition": 4, "ray-node": "n1", "generated": True})
+    arrays, _ = strategy.aggregate_train(1, [clean[0], reply(bad, 2), reply(empty, 3)])
+    report = strategy.last_report
+    assert np.array_equal(arrays["w"].numpy(), expected["w"].numpy())
+    assert report.clients == 3 and report.outcomes.tolist() == [3, 0, 0, 0]
+    assert len(report.dropped) == 1 and "node 2: outcome counts ignored" in report.dropped[0]
+
+    from server.app import placement_summary
+
+    summary = placement_summary(report.placement)
+    assert summary == {"cohort_nodes": {"n1": [4]}, "cohorts_generated": 1}
+
+
 @settings(max_examples=150, deadline=None)
 @given(
     ids=st.lists(st.integers(-3, 50), min_size=0, max_size=6),
