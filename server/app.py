@@ -88,6 +88,24 @@ def placement_summary(placement: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def scored_metrics(
+    workload: Workload, models: Params, confusion: np.ndarray | None, loss: float | None
+) -> dict[str, Any]:
+    """What the clients say about the models they received: the mean local loss, and the
+    misclustering of their choices when they know their true clusters."""
+    out: dict[str, Any] = {workload.loss_name: loss}
+    if confusion is not None:
+        extra = workload.central_metrics(models, confusion)
+        out.update({m: v for m, v in extra.items() if m.startswith("misclustering")})
+    return out
+
+
+def round_counts(metrics: dict[str, float], examples: int) -> dict[str, float]:
+    """The workload's own per-round counts (e.g. labels queried) as totals: replies carry
+    every metric as a per-example mean."""
+    return {m: v * examples for m, v in metrics.items() if m not in ("loss-before", "cluster")}
+
+
 def arm_label(strategy: str, variant: str) -> str:
     """How the run record names a strategy run on one of the workload's variants."""
     return f"{strategy}/{variant}" if variant else strategy
@@ -115,7 +133,6 @@ def run_strategy(
     """
     label = arm_label(name, variant)
     run, train, fed = scenario["run"], scenario["train"], scenario["federation"]
-    loss_key = workload.loss_name
     k_model = name in K_MODEL
     base = workload.initial_parameters()
     strategy = build_strategy(
@@ -144,12 +161,7 @@ def run_strategy(
         return params if k_model else {n: v[None] for n, v in params.items()}
 
     def scored(models: Params, report: Any, loss: str) -> dict[str, Any]:
-        """What the clients' replies say about the models they received."""
-        out = {loss_key: report.metrics.get(loss)}
-        if report.confusion is not None:
-            extra = workload.central_metrics(models, report.confusion)
-            out.update({m: v for m, v in extra.items() if m.startswith("misclustering")})
-        return out
+        return scored_metrics(workload, models, report.confusion, report.metrics.get(loss))
 
     for rnd in range(1, run["rounds"] + 1):
         start = time.perf_counter()
@@ -178,8 +190,7 @@ def run_strategy(
             row.update(zip(OUTCOMES, report.outcomes.tolist()))
         if report.placement:
             row.update(placement_summary(report.placement))
-        row.update({m: v * report.examples for m, v in report.metrics.items()
-                    if m not in ("loss-before", "cluster")})
+        row.update(round_counts(report.metrics, report.examples))
         if report.cluster_sizes is not None:
             row["cluster_clients"] = report.cluster_sizes
         row["dropped"] = len(report.dropped)

@@ -11,10 +11,11 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from strategies import PHASE1, STRATEGIES
+from strategies import PHASE1, SINGLE_MODEL, STRATEGIES
 from workloads import WORKLOADS, workload_class
 from workloads.base import REQUIRED, ConfigField, non_negative, positive
 from workloads.federation import AVAILABILITY_TRACES, SIZE_LAWS
+from workloads.federation import PARTICIPATION_DEFAULTS as DEFAULTS
 
 
 def _strategy_list(v: list) -> str | None:
@@ -71,26 +72,26 @@ CORE_SCHEMA: dict[str, dict[str, ConfigField]] = {
         "cohort_size": ConfigField(int, 100, "most virtual clients hosted by one node", positive),
         "seed": ConfigField(int, 0, "seed of every random draw", non_negative),
         "participation": ConfigField(
-            float, 1.0, "fraction of clients sampled each round", _fraction
+            float, DEFAULTS["participation"], "fraction of clients sampled each round", _fraction
         ),
         "dropout": ConfigField(
-            float, 0.0, "probability that a sampled client fails to reply", _probability
+            float, DEFAULTS["dropout"], "probability that a sampled client fails to reply", _probability
         ),
         "availability": ConfigField(
-            str, "always", "availability trace: always, bernoulli (per round) or diurnal (daily window)",
+            str, DEFAULTS["availability"], "availability trace: always, bernoulli (per round) or diurnal (daily window)",
             choices=AVAILABILITY_TRACES,
         ),
         "availability_probability": ConfigField(
-            float, 0.8, "bernoulli trace: probability that a client is online in a round", _fraction
+            float, DEFAULTS["availability_probability"], "bernoulli trace: probability that a client is online in a round", _fraction
         ),
-        "online_hours": ConfigField(float, 8.0, "diurnal trace: hours a day a client is online", _hours),
-        "hours_per_round": ConfigField(float, 1.0, "diurnal trace: simulated hours per round", positive),
+        "online_hours": ConfigField(float, DEFAULTS["online_hours"], "diurnal trace: hours a day a client is online", _hours),
+        "hours_per_round": ConfigField(float, DEFAULTS["hours_per_round"], "diurnal trace: simulated hours per round", positive),
         "deadline_s": ConfigField(
-            float, 0.0, "per-round deadline in simulated seconds; later replies are dropped and "
+            float, DEFAULTS["deadline_s"], "per-round deadline in simulated seconds; later replies are dropped and "
             "counted (0: none)", non_negative,
         ),
-        "latency_median_s": ConfigField(float, 1.0, "median simulated client latency (seconds)", positive),
-        "latency_sigma": ConfigField(float, 0.5, "log-normal spread of client latency", non_negative),
+        "latency_median_s": ConfigField(float, DEFAULTS["latency_median_s"], "median simulated client latency (seconds)", positive),
+        "latency_sigma": ConfigField(float, DEFAULTS["latency_sigma"], "log-normal spread of client latency", non_negative),
     },
     "anchors": {
         "count": ConfigField(int, 0, "anchor clients (ids 0..count-1)", non_negative),
@@ -202,6 +203,10 @@ def resolve(raw: dict[str, Any], source: str = "<scenario>") -> dict[str, dict[s
 def _cross_checks(s: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
     fed = s["federation"]
     problems = []
+    others = [name for name in s["run"]["strategies"] if name not in SINGLE_MODEL]
+    if workload_class(s["run"]["workload"]).single_model and others:
+        problems.append(("run.strategies", f"{s['run']['workload']} trains one global model; "
+                         f"{others[0]!r} is not one of {list(SINGLE_MODEL)}"))
     if fed["max_size"] < fed["min_size"]:
         problems.append(
             ("federation.max_size", f"{fed['max_size']} is below min_size {fed['min_size']}")

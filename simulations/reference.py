@@ -13,7 +13,7 @@ from typing import Any, Callable
 import numpy as np
 
 from client.compute import begin_round, coarse_cohort, evaluate_cohort, train_cohort
-from server.app import initial_models
+from server.app import initial_models, round_counts, scored_metrics
 from server.run_config import client_view
 from strategies import SINGLE_MODEL, STRATEGIES, coarse_init_for, k_model_roles
 from strategies.aggregation import merge_batches, metric_means, weighted_average
@@ -83,8 +83,13 @@ class Reference:
             reply = reply or s["clustered"]["reply"]
         settings = TrainSettings(train["local_steps"], train["lr"], proximal_mu)
         states: list[Params | None] = [None] * len(self.cohorts)
-        self._keep_models = keep_models
-        rows = [self._row(0, models)]
+        def row_for(rnd: int, models: Params) -> dict[str, Any]:
+            row = {"round": rnd, **wl.central_metrics(models)}
+            if keep_models:
+                row["models"] = {n: v.copy() for n, v in models.items()}
+            return row
+
+        rows = [row_for(0, models)]
         for rnd in range(1, s["run"]["rounds"] + 1):
             results = []
             for p, cohort in enumerate(self.cohorts):
@@ -98,9 +103,9 @@ class Reference:
                 means = metric_means(batch)
                 rows[-1][wl.loss_name] = means.pop("loss-before")
                 models = {n: v[None] for n, v in weighted_average(batch).items()}
-                row = self._row(rnd, models)
+                row = row_for(rnd, models)
                 row.update(clients=len(batch), examples=int(batch.num_examples.sum()))
-                row.update({m: v * row["examples"] for m, v in means.items() if m != "cluster"})
+                row.update(round_counts(means, row["examples"]))
             else:
                 total = aggregate_results(
                     [r.batch for r in results if r.batch is not None],
@@ -108,9 +113,10 @@ class Reference:
                     wl.num_clusters,
                 )
                 confusion = sum(r.confusion for r in results if r.confusion is not None)
-                rows[-1].update(self._scored(models, confusion, dd_value(total.loss).sum() / total.examples.sum()))
+                loss = float(dd_value(total.loss).sum() / total.examples.sum())
+                rows[-1].update(scored_metrics(wl, models, confusion, loss))
                 models = cluster_means(total, models)
-                row = self._row(rnd, models)
+                row = row_for(rnd, models)
                 row.update(clients=int(total.clients.sum()), examples=int(total.examples.sum()))
             row.update(zip(OUTCOMES, sum(r.outcomes for r in results).tolist()))
             rows.append(row)
@@ -122,19 +128,5 @@ class Reference:
         final = [evaluate_cohort(wl, d, models, selection) for d in data]
         confusion = None if final[0][2] is None else sum(f[2] for f in final)
         loss = sum(dd_value(f[1]) for f in final) / sum(int(f[0][0]) for f in final)
-        rows[-1].update(self._scored(models, confusion, loss))
+        rows[-1].update(scored_metrics(wl, models, confusion, float(loss)))
         return rows
-
-    def _row(self, rnd: int, models: Params) -> dict[str, Any]:
-        row = {"round": rnd, **self.workload.central_metrics(models)}
-        if self._keep_models:
-            row["models"] = {n: v.copy() for n, v in models.items()}
-        return row
-
-    def _scored(self, models: Params, confusion: np.ndarray | None, loss: float) -> dict[str, Any]:
-        """The mean local loss under ``models`` and the misclustering of the choices made."""
-        out: dict[str, Any] = {self.workload.loss_name: float(loss)}
-        if confusion is not None:
-            extra = self.workload.central_metrics(models, confusion)
-            out.update({m: v for m, v in extra.items() if m.startswith("misclustering")})
-        return out

@@ -81,7 +81,8 @@ class Workload(ABC):
     key_metric: ClassVar[str]
     loss_name: ClassVar[str] = "loss"  # how the run record names the mean local loss
     higher_is_better: ClassVar[bool] = False  # direction of ``key_metric``
-    curve_x: ClassVar[str | None] = None  # a row field to plot the key metric against
+    curve_x: ClassVar[str | None] = None  # axis label to plot the key metric against examples used
+    single_model: ClassVar[bool] = False  # True: trains one global model (no k-model strategies)
 
     @classmethod
     def check_scenario(cls, scenario: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:

@@ -114,6 +114,16 @@ STREAM_LATENCY = 8
 AVAILABILITY_TRACES = ("always", "bernoulli", "diurnal")
 OUTCOMES = ("unavailable", "not_sampled", "dropped_out", "late")  # why a client is not aggregated
 HOURS_PER_DAY = 24.0
+# The scenario schema's defaults for who takes part in a round (one source for both).
+PARTICIPATION_DEFAULTS: dict[str, Any] = {
+    "participation": 1.0, "dropout": 0.0, "availability": "always",
+    "availability_probability": 0.8, "online_hours": 8.0, "hours_per_round": 1.0,
+    "deadline_s": 0.0, "latency_median_s": 1.0, "latency_sigma": 0.5,
+}
+
+
+def _setting(federation: dict[str, Any], key: str) -> Any:
+    return federation.get(key, PARTICIPATION_DEFAULTS[key])
 
 
 def available(federation: dict[str, Any], client_ids: np.ndarray, round_: int) -> np.ndarray:
@@ -125,17 +135,17 @@ def available(federation: dict[str, Any], client_ids: np.ndarray, round_: int) -
     - ``diurnal``: each client is online ``online_hours`` a day from its own start hour
       (uniform, fixed per client); round r happens at hour (r - 1) * ``hours_per_round``.
     """
-    trace = federation.get("availability", "always")
+    trace = _setting(federation, "availability")
     seed = int(federation["seed"])
     if trace == "always":
         return np.ones(len(client_ids), dtype=bool)
     if trace == "bernoulli":
-        p = float(federation.get("availability_probability", 1.0))
+        p = float(_setting(federation, "availability_probability"))
         return client_uniform(seed, STREAM_AVAILABILITY, client_ids, round_) < p
     if trace == "diurnal":
         start = HOURS_PER_DAY * client_uniform(seed, STREAM_PHASE, client_ids, 0)
-        hour = ((round_ - 1) * float(federation.get("hours_per_round", 1.0))) % HOURS_PER_DAY
-        return (hour - start) % HOURS_PER_DAY < float(federation.get("online_hours", 8.0))
+        hour = ((round_ - 1) * float(_setting(federation, "hours_per_round"))) % HOURS_PER_DAY
+        return (hour - start) % HOURS_PER_DAY < float(_setting(federation, "online_hours"))
     raise ValueError(f"unknown availability trace {trace!r}; expected one of {AVAILABILITY_TRACES}")
 
 
@@ -146,8 +156,8 @@ def latency(federation: dict[str, Any], client_ids: np.ndarray, round_: int) -> 
     seed = int(federation["seed"])
     device = ndtri(np.clip(client_uniform(seed, STREAM_LATENCY, client_ids, 0), 1e-12, 1 - 1e-12))
     jitter = ndtri(np.clip(client_uniform(seed, STREAM_LATENCY, client_ids, round_), 1e-12, 1 - 1e-12))
-    sigma = float(federation.get("latency_sigma", 0.5))
-    return float(federation.get("latency_median_s", 1.0)) * np.exp(sigma * (device + jitter) / np.sqrt(2))
+    sigma = float(_setting(federation, "latency_sigma"))
+    return float(_setting(federation, "latency_median_s")) * np.exp(sigma * (device + jitter) / np.sqrt(2))
 
 
 @dataclass(frozen=True)
@@ -171,10 +181,10 @@ def round_participation(federation: dict[str, Any], client_ids: np.ndarray, roun
     seed = int(federation["seed"])
     online = available(federation, client_ids, round_)
     sampled = client_uniform(seed, STREAM_PARTICIPATION, client_ids, round_) < float(
-        federation.get("participation", 1.0))
+        _setting(federation, "participation"))
     stays = client_uniform(seed, STREAM_DROPOUT, client_ids, round_) >= float(
-        federation.get("dropout", 0.0))
-    deadline = float(federation.get("deadline_s", 0.0))
+        _setting(federation, "dropout"))
+    deadline = float(_setting(federation, "deadline_s"))
     on_time = latency(federation, client_ids, round_) <= deadline if deadline > 0 else True
     return Participation(
         active=online & sampled & stays & on_time,

@@ -66,7 +66,7 @@ class LinearCohort:
     starts: np.ndarray = field(init=False)  # (B,) first point of each client
 
     def __post_init__(self) -> None:
-        self.starts = np.concatenate([[0], np.cumsum(self.num_examples)[:-1]]).astype(np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(self.num_examples)])[:-1].astype(np.int64)
 
     def chunks(self, points: int | None = None) -> list[tuple[int, int, int, int]]:
         """(first client, end client, first point, end point) of consecutive client chunks
@@ -365,10 +365,6 @@ class MixedRegression(Workload):
         is_anchor = data.client_ids < self.anchor_count
         if step in ("second-moment", "second-moment-product"):
             if _scalar(request, "anchors-only"):  # only the anchors' moments: drop the rest first
-                if not is_anchor.any():
-                    width = self.dim if step == "second-moment" else request["basis"].shape[1]
-                    return {"y2": np.zeros(0), "n": np.zeros(0), "client-id": np.zeros(0, np.int64),
-                            ("y2xx" if step == "second-moment" else "y2xv"): np.zeros((0, self.dim, width))}
                 data = self.subset(data, np.flatnonzero(is_anchor))
             y2 = data.y**2
             out = {"y2": np.add.reduceat(y2, data.starts), "n": data.num_examples.astype(np.float64)}
