@@ -24,13 +24,13 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from server.record import RunObserver, RunRecord, new_run_dir
-from server.run_config import client_view, resolve, unflatten
+from server.run_config import client_view, resolve, round_lr, unflatten
 from strategies import K_MODEL, build_strategy
 from strategies.aggregation import Params
 from strategies.cohort_reply import params_to_record, record_to_params
 from workloads import workload_class
 from workloads.base import Workload
-from workloads.federation import OUTCOMES, STREAM_INIT, num_nodes
+from workloads.federation import OUTCOMES, num_nodes
 
 NODE_WAIT_S = 120.0
 PULL_INTERVAL_S = 0.005  # Flower's default 0.1 s poll dominates small rounds
@@ -59,15 +59,19 @@ def initial_models(workload: Workload, init: str, seed: int) -> Params:
     base = workload.initial_parameters()
     if init == "zeros":
         return {n: np.zeros((k, *v.shape)) for n, v in base.items()}
-    if init == "random":  # N(0, I/size) per model: the scale of a unit-norm model
-        rng = np.random.default_rng(np.random.SeedSequence([seed, STREAM_INIT]))
-        return {n: rng.standard_normal((k, *v.shape)) / np.sqrt(v.size) for n, v in base.items()}
+    if init == "random":
+        return workload.random_models(k, seed)
     truth = workload.true_parameters()
     if truth is None:
         raise ValueError(f"clustered.init = {init!r} needs true models; this workload has none")
     if init == "true-first":  # every model equal to the first true model
         return {n: np.repeat(v[:1], k, axis=0) for n, v in truth.items()}
     return truth
+
+
+def flatten(params: Params) -> np.ndarray:
+    """One model's arrays as one float64 vector, in the parameters' order."""
+    return np.concatenate([np.asarray(v, np.float64).ravel() for v in params.values()])
 
 
 def placement_summary(placement: list[dict[str, Any]]) -> dict[str, Any]:
@@ -91,13 +95,28 @@ def placement_summary(placement: list[dict[str, Any]]) -> dict[str, Any]:
 def scored_metrics(
     workload: Workload, models: Params, confusion: np.ndarray | None, loss: float | None
 ) -> dict[str, Any]:
-    """What the clients say about the models they received: the mean local loss, and the
-    misclustering of their choices when they know their true clusters."""
+    """What the clients say about the models they received: the mean local loss, and, when
+    they know their true clusters, the misclustering of their choices and the adjusted Rand
+    index of the partition they form against the true one (``ari``)."""
     out: dict[str, Any] = {workload.loss_name: loss}
     if confusion is not None:
         extra = workload.central_metrics(models, confusion)
         out.update({m: v for m, v in extra.items() if m.startswith("misclustering")})
+        out["ari"] = adjusted_rand(confusion)
     return out
+
+
+def adjusted_rand(confusion: np.ndarray) -> float | None:
+    """ARI of the clients' chosen models against their true clusters, from the (chosen x
+    true x size bucket) counts; None without clients."""
+    from sklearn.metrics import adjusted_rand_score  # heavy import: only for clustered runs
+
+    table = np.asarray(confusion).reshape(confusion.shape[0], confusion.shape[1], -1).sum(axis=2)
+    if table.sum() == 0:
+        return None
+    chosen, true = np.nonzero(table)
+    counts = table[chosen, true]
+    return float(adjusted_rand_score(np.repeat(true, counts), np.repeat(chosen, counts)))
 
 
 def round_counts(metrics: dict[str, float], examples: int) -> dict[str, float]:
@@ -139,6 +158,7 @@ def run_strategy(
         name, nodes, proximal_mu=train["proximal_mu"], k=workload.num_clusters,
         dim=sum(v.size for v in base.values()), seed=fed["seed"],
         clustered=scenario["clustered"], timeout=run["round_timeout"],
+        start=flatten(base), lr=train["lr"],
     )
     config = ConfigRecord(
         {
@@ -165,6 +185,7 @@ def run_strategy(
 
     for rnd in range(1, run["rounds"] + 1):
         start = time.perf_counter()
+        config["lr"] = round_lr(train, rnd, run["rounds"])
         messages = strategy.configure_train(rnd, arrays, config, grid)
         sent = getattr(strategy, "sent_models", None) or stacked(arrays)
         if rnd == 1:
@@ -209,6 +230,9 @@ def run_strategy(
     )
     strategy.aggregate_evaluate(run["rounds"], replies)
     rows[-1].update(scored(stacked(arrays), strategy.last_report, "loss"))
+    final = workload.final_report(stacked(arrays))
+    if final:
+        rows[-1]["final"] = final
     observer.on_strategy_end(label, rows)
     return rows
 

@@ -8,6 +8,8 @@ every problem with its dotted field name and what was expected. The workload nam
 
 from __future__ import annotations
 
+import math
+
 import copy
 from typing import Any
 
@@ -25,6 +27,7 @@ def _strategy_list(v: list) -> str | None:
     return f"unknown strategy {unknown[0]!r}; expected some of {list(STRATEGIES)}" if unknown else None
 
 
+LR_SCHEDULES = ("constant", "cosine")
 INITS = ("random", "zeros", "true-first", "truth")
 
 
@@ -110,6 +113,7 @@ CORE_SCHEMA: dict[str, dict[str, ConfigField]] = {
             str, "all", "whose second moments estimate the subspace", choices=("all", "anchors")
         ),
         "kmeans_restarts": ConfigField(int, 10, "k-means++ restarts on anchor estimates", positive),
+        "anchor_steps": ConfigField(int, 100, "local steps of each anchor from the common start (phase1 = anchor-models)", positive),
         "reply": ConfigField(
             str, "clients", "cohorts reply with every client's result or per-cluster sums",
             choices=("clients", "sums"),
@@ -119,8 +123,23 @@ CORE_SCHEMA: dict[str, dict[str, ConfigField]] = {
         "local_steps": ConfigField(int, 1, "local gradient steps per round", positive),
         "lr": ConfigField(float, 0.02, "local step size (capped per client)", positive),
         "proximal_mu": ConfigField(float, 40.0, "FedProx proximal weight", positive),
+        "lr_schedule": ConfigField(
+            str, "constant", "local step size across rounds: constant, or cosine decay from lr "
+            "(round 1) towards 0 (last round)", choices=LR_SCHEDULES,
+        ),
     },
 }
+
+
+def round_lr(train: dict[str, Any], round_: int, rounds: int) -> float:
+    """The local step size the server sends in round ``round_`` (1-based) of ``rounds``.
+
+    ``cosine`` decays it like a centralised cosine schedule; with optimisers whose state is
+    reset every round (Adam in a client), a constant step keeps perturbing the average.
+    """
+    if train.get("lr_schedule", "constant") == "constant":
+        return float(train["lr"])
+    return float(train["lr"]) * 0.5 * (1 + math.cos(math.pi * (round_ - 1) / rounds))
 
 
 class ScenarioError(ValueError):

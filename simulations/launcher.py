@@ -222,15 +222,17 @@ def with_overrides(scenario: dict[str, Any], overrides: dict[str, dict[str, Any]
 
 def run_baselines(scenario: dict[str, Any], observer: RunObserver) -> None:
     """The workload's reference runs outside the federation (e.g. one client holding all
-    data), in this process with plain FedAvg, recorded as ``<baseline>/<variant>``."""
+    data), in this process, recorded as ``<baseline>/<variant>``. Each runs the first strategy
+    of its overrides' ``run.strategies`` (default: FedAvg)."""
     from simulations.reference import Reference  # torch-heavy for some workloads
 
     cls = workload_class(scenario["run"]["workload"])
     for baseline, overrides in cls.baselines(scenario).items():
         ref = Reference(with_overrides(scenario, overrides))
+        strategy = overrides.get("run", {}).get("strategies", ["fedavg"])[0]
         for variant in ref.workload.variants():
             label = arm_label(baseline, variant)
             observer.on_strategy_start(label, scenario["run"]["rounds"])
-            rows = ref.run("fedavg", variant=variant, keep_models=False,
+            rows = ref.run(strategy, variant=variant, keep_models=False,
                            on_row=lambda row, label=label: observer.on_round(label, row))
             observer.on_strategy_end(label, rows)

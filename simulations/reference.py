@@ -8,13 +8,14 @@ that the Flower path is measured against.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Callable
 
 import numpy as np
 
 from client.compute import begin_round, coarse_cohort, evaluate_cohort, train_cohort
-from server.app import initial_models, round_counts, scored_metrics
-from server.run_config import client_view
+from server.app import flatten, initial_models, round_counts, scored_metrics
+from server.run_config import client_view, round_lr
 from strategies import SINGLE_MODEL, STRATEGIES, coarse_init_for, k_model_roles
 from strategies.aggregation import merge_batches, metric_means, weighted_average
 from strategies.clustered import aggregate_results, cluster_means
@@ -51,7 +52,8 @@ class Reference:
         wl = self.workload
         dim = sum(v.size for v in wl.initial_parameters().values())
         init = coarse_init_for("clustered-fedavg", wl.num_clusters, dim,
-                               self.scenario["federation"]["seed"], self.scenario["clustered"], phase1)
+                               self.scenario["federation"]["seed"], self.scenario["clustered"], phase1,
+                               start=flatten(wl.initial_parameters()), lr=self.scenario["train"]["lr"])
         return init.estimate(self.exchange)
 
     def run(
@@ -96,7 +98,8 @@ class Reference:
                 data, states[p], extra = begin_round(
                     wl, cohort, models, states[p], round_=rnd, variant=variant, federation=fed)
                 results.append(train_cohort(
-                    wl, data, models, selection=selection, reply=reply, settings=settings,
+                    wl, data, models, selection=selection, reply=reply,
+                    settings=replace(settings, lr=round_lr(train, rnd, s["run"]["rounds"])),
                     round_=rnd, federation=fed, extra_metrics=extra))
             if single:
                 batch = merge_batches([r.batch for r in results if r.batch is not None])
@@ -129,4 +132,7 @@ class Reference:
         confusion = None if final[0][2] is None else sum(f[2] for f in final)
         loss = sum(dd_value(f[1]) for f in final) / sum(int(f[0][0]) for f in final)
         rows[-1].update(scored_metrics(wl, models, confusion, float(loss)))
+        final_report = wl.final_report(models)
+        if final_report:
+            rows[-1]["final"] = final_report
         return rows

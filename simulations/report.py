@@ -54,6 +54,11 @@ def summary_table(history: dict[str, Any]) -> str:
     mis = any(r.get("misclustering_rate") is not None for rows in history["strategies"].values() for r in rows)
     if mis:
         header += ["misclustering", "1-point misclustering"]
+    groups = group_metrics(history)
+    header += groups
+    ari = any(rows and rows[-1].get("ari") is not None for rows in history["strategies"].values())
+    if ari:
+        header.append("ARI")
     header += ["rounds", "s/round", "dropped replies"]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
@@ -71,6 +76,9 @@ def summary_table(history: dict[str, Any]) -> str:
             cells.append(_fmt(rows[-1].get(loss)))
         if mis:
             cells += [_fmt(rows[-1].get("misclustering_rate")), _fmt(rows[-1].get("misclustering_n1"))]
+        cells += [_fmt(rows[-1].get(g)) for g in groups]
+        if ari:
+            cells.append(_fmt(rows[-1].get("ari")))
         cells += [
             str(rows[-1]["round"]),
             _fmt(_steady_round_time(rows)),
@@ -78,6 +86,70 @@ def summary_table(history: dict[str, Any]) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def group_metrics(history: dict[str, Any]) -> list[str]:
+    """Per-group breakdowns of the key metric in the final rows (``<key>_<group>``)."""
+    prefix = history["key_metric"] + "_"
+    names = [k for rows in history["strategies"].values() if rows for k in rows[-1]
+             if k.startswith(prefix) and isinstance(rows[-1][k], (int, float))]
+    return list(dict.fromkeys(names))
+
+
+def finals(history: dict[str, Any], part: str) -> dict[str, Any]:
+    """Each arm's ``final[part]`` (the workload's ``final_report``), where present."""
+    return {name: rows[-1]["final"][part] for name, rows in history["strategies"].items()
+            if rows and isinstance(rows[-1].get("final"), dict) and part in rows[-1]["final"]}
+
+
+def plot_rollout(history: dict[str, Any], path: Path) -> bool:
+    """Error against time when the final model is applied again and again, one panel per
+    group, one line per arm."""
+    curves = finals(history, "rollout")
+    if not curves:
+        return False
+    groups = [g for g in next(iter(curves.values())) if g != "t"]
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False)
+    for ax, group in zip(axes[0], groups):
+        for name, curve in curves.items():
+            if group in curve:
+                ax.plot(curve["t"], curve[group], marker="o", markersize=3, label=name)
+        ax.set_yscale("log")
+        ax.set_xlabel("time")
+        ax.set_ylabel(f"{history['key_metric']} (rollout)")
+        ax.set_title(group)
+        ax.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{history['name']}: rollout error over time")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_fields(history: dict[str, Any], path: Path) -> bool:
+    """One held-out field per group: the input, the solver's field and each arm's prediction."""
+    fields = finals(history, "fields")
+    if not fields:
+        return False
+    groups = list(next(iter(fields.values())))
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False)
+    for ax, group in zip(axes[0], groups):
+        first = next(iter(fields.values()))[group]
+        x = [i / len(first["truth"]) for i in range(len(first["truth"]))]
+        ax.plot(x, first["u0"], color="0.6", linewidth=1, label="input (t = 0)")
+        ax.plot(x, first["truth"], color="k", linewidth=2, label="solver")
+        for name, per_group in fields.items():
+            ax.plot(x, per_group[group]["prediction"], linewidth=1, linestyle="--", label=name)
+        ax.set_xlabel("x")
+        ax.set_title(group)
+        ax.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{history['name']}: predicted fields against the solver's")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def plot_metric(history: dict[str, Any], metric: str, path: Path) -> bool:
@@ -169,5 +241,8 @@ def write_report(run_dir: Path) -> list[Path]:
         path = run_dir / "learning_curve.png"
         if plot_curve(history, path):
             written.append(path)
+    for name, plot in (("rollout.png", plot_rollout), ("fields.png", plot_fields)):
+        if plot(history, run_dir / name):
+            written.append(run_dir / name)
     return written
 

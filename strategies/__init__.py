@@ -11,16 +11,18 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from flwr.serverapp.strategy import Strategy
 
 from strategies.clustered_fl import ClusteredStrategy
-from strategies.coarse_init import CoarseInit, MomentDescent, SubspaceKMeans
+from strategies.coarse_init import AnchorModels, CoarseInit, MomentDescent, SubspaceKMeans
 from strategies.fedavg import CohortFedAvg, CohortFedProx
 
 SINGLE_MODEL = ("fedavg", "fedprox")
 K_MODEL = ("clustered-fedavg", "clustered-fedprox", "ifca", "oracle")
 STRATEGIES = SINGLE_MODEL + K_MODEL
-PHASE1 = {init.name: init for init in (SubspaceKMeans, MomentDescent)}
+PHASE1 = {init.name: init for init in (SubspaceKMeans, MomentDescent, AnchorModels)}
 
 
 def k_model_roles(name: str, proximal_mu: float) -> tuple[str, float]:
@@ -30,13 +32,20 @@ def k_model_roles(name: str, proximal_mu: float) -> tuple[str, float]:
 
 
 def coarse_init_for(
-    name: str, k: int, dim: int, seed: int, clustered: dict[str, Any], phase1: str | None = None
+    name: str, k: int, dim: int, seed: int, clustered: dict[str, Any], phase1: str | None = None,
+    *, start: np.ndarray | None = None, lr: float = 0.0,
 ) -> CoarseInit | None:
     """Phase 1 of a k-model strategy (None for IFCA and the oracle); ``phase1`` overrides
-    ``clustered.phase1``."""
+    ``clustered.phase1``. ``start`` (the flattened initial model) and ``lr`` (the local step
+    size) serve ``anchor-models``."""
     if not name.startswith("clustered-"):
         return None
     init_cls = PHASE1[phase1 or clustered.get("phase1", "subspace-kmeans")]
+    if init_cls is AnchorModels:
+        if start is None:
+            raise ValueError("anchor-models needs the common start model")
+        return AnchorModels(k, dim, seed, restarts=clustered.get("kmeans_restarts", 10), start=start,
+                            steps=clustered.get("anchor_steps", 100), lr=lr)
     return init_cls(
         k, dim, seed, restarts=clustered.get("kmeans_restarts", 10),
         anchors_only=clustered.get("moments_from", "all") == "anchors",
@@ -53,10 +62,13 @@ def build_strategy(
     seed: int = 0,
     clustered: dict[str, Any] | None = None,
     timeout: float = 600.0,
+    start: np.ndarray | None = None,
+    lr: float = 0.0,
 ) -> Strategy:
     """A strategy that sends to, and waits for, all ``num_nodes`` cohorts every round.
 
-    ``clustered`` holds the scenario's ``[clustered]`` table (Phase 1 and reply options).
+    ``clustered`` holds the scenario's ``[clustered]`` table (Phase 1 and reply options);
+    ``start`` and ``lr`` are the common start and step size of ``anchor-models`` Phase 1.
     """
     if name in SINGLE_MODEL:
         nodes = dict(
@@ -74,7 +86,7 @@ def build_strategy(
         k,
         num_nodes=num_nodes,
         selection=selection,
-        coarse_init=coarse_init_for(name, k, dim, seed, opts),
+        coarse_init=coarse_init_for(name, k, dim, seed, opts, start=start, lr=lr),
         proximal_mu=refine_mu,
         reply=opts.get("reply", "clients"),
         timeout=timeout,

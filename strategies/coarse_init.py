@@ -17,6 +17,15 @@ routines here are reconstructions:
 - ``MomentDescent``: the same structure with iterative moment steps only: the subspace by
   federated subspace iteration (clients send d x k products, never d x d matrices), and each
   anchor descending its residual second moment E[(y - <U'x, b>)^2] from b = 0.
+
+For non-linear models (neural networks) there are no moments to exploit; ``AnchorModels``
+keeps the structure of the paper's Phase 1 in the only form that carries over: each anchor
+trains from one common start (the workload's ``anchor-train`` step, any trainable workload
+answers it); k-means++ groups the anchors by the *direction* of their updates (unit vectors
+of model - start: cosine geometry, as in clustered FL by update similarity), and each coarse
+model is the mean of the anchor models of its group (their FedAvg). Raw distances fail
+here: anchors of the sharpest dynamics take much longer steps and end up as singletons
+(pilot in the README).
 """
 
 from __future__ import annotations
@@ -41,7 +50,7 @@ class CoarseInitError(ValueError):
 @dataclass
 class CoarseResult:
     centres: np.ndarray  # (k, P): flattened models
-    basis: np.ndarray  # (d, k) subspace
+    basis: np.ndarray | None  # (d, k) subspace (None: Phase 1 without one)
     anchors: int
     warnings: list[str] = field(default_factory=list)
 
@@ -114,6 +123,40 @@ class MomentDescent(CoarseInit):
 
     def anchor_request(self, basis: np.ndarray) -> Params:
         return {"basis": basis, "descent-steps": np.array(self.descent_steps)}
+
+
+class AnchorModels(CoarseInit):
+    """Anchors train from a common start; k-means++ (with restarts) on their models."""
+
+    name = "anchor-models"
+
+    def __init__(self, k: int, dim: int, seed: int, restarts: int = 10, *,
+                 start: np.ndarray, steps: int, lr: float) -> None:
+        super().__init__(k, dim, seed, restarts)
+        self.start, self.steps, self.lr = np.asarray(start, np.float64).ravel(), steps, lr
+
+    def subspace(self, exchange: Exchange) -> np.ndarray:  # pragma: no cover - not used
+        raise NotImplementedError("anchor-models has no subspace")
+
+    def estimate(self, exchange: Exchange) -> CoarseResult:
+        request = {"start": self.start, "steps": np.array(self.steps), "lr": np.array(self.lr)}
+        estimates = exchange("anchor-train", request, "rows")["estimate"]
+        if len(estimates) < self.k:
+            raise CoarseInitError(
+                f"{len(estimates)} anchor models for {self.k} clusters: Phase 1 needs at least "
+                f"one anchor per cluster (raise anchors.count to >= {self.k})"
+            )
+        updates = estimates - self.start
+        norms = np.linalg.norm(updates, axis=1, keepdims=True)
+        if np.any(norms == 0):
+            raise CoarseInitError("an anchor model equals the common start: anchors did not train "
+                                  "(check clustered.anchor_steps and train.lr)")
+        directions = updates / norms
+        centres = kmeans(directions, self.k, self.restarts, self.seed)
+        label = np.argmin(((directions[:, None] - centres[None]) ** 2).sum(-1), axis=1)
+        models = np.stack([estimates[label == j].mean(0) if np.any(label == j) else self.start
+                           for j in range(self.k)])
+        return CoarseResult(models, None, len(estimates), coverage_warnings(directions, centres))
 
 
 def reduce_coarse(parts: list[dict[str, np.ndarray]], reduce: str) -> dict[str, np.ndarray]:

@@ -13,6 +13,7 @@ from workloads.base import Workload
 WORKLOADS: dict[str, str] = {
     "mixed_regression": "workloads.mixed_regression:MixedRegression",
     "active_learning": "workloads.active_learning:ActiveLearning",
+    "koopman_burgers": "workloads.koopman:KoopmanBurgers",
 }
 
 

@@ -17,6 +17,8 @@ from typing import Any, Callable, ClassVar, Protocol
 
 import numpy as np
 
+from workloads.federation import STREAM_INIT
+
 Params = dict[str, np.ndarray]
 
 
@@ -114,6 +116,14 @@ class Workload(ABC):
     def initial_parameters(self) -> Params:
         """Parameters of one model before any training (deterministic in the seed)."""
 
+    def random_models(self, k: int, seed: int) -> Params:
+        """k random models stacked on a model axis (IFCA's start, ``clustered.init =
+        "random"``). Default: N(0, I/size) per array, the scale of a unit-norm linear model;
+        neural workloads override it with draws of their own initialisation."""
+        rng = np.random.default_rng(np.random.SeedSequence([seed, STREAM_INIT]))
+        return {n: rng.standard_normal((k, *v.shape)) / np.sqrt(v.size)
+                for n, v in self.initial_parameters().items()}
+
     @abstractmethod
     def local_loss(self, params: Params, data: CohortData) -> np.ndarray:
         """Mean local loss of every client of the cohort under ``params``: shape (B,)."""
@@ -165,9 +175,37 @@ class Workload(ABC):
 
         Returns per-client arrays with a leading client axis, including ``client-id``; the
         step decides whether they are summed over clients or sent as rows (anchors). Raw data
-        never leave the client. Workloads without such a routine cannot run Phase 1.
+        never leave the client. Every trainable workload answers ``anchor-train`` (below);
+        workloads add their own steps (e.g. moments of linear models).
         """
+        if step == ANCHOR_TRAIN:
+            return self.anchor_models(request, data)
         raise ValueError(f"workload {self.name!r} has no coarse-estimate step {step!r}")
+
+    def is_anchor(self, client_ids: np.ndarray) -> np.ndarray:
+        """Anchor clients are ids ``0 .. anchors.count - 1`` (``self.anchor_count``)."""
+        return np.asarray(client_ids) < getattr(self, "anchor_count", 0)
+
+    def anchor_models(self, request: Params, data: CohortData) -> dict[str, np.ndarray]:
+        """Phase 1 for any trainable model: each anchor trains ``request["steps"]`` local steps
+        (step size ``request["lr"]``) from the common start ``request["start"]`` (flattened)
+        and sends its model, flattened, as a row; the server clusters the rows."""
+        index = np.flatnonzero(self.is_anchor(data.client_ids))
+        reference = self.initial_parameters()
+        start, offset = {}, 0
+        flat = np.asarray(request["start"], dtype=np.float64).ravel()
+        for name, value in reference.items():
+            start[name] = flat[offset:offset + value.size].reshape(value.shape).astype(value.dtype)
+            offset += value.size
+        if offset != flat.size:
+            raise ValueError(f"anchor-train start has {flat.size} values; the model has {offset}")
+        if len(index) == 0:
+            return {"client-id": np.empty(0, np.int64), "estimate": np.empty((0, offset))}
+        anchors = self.subset(data, index)
+        settings = TrainSettings(int(np.sum(request["steps"])), float(np.sum(request["lr"])))
+        trained = self.local_train(stack_params(start, len(index)), anchors, settings)
+        rows = np.concatenate([np.asarray(trained[n], np.float64).reshape(len(index), -1) for n in reference], axis=1)
+        return {"client-id": anchors.client_ids, "estimate": rows}
 
     @property
     def num_clusters(self) -> int:
@@ -189,6 +227,13 @@ class Workload(ABC):
         """
         return {}
 
+    def final_report(self, models: Params) -> dict[str, Any]:
+        """JSON-ready extras on the final models for the run record's figures (e.g. a rollout
+        error curve, a predicted field); empty by default."""
+        return {}
+
+
+ANCHOR_TRAIN = "anchor-train"  # the generic Phase-1 step (``Workload.anchor_models``)
 
 # Client-size buckets for misclustering: 1, 2, 3-10 and over 10 points.
 SIZE_BUCKETS = ("n1", "n2", "n3_10", "n11plus")

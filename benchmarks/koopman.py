@@ -1,0 +1,191 @@
+"""Koopman neural operators on Burgers: solver, centralised KNO, rollout, federation.
+
+1. Solver: relative L2 against the exact Cole-Hopf solution, and the cost of generating a
+   dataset with subnormal floats flushed against without (same numbers, ratio of seconds).
+2. Centralised KNO, one per viscosity (256 training / 64 test trajectories, 256 points,
+   u0 -> u(0.5), one-cycle Adam): test error at 128/256/512 points with the same weights
+   (mesh independence), against predicting u0 and zero, and the training time. The AFNO
+   variant of the family on the same data.
+3. Rollout: a one-step model (dt = 0.05) rolled out ten steps against the direct model, with
+   the error after every step.
+4. Federation (the ``koopman-burgers`` scenario, in-process reference: the same arithmetic
+   as the Flower run, which the tests check): every strategy and baseline, the error per
+   viscosity group, the ARI of the clients' choices, seconds; and the ν-blind floor.
+
+Usage: python benchmarks/koopman.py [--epochs 300] [--rollout-epochs 40] [--skip-federated]
+Writes ``benchmarks/results/koopman.json`` and ``koopman_rollout.png``; prints Markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from simulations.launcher import with_overrides  # noqa: E402
+from simulations.reference import Reference  # noqa: E402
+from simulations.scenarios import load_scenario  # noqa: E402
+from workloads.koopman import KoopmanBurgers  # noqa: E402
+from workloads.koopman.burgers import cole_hopf_sine, random_initial, solve  # noqa: E402
+from workloads.koopman.centralised import (  # noqa: E402
+    baseline_errors, blind_floor, dataset, rollout_errors, train_model,
+)
+
+VISCOSITIES = (0.005, 0.015, 0.05)
+
+
+def solver_checks() -> dict:
+    out = {"cole_hopf": {}}
+    x = np.arange(1024) / 1024
+    for nu in VISCOSITIES:
+        u = solve(np.sin(2 * np.pi * x), nu, np.array([0.0, 0.5]), 1e-4)[0, -1]
+        exact = cole_hopf_sine(nu, 0.5, x)
+        out["cole_hopf"][nu] = float(np.linalg.norm(u - exact) / np.linalg.norm(exact))
+    u0 = random_initial(64, 512, np.random.default_rng(0))
+    times = np.array([0.0, 0.5])
+    start = time.perf_counter()
+    flushed = solve(u0, 0.05, times, 5e-4)
+    out["flushed_s"] = time.perf_counter() - start
+    import workloads.koopman.burgers as burgers
+
+    original = burgers.flushed_denormals
+    from contextlib import nullcontext
+
+    burgers.flushed_denormals = nullcontext  # the same solve, subnormals kept
+    try:
+        start = time.perf_counter()
+        kept = solve(u0, 0.05, times, 5e-4)
+        out["subnormal_s"] = time.perf_counter() - start
+    finally:
+        burgers.flushed_denormals = original
+    out["flush_speedup"] = out["subnormal_s"] / out["flushed_s"]
+    out["flush_max_diff"] = float(np.abs(flushed - kept).max())
+    return out
+
+
+def centralised(epochs: int) -> dict:
+    out = {}
+    for g, nu in enumerate(VISCOSITIES):
+        data = dataset(nu, 256, 64, group=g)
+        row = {**{f"{k}_baseline": v for k, v in baseline_errors(data).items()}}
+        for model in ("kno", "afno"):
+            if model == "afno" and nu != VISCOSITIES[0]:
+                continue
+            net, seconds = train_model(data, step=10, epochs=epochs, model=model)
+            errors = {grid: float(rollout_errors(net, data, step=10, grid=grid)[-1]) for grid in (128, 256, 512)}
+            row[model] = {"errors": errors, "seconds": seconds,
+                          "mesh_ratio_512": errors[512] / errors[256]}
+        out[nu] = row
+        print(nu, row, flush=True)
+    return out
+
+
+def rollout(epochs: int, direct_epochs: int) -> dict:
+    nu = VISCOSITIES[0]
+    data = dataset(nu, 256, 64)
+    one_step, one_s = train_model(data, step=1, epochs=epochs)
+    direct, direct_s = train_model(data, step=10, epochs=direct_epochs)
+    curve = rollout_errors(one_step, data, step=1)
+    direct_error = float(rollout_errors(direct, data, step=10)[-1])
+    return {"nu": nu, "one_step_curve": curve.tolist(), "one_step_seconds": one_s,
+            "direct_error": direct_error, "direct_seconds": direct_s,
+            "ratio_at_T": float(curve[-1] / direct_error), "t": data.times[1:].tolist()}
+
+
+def federated() -> dict:
+    scenario = load_scenario("koopman-burgers")
+    runs = {name: (scenario, name) for name in scenario["run"]["strategies"]}
+    for name, overrides in KoopmanBurgers.baselines(scenario).items():
+        runs[name] = (with_overrides(scenario, overrides), overrides["run"]["strategies"][0])
+    out = {}
+    for name, (sc, strategy) in runs.items():
+        start = time.perf_counter()
+        rows = Reference(sc).run(strategy, keep_models=False)
+        final = rows[-1]
+        out[name] = {k: v for k, v in final.items() if isinstance(v, (int, float))}
+        out[name]["seconds"] = time.perf_counter() - start
+        out[name]["round0_ari"] = rows[0].get("ari")
+        print(name, out[name], flush=True)
+    out["blind_floor"] = {str(k): v for k, v in blind_floor(VISCOSITIES, 64).items()}
+    return out
+
+
+def tables(results: dict) -> str:
+    lines = []
+    s = results["solver"]
+    lines += ["Solver against Cole-Hopf (u0 = sin 2πx, T = 0.5, 1024 points, dt 1e-4): "
+              + ", ".join(f"ν={k}: {v:.1e}" for k, v in s["cole_hopf"].items()),
+              f"Subnormals flushed: {s['flushed_s']:.2f} s against {s['subnormal_s']:.2f} s kept "
+              f"({s['flush_speedup']:.1f}x; largest difference {s['flush_max_diff']:.1e})", ""]
+    if "centralised" in results:
+        lines += ["| ν | model | rel L2 @128 | @256 | @512 | 512/256 - 1 | predict u0 | predict 0 | train s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for nu, row in results["centralised"].items():
+            for model in ("kno", "afno"):
+                if model in row:
+                    e = row[model]["errors"]
+                    lines.append(f"| {nu} | {model} | {e[128]:.4f} | {e[256]:.4f} | {e[512]:.4f} | "
+                                 f"{row[model]['mesh_ratio_512'] - 1:+.4f} | {row['u0_baseline']:.3f} | 1 | "
+                                 f"{row[model]['seconds']:.0f} |")
+        lines.append("")
+    if "rollout" in results:
+        r = results["rollout"]
+        lines += [f"Rollout (ν={r['nu']}): one-step model after 10 steps {r['one_step_curve'][-1]:.4f} "
+                  f"against the direct model {r['direct_error']:.4f} (ratio {r['ratio_at_T']:.2f}); "
+                  "per step: " + ", ".join(f"{e:.4f}" for e in r["one_step_curve"]), ""]
+    if "federated" in results:
+        f = results["federated"]
+        groups = [k for k in next(iter(f.values())) if k.startswith("rel_l2_nu")]
+        lines += ["| arm | " + " | ".join(groups) + " | mean | ARI | s |",
+                  "|---|" + "---|" * (len(groups) + 3)]
+        for arm, row in f.items():
+            if arm == "blind_floor":
+                continue
+            lines.append(f"| {arm} | " + " | ".join(f"{row[g]:.4f}" for g in groups)
+                         + f" | {row['rel_l2']:.4f} | {row.get('ari', '–') if row.get('ari') is None else round(row['ari'], 3)} | {row['seconds']:.0f} |")
+        lines.append("| ν-blind floor | " + " | ".join(f"{v:.4f}" for v in f["blind_floor"].values()) + " | | | |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=300)
+    parser.add_argument("--rollout-epochs", type=int, default=40)
+    parser.add_argument("--skip-federated", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    results: dict = {"date": time.strftime("%Y-%m-%d"), "solver": solver_checks()}
+    results["centralised"] = centralised(args.epochs)
+    results["rollout"] = rollout(args.rollout_epochs, args.epochs)
+    if not args.skip_federated:
+        results["federated"] = federated()
+    (args.out / "koopman.json").write_text(json.dumps(results, indent=1, default=str))
+    r = results["rollout"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(r["t"], r["one_step_curve"], marker="o", label="one-step model, rolled out")
+    ax.axhline(r["direct_error"], color="k", linestyle="--", label="direct model at T")
+    ax.set_xlabel("time")
+    ax.set_ylabel("relative L2 (test)")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(args.out / "koopman_rollout.png", dpi=110)
+    print(tables(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,315 @@
+"""Koopman neural operators on viscous Burgers, with clients clustered by physics.
+
+Each client holds Burgers trajectories of its own viscosity (one of G groups) on its own
+grid (e.g. 128, 256 or 512 points) and trains a KNO (``model.KNO``; plain torch) to map the
+field at t = 0 to the field at the horizon T (``steps = 1``), or one step of T / steps
+(``steps > 1``, rolled out ``steps`` times to reach T). KNO's weights do not depend on the
+grid, so clients on different grids share one model. The initial condition does not reveal
+the viscosity: one model for all groups cannot beat the ν-blind floor, which is why the
+viscosity groups are clusters (k = G) for the k-model strategies. The further baseline gives
+the model ν as a constant input channel (``viscosity_channel``).
+
+Server-side metrics: each group's held-out trajectories (``test_per_viscosity``, on
+``eval_grid``) act as a new client of that group: they pick the model with the least loss,
+as clients do, and its relative L2 error at T is ``rel_l2_nu=<ν>``; ``rel_l2`` is the mean
+over groups. ``final_report`` adds the rollout error over time (the model applied on past T)
+and one predicted field per group against the solver's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from workloads.base import ConfigField, Params, TrainSettings, Workload, non_negative, positive
+from workloads.koopman.data import STREAM_TRAIN_DATA, subsample, test_set, trajectories
+from workloads.koopman.model import MODELS, build, fit, relative_l2
+
+STREAM_TRAIN = 23  # minibatch order of local training
+STREAM_INIT = 24  # model initialisation
+
+
+def _positive_list(v: list) -> str | None:
+    if not v:
+        return "must not be empty"
+    if any(not isinstance(x, (int, float)) or isinstance(x, bool) or x <= 0 for x in v):
+        return "every entry must be a number > 0"
+    return "has repeated entries" if len(set(v)) != len(v) else None
+
+
+def viscosity_feature(nu: float) -> float:
+    """The ν input channel: log10(ν) + 2, of order one for ν in [0.001, 0.1]."""
+    return float(np.log10(nu) + 2)
+
+
+@dataclass(frozen=True)
+class BurgersCohort:
+    """A cohort's trajectories: client j holds ``counts[j]`` trajectories of
+    ``snapshots`` fields on ``grids[j]`` points, flattened into ``fields`` from ``starts[j]``."""
+
+    client_ids: np.ndarray  # (B,) int64
+    labels: np.ndarray  # (B,) viscosity group (the true cluster)
+    viscosity: np.ndarray  # (B,) float64
+    grids: np.ndarray  # (B,) int64
+    counts: np.ndarray  # (B,) int64
+    starts: np.ndarray  # (B + 1,) int64
+    fields: np.ndarray  # flat float32
+    snapshots: int
+
+    @property
+    def num_examples(self) -> np.ndarray:
+        return self.counts
+
+    def client(self, j: int) -> np.ndarray:
+        """(counts[j], snapshots, grids[j]) float32 trajectories of client j."""
+        shape = (int(self.counts[j]), int(self.snapshots), int(self.grids[j]))
+        return np.asarray(self.fields[self.starts[j]:self.starts[j + 1]]).reshape(shape)
+
+
+class KoopmanBurgers(Workload):
+    name = "koopman_burgers"
+    section = "koopman"
+    key_metric = "rel_l2"
+    loss_name = "train_rel_l2"
+    schema = {
+        "viscosities": ConfigField(list, [0.005, 0.015, 0.05], "viscosity of each group (the clusters)", _positive_list),
+        "grids": ConfigField(list, [128, 256, 512], "grid points of the clients, in turn within each group", _positive_list),
+        "train_per_client": ConfigField(int, 64, "trajectories held by each client", positive),
+        "test_per_viscosity": ConfigField(int, 64, "held-out trajectories per group (server metrics)", positive),
+        "eval_grid": ConfigField(int, 256, "grid points of the server's test fields", positive),
+        "horizon": ConfigField(float, 0.5, "time T the model predicts (from t = 0)", positive),
+        "steps": ConfigField(int, 1, "model steps to reach T (> 1: a one-step model rolled out)", positive),
+        "rollout_horizons": ConfigField(int, 3, "the rollout figure runs the model to this many x T", positive),
+        "solver_points": ConfigField(int, 512, "grid of the pseudo-spectral solve (every grid divides it)", positive),
+        "solver_dt": ConfigField(float, 5e-4, "solver time step (RK4, CFL-limited)", positive),
+        "model": ConfigField(str, "kno", "KNO or the AFNO-mixer variant of the family", choices=MODELS),
+        "width": ConfigField(int, 32, "observables o of the encoder", positive),
+        "modes": ConfigField(int, 16, "Fourier modes m kept by the Koopman operator", positive),
+        "power": ConfigField(int, 6, "applications r of the Koopman operator", positive),
+        "batch_size": ConfigField(int, 32, "local minibatch size", positive),
+        "weight_decay": ConfigField(float, 1e-4, "Adam weight decay", non_negative),
+        "viscosity_channel": ConfigField(bool, False, "give the model ν as an input channel"),
+        "baselines": ConfigField(bool, True, "also run the per-viscosity centralised reference and FedAvg with ν as an input"),
+    }
+
+    @classmethod
+    def check_scenario(cls, scenario: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+        kp, fed = scenario[cls.section], scenario["federation"]
+        groups, problems = len(kp["viscosities"]), []
+        if fed["clients"] % groups:
+            problems.append(("federation.clients", f"{fed['clients']} clients do not split evenly into "
+                             f"{groups} viscosity groups"))
+        for g in list(kp["grids"]) + [kp["eval_grid"]]:
+            if not isinstance(g, int) or kp["solver_points"] % g:
+                problems.append(("koopman.grids", f"grid {g} does not divide solver_points ({kp['solver_points']})"))
+            elif kp["modes"] > g // 2:
+                problems.append(("koopman.modes", f"{kp['modes']} modes exceed half of the {g}-point grid"))
+        kmax = np.pi * kp["solver_points"] * 2 / 3
+        if kp["solver_dt"] * kmax * 3.0 > 2.8:  # RK4 on advection, |u| <= 3 for this prior
+            problems.append(("koopman.solver_dt", f"{kp['solver_dt']} breaks the CFL limit of "
+                             f"{2.8 / (3.0 * kmax):.2g} at {kp['solver_points']} points"))
+        strategies = scenario["run"]["strategies"]
+        if any(s.startswith("clustered-") for s in strategies):
+            anchors = scenario["anchors"]["count"]
+            if anchors < groups:
+                problems.append(("anchors.count", f"{anchors} anchors cannot cover {groups} viscosity "
+                                 f"groups: Phase 1 needs at least one per group (anchors are ids 0..count-1)"))
+            if scenario["clustered"]["phase1"] != "anchor-models":
+                problems.append(("clustered.phase1", "a neural workload needs phase1 = 'anchor-models'"))
+        return problems
+
+    @classmethod
+    def baselines(cls, scenario: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+        kp, fed, train = scenario[cls.section], scenario["federation"], scenario["train"]
+        if not kp["baselines"] or kp["viscosity_channel"]:
+            return {}
+        groups = len(kp["viscosities"])
+        slots = fed["clients"] // groups
+        return {
+            # The same trajectories, one client per group at eval_grid, one model per group,
+            # the same epochs per round: the floor of any clustered strategy.
+            "centralised": {
+                "run": {"strategies": ["oracle"]},
+                "federation": {"clients": groups, "cohort_size": groups, "participation": 1.0, "dropout": 0.0},
+                "koopman": {"train_per_client": kp["train_per_client"] * slots, "grids": [kp["eval_grid"]]},
+                "train": {"local_steps": train["local_steps"] * slots},
+            },
+            "fedavg-nu-channel": {"run": {"strategies": ["fedavg"]}, "koopman": {"viscosity_channel": True}},
+        }
+
+    def __init__(self, scenario: dict[str, dict[str, Any]]) -> None:
+        torch.set_num_threads(1)  # small models on few cores; sums independent of the core count
+        fed, kp = scenario["federation"], scenario[self.section]
+        self.federation = dict(fed)
+        self.seed, self.num_clients = int(fed["seed"]), int(fed["clients"])
+        self.options = dict(kp)
+        self.viscosities = tuple(float(v) for v in kp["viscosities"])
+        self.anchor_count = int(scenario.get("anchors", {}).get("count", 0))
+        steps = int(kp["steps"])
+        self.times = np.linspace(0.0, float(kp["horizon"]), steps + 1)
+        self._model = build(kp["model"], 2 if kp["viscosity_channel"] else 1,
+                            int(kp["width"]), int(kp["modes"]), int(kp["power"]))
+        self._names = list(self._model.state_dict())
+
+    @property
+    def num_clusters(self) -> int:
+        return len(self.viscosities)
+
+    # ---- data ----------------------------------------------------------------------------
+
+    def layout(self, client_id: int) -> tuple[int, np.ndarray, int]:
+        """(group, trajectory indices, grid points) of a client."""
+        groups, n = len(self.viscosities), int(self.options["train_per_client"])
+        group, slot = client_id % groups, client_id // groups
+        grids = self.options["grids"]
+        return group, np.arange(slot * n, (slot + 1) * n), int(grids[slot % len(grids)])
+
+    def client_data(self, client_ids: np.ndarray) -> BurgersCohort:
+        ids = np.asarray(client_ids, dtype=np.int64)
+        labels, grids, parts = [], [], []
+        for c in ids:
+            group, index, grid = self.layout(int(c))
+            fields = trajectories(self.seed, STREAM_TRAIN_DATA, group, self.viscosities[group], index,
+                                  self.times, int(self.options["solver_points"]), float(self.options["solver_dt"]))
+            labels.append(group)
+            grids.append(grid)
+            parts.append(subsample(fields, grid).astype(np.float32).ravel())
+        counts = np.full(len(ids), int(self.options["train_per_client"]), np.int64)
+        sizes = [len(p) for p in parts]
+        return BurgersCohort(
+            ids, np.array(labels, np.int64), np.array([self.viscosities[g] for g in labels]),
+            np.array(grids, np.int64), counts, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
+            np.concatenate(parts) if parts else np.empty(0, np.float32), len(self.times),
+        )
+
+    def subset(self, data: BurgersCohort, index: np.ndarray) -> BurgersCohort:
+        parts = [np.asarray(data.fields[data.starts[j]:data.starts[j + 1]]) for j in index]
+        sizes = [len(p) for p in parts]
+        return BurgersCohort(
+            data.client_ids[index], data.labels[index], data.viscosity[index], data.grids[index],
+            data.counts[index], np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
+            np.concatenate(parts) if parts else np.empty(0, np.float32), data.snapshots,
+        )
+
+    def _inputs(self, fields: np.ndarray | torch.Tensor, nu: float) -> torch.Tensor:
+        """(..., points) fields -> model inputs (..., points, channels)."""
+        u = torch.as_tensor(fields, dtype=torch.float32)[..., None]
+        if not self.options["viscosity_channel"]:
+            return u
+        return torch.cat([u, torch.full_like(u, viscosity_feature(nu))], dim=-1)
+
+    def pairs(self, trajectories_: np.ndarray, nu: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training pairs (field at t, field one model step later), every consecutive pair."""
+        fields = torch.tensor(np.asarray(trajectories_), dtype=torch.float32)  # a copy: data may be read-only maps
+        x = fields[:, :-1].reshape(-1, fields.shape[-1])
+        y = fields[:, 1:].reshape(-1, fields.shape[-1])
+        return self._inputs(x, nu), y[..., None]
+
+    # ---- model ---------------------------------------------------------------------------
+
+    def _load(self, params: Params) -> torch.nn.Module:
+        self._model.load_state_dict({n: torch.as_tensor(np.asarray(params[n], np.float32)) for n in self._names})
+        self._model.eval()
+        return self._model
+
+    def initial_parameters(self) -> Params:
+        return {n: v[0] for n, v in self.random_models(1, self.seed).items()}
+
+    def random_models(self, k: int, seed: int) -> Params:
+        """k independent draws of the model's own initialisation, stacked (IFCA's start)."""
+        draws = []
+        for j in range(k):
+            torch.manual_seed(int(np.random.SeedSequence([seed, STREAM_INIT, j]).generate_state(1)[0]))
+            model = build(self.options["model"], 2 if self.options["viscosity_channel"] else 1,
+                          int(self.options["width"]), int(self.options["modes"]), int(self.options["power"]))
+            draws.append({n: v.detach().numpy().copy() for n, v in model.state_dict().items()})
+        return {n: np.stack([d[n] for d in draws]) for n in self._names}
+
+    def local_loss(self, params: Params, data: BurgersCohort) -> np.ndarray:
+        """Each client's mean relative L2 error of one model step on its trajectories."""
+        model = self._load(params)
+        out = np.empty(len(data.client_ids))
+        with torch.no_grad():
+            for j in range(len(data.client_ids)):
+                x, y = self.pairs(data.client(j), float(data.viscosity[j]))
+                out[j] = relative_l2(model(x), y).double().mean().item()
+        return out
+
+    def local_train(self, start: Params, data: BurgersCohort, settings: TrainSettings) -> Params:
+        out = {n: np.empty_like(v, dtype=np.float32) for n, v in start.items()}
+        for j, client in enumerate(data.client_ids):
+            model = self._load({n: v[j] for n, v in start.items()})
+            x, y = self.pairs(data.client(j), float(data.viscosity[j]))
+            generator = torch.Generator().manual_seed(int(np.random.SeedSequence(
+                [self.seed, STREAM_TRAIN, int(client), settings.server_round]).generate_state(1)[0]))
+            fit(model, x, y, steps=settings.local_steps, batch_size=int(self.options["batch_size"]),
+                lr=settings.lr, weight_decay=float(self.options["weight_decay"]), generator=generator,
+                proximal_mu=settings.proximal_mu)
+            for name, value in model.state_dict().items():
+                out[name][j] = value.numpy()
+        return out
+
+    # ---- server-side metrics -------------------------------------------------------------
+
+    def test_trajectories(self, horizons: int = 1) -> list[np.ndarray]:
+        """Each group's held-out trajectories on ``eval_grid``, to ``horizons`` x T."""
+        kp = self.options
+        steps = int(kp["steps"])
+        times = tuple(np.linspace(0.0, float(kp["horizon"]) * horizons, steps * horizons + 1))
+        full = test_set(self.seed, self.viscosities, int(kp["test_per_viscosity"]), times,
+                        int(kp["solver_points"]), float(kp["solver_dt"]))
+        return [subsample(f, int(kp["eval_grid"])).astype(np.float32) for f in full]
+
+    def rollout(self, params: Params, u0: np.ndarray, nu: float, steps: int) -> torch.Tensor:
+        """(steps, n, points): the model applied ``steps`` times from ``u0`` (n, points)."""
+        model = self._load(params)
+        u, out = torch.as_tensor(u0, dtype=torch.float32), []
+        with torch.no_grad():
+            for _ in range(steps):
+                u = model(self._inputs(u, nu))[..., 0]
+                out.append(u)
+        return torch.stack(out)
+
+    def _pick(self, models: Params, group: int, fields: np.ndarray) -> int:
+        """The model a new client of the group would pick: the least one-step loss."""
+        k = len(next(iter(models.values())))
+        if k == 1:
+            return 0
+        nu = self.viscosities[group]
+        steps = int(self.options["steps"])
+        x, y = self.pairs(fields[:, :steps + 1], nu)
+        losses = []
+        for j in range(k):
+            model = self._load({n: v[j] for n, v in models.items()})
+            with torch.no_grad():
+                losses.append(relative_l2(model(x), y).double().mean().item())
+        return int(np.argmin(losses))
+
+    def central_metrics(self, models: Params, confusion: np.ndarray | None = None) -> dict[str, float]:
+        steps, out = int(self.options["steps"]), {}
+        for g, fields in enumerate(self.test_trajectories()):
+            j = self._pick(models, g, fields)
+            pred = self.rollout({n: v[j] for n, v in models.items()}, fields[:, 0], self.viscosities[g], steps)[-1]
+            out[f"rel_l2_nu={self.viscosities[g]:g}"] = float(
+                relative_l2(pred, torch.from_numpy(fields[:, steps])).double().mean())
+        out["rel_l2"] = float(np.mean(list(out.values())))
+        return out
+
+    def final_report(self, models: Params) -> dict[str, Any]:
+        """Rollout error over time past T, and one predicted field per group at T."""
+        steps, horizons = int(self.options["steps"]), int(self.options["rollout_horizons"])
+        tests = self.test_trajectories(horizons)
+        t = np.linspace(0.0, float(self.options["horizon"]) * horizons, steps * horizons + 1)[1:]
+        rollout, fields = {"t": t.tolist()}, {}
+        for g, traj in enumerate(tests):
+            nu = self.viscosities[g]
+            j = self._pick(models, g, traj)
+            pred = self.rollout({n: v[j] for n, v in models.items()}, traj[:, 0], nu, steps * horizons)
+            truth = torch.from_numpy(traj[:, 1:]).transpose(0, 1)
+            rollout[f"nu={nu:g}"] = [float(relative_l2(pred[s], truth[s]).mean()) for s in range(len(t))]
+            fields[f"nu={nu:g}"] = {"u0": traj[0, 0].tolist(), "truth": traj[0, steps].tolist(),
+                                    "prediction": pred[steps - 1, 0].tolist(), "model": j}
+        return {"rollout": rollout, "fields": fields}
