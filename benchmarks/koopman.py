@@ -12,7 +12,7 @@
    as the Flower run, which the tests check): every strategy and baseline, the error per
    viscosity group, the ARI of the clients' choices, seconds; and the ν-blind floor.
 
-Usage: python benchmarks/koopman.py [--epochs 300] [--rollout-epochs 40] [--skip-federated]
+Usage: python benchmarks/koopman.py [--epochs 200] [--rollout-epochs 20] [--skip-federated]
 Writes ``benchmarks/results/koopman.json`` and ``koopman_rollout.png``; prints Markdown tables.
 """
 
@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from simulations.launcher import with_overrides  # noqa: E402
 from simulations.reference import Reference  # noqa: E402
 from simulations.scenarios import load_scenario  # noqa: E402
-from workloads.koopman import KoopmanBurgers  # noqa: E402
+from workloads.koopman import BASELINES, KoopmanBurgers  # noqa: E402
 from workloads.koopman.burgers import cole_hopf_sine, random_initial, solve  # noqa: E402
 from workloads.koopman.centralised import (  # noqa: E402
     baseline_errors, blind_floor, dataset, rollout_errors, train_model,
@@ -104,8 +104,8 @@ def rollout(epochs: int, direct_epochs: int) -> dict:
 
 
 def federated() -> dict:
-    scenario = load_scenario("koopman-burgers")
-    runs = {name: (scenario, name) for name in scenario["run"]["strategies"]}
+    scenario = load_scenario("koopman-burgers", [f"koopman.baselines={list(BASELINES)}"])
+    runs = {name: (scenario, name) for name in [*scenario["run"]["strategies"], "oracle"]}
     for name, overrides in KoopmanBurgers.baselines(scenario).items():
         runs[name] = (with_overrides(scenario, overrides), overrides["run"]["strategies"][0])
     out = {}
@@ -160,8 +160,8 @@ def tables(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=300)
-    parser.add_argument("--rollout-epochs", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=200)
+    parser.add_argument("--rollout-epochs", type=int, default=20)
     parser.add_argument("--skip-federated", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()

@@ -22,10 +22,11 @@ For non-linear models (neural networks) there are no moments to exploit; ``Ancho
 keeps the structure of the paper's Phase 1 in the only form that carries over: each anchor
 trains from one common start (the workload's ``anchor-train`` step, any trainable workload
 answers it); k-means++ groups the anchors by the *direction* of their updates (unit vectors
-of model - start: cosine geometry, as in clustered FL by update similarity), and each coarse
-model is the mean of the anchor models of its group (their FedAvg). Raw distances fail
-here: anchors of the sharpest dynamics take much longer steps and end up as singletons
-(pilot in the README).
+of model - start, less their mean, renormalised: cosine geometry, as in clustered FL by
+update similarity, without the direction every anchor shares), and each coarse model is the
+mean of the anchor models of its group (their FedAvg). Pilots (README): raw distances fail,
+as anchors of the sharpest dynamics take much longer steps and end up as singletons; plain
+directions fail on small anchors, whose shared direction dominates.
 """
 
 from __future__ import annotations
@@ -152,6 +153,9 @@ class AnchorModels(CoarseInit):
             raise CoarseInitError("an anchor model equals the common start: anchors did not train "
                                   "(check clustered.anchor_steps and train.lr)")
         directions = updates / norms
+        directions = directions - directions.mean(axis=0)
+        spread = np.linalg.norm(directions, axis=1, keepdims=True)
+        directions = directions / np.where(spread > 0, spread, 1.0)
         centres = kmeans(directions, self.k, self.restarts, self.seed)
         label = np.argmin(((directions[:, None] - centres[None]) ** 2).sum(-1), axis=1)
         models = np.stack([estimates[label == j].mean(0) if np.any(label == j) else self.start

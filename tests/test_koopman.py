@@ -116,7 +116,7 @@ def test_the_centralised_baseline_pools_exactly_the_groups_trajectories():
     scenario, wl = _workload()
     from simulations.launcher import with_overrides
 
-    pooled_scenario = with_overrides(scenario, KoopmanBurgers.baselines(scenario)["centralised"])
+    pooled_scenario = with_overrides(scenario, KoopmanBurgers.baselines(scenario)["centralised-same-steps"])
     pooled = KoopmanBurgers(client_view(pooled_scenario)).client_data(np.arange(3))
     clients = wl.client_data(np.arange(12))
     for g in range(3):
@@ -281,7 +281,7 @@ def test_a_one_step_model_rolled_out_keeps_its_error_near_the_direct_models(shar
 # ---- the federation -------------------------------------------------------------------
 
 REDUCED = ["koopman.train_per_client=16", "koopman.test_per_viscosity=32", "run.rounds=12",
-           "train.local_steps=4"]
+           "train.local_steps=8"]
 
 
 @pytest.fixture(scope="module")
@@ -293,9 +293,13 @@ def reduced_federation():
     from workloads.koopman.centralised import blind_floor
 
     scenario = load_scenario("koopman-burgers", REDUCED)
-    rows = {name: Reference(scenario).run(name, keep_models=False) for name in ("clustered-fedavg", "fedavg")}
-    pooled = with_overrides(scenario, KoopmanBurgers.baselines(scenario)["centralised"])
-    rows["centralised"] = Reference(pooled).run("oracle", keep_models=False)
+    rows = {name: Reference(scenario).run(name, keep_models=False)
+            for name in ("clustered-fedavg", "fedavg", "oracle")}
+    for name, overrides in KoopmanBurgers.baselines(scenario).items():
+        if name.startswith("centralised"):
+            rows[name] = Reference(with_overrides(scenario, overrides)).run("oracle", keep_models=False)
+    for name, r in rows.items():
+        print(name, {k: round(v, 4) for k, v in r[-1].items() if isinstance(v, float)})
     floor = blind_floor((0.005, 0.015, 0.05), 32)
     return rows, floor
 
@@ -303,12 +307,13 @@ def reduced_federation():
 @pytest.mark.slow
 def test_clustered_kno_recovers_the_viscosity_groups_and_nears_the_centralised_models(reduced_federation):
     rows, _ = reduced_federation
-    clustered, centralised = rows["clustered-fedavg"], rows["centralised"]
+    clustered, centralised = rows["clustered-fedavg"], rows["centralised-same-steps"]
     assert clustered[0]["ari"] >= 0.9  # Phase 1 alone already separates the groups
     assert clustered[-1]["ari"] >= 0.9
     for nu in ("0.005", "0.015", "0.05"):
         key = f"rel_l2_nu={nu}"
         assert clustered[-1][key] <= 1.5 * centralised[-1][key], (key, clustered[-1], centralised[-1])
+        assert clustered[-1][key] <= 1.1 * rows["oracle"][-1][key], (key, clustered[-1], rows["oracle"][-1])
 
 
 @pytest.mark.slow
@@ -318,7 +323,7 @@ def test_fedavg_without_the_viscosity_cannot_pass_the_blind_floor(reduced_federa
     for nu, bound in floor.items():
         key = f"rel_l2_nu={nu:g}"
         assert fedavg[key] >= 0.9 * bound, (key, fedavg[key], bound)
-        assert clustered[key] < bound / 2, (key, clustered[key], bound)
+        assert clustered[key] <= 0.75 * bound, (key, clustered[key], bound)
 
 
 @pytest.mark.slow
@@ -337,7 +342,8 @@ def test_flower_run_of_the_koopman_scenario_matches_the_reference(ray_cluster, t
         'run.strategies=["clustered-fedavg", "fedavg"]'])
     run_dir = simulate(scenario, out=tmp_path, ray_address=ray_cluster)
     history = load_history(run_dir)
-    assert set(history["strategies"]) == {"clustered-fedavg", "fedavg", "centralised", "fedavg-nu-channel"}
+    assert set(history["strategies"]) == {"clustered-fedavg", "fedavg", "centralised-same-steps",
+                                          "fedavg-nu-channel"}
     ref = Reference(scenario)
     for name in ("clustered-fedavg", "fedavg"):
         flower = history["strategies"][name]

@@ -40,6 +40,14 @@ def _positive_list(v: list) -> str | None:
     return "has repeated entries" if len(set(v)) != len(v) else None
 
 
+BASELINES = ("centralised-same-steps", "centralised-same-epochs", "fedavg-nu-channel")
+
+
+def _baseline_list(v: list) -> str | None:
+    unknown = [b for b in v if b not in BASELINES]
+    return f"unknown baseline {unknown[0]!r}; expected some of {list(BASELINES)}" if unknown else None
+
+
 def viscosity_feature(nu: float) -> float:
     """The ν input channel: log10(ν) + 2, of order one for ν in [0.001, 0.1]."""
     return float(np.log10(nu) + 2)
@@ -92,7 +100,8 @@ class KoopmanBurgers(Workload):
         "batch_size": ConfigField(int, 32, "local minibatch size", positive),
         "weight_decay": ConfigField(float, 1e-4, "Adam weight decay", non_negative),
         "viscosity_channel": ConfigField(bool, False, "give the model ν as an input channel"),
-        "baselines": ConfigField(bool, True, "also run the per-viscosity centralised reference and FedAvg with ν as an input"),
+        "baselines": ConfigField(list, ["centralised-same-steps", "fedavg-nu-channel"],
+                                 "reference runs after the federation (in-process): " + ", ".join(BASELINES), _baseline_list),
     }
 
     @classmethod
@@ -123,22 +132,31 @@ class KoopmanBurgers(Workload):
 
     @classmethod
     def baselines(cls, scenario: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+        """One model per viscosity on its group's pooled trajectories (one client per group at
+        ``eval_grid``, the oracle strategy, the same optimiser and step-size schedule), taking
+        either the steps one client takes per round (``centralised-same-steps``) or as many
+        epochs as the federation (``centralised-same-epochs``: clients-per-group times the
+        steps); and FedAvg with ν as an input channel (``fedavg-nu-channel``)."""
         kp, fed, train = scenario[cls.section], scenario["federation"], scenario["train"]
-        if not kp["baselines"] or kp["viscosity_channel"]:
+        if kp["viscosity_channel"]:
             return {}
         groups = len(kp["viscosities"])
         slots = fed["clients"] // groups
-        return {
-            # The same trajectories, one client per group at eval_grid, one model per group,
-            # the same epochs per round: the floor of any clustered strategy.
-            "centralised": {
+
+        def pooled(steps: int) -> dict[str, dict[str, Any]]:
+            return {
                 "run": {"strategies": ["oracle"]},
                 "federation": {"clients": groups, "cohort_size": groups, "participation": 1.0, "dropout": 0.0},
                 "koopman": {"train_per_client": kp["train_per_client"] * slots, "grids": [kp["eval_grid"]]},
-                "train": {"local_steps": train["local_steps"] * slots},
-            },
+                "train": {"local_steps": steps},
+            }
+
+        runs = {
+            "centralised-same-steps": pooled(train["local_steps"]),
+            "centralised-same-epochs": pooled(train["local_steps"] * slots),
             "fedavg-nu-channel": {"run": {"strategies": ["fedavg"]}, "koopman": {"viscosity_channel": True}},
         }
+        return {name: runs[name] for name in kp["baselines"]}
 
     def __init__(self, scenario: dict[str, dict[str, Any]]) -> None:
         torch.set_num_threads(1)  # small models on few cores; sums independent of the core count
