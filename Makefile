@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/mixed_regression.py
 	$(BIN)/python benchmarks/active_learning.py
 	$(BIN)/python benchmarks/scale.py
+	$(BIN)/python benchmarks/koopman.py
 
 clean:
 	rm -rf runs .pytest_cache benchmarks/results

@@ -8,9 +8,8 @@ every problem with its dotted field name and what was expected. The workload nam
 
 from __future__ import annotations
 
-import math
-
 import copy
+import math
 from typing import Any
 
 from strategies import PHASE1, SINGLE_MODEL, STRATEGIES

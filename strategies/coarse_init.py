@@ -127,7 +127,8 @@ class MomentDescent(CoarseInit):
 
 
 class AnchorModels(CoarseInit):
-    """Anchors train from a common start; k-means++ (with restarts) on their models."""
+    """Anchors train from a common start; k-means++ (with restarts) on their centred update
+    directions; each coarse model is the mean of its group's anchor models."""
 
     name = "anchor-models"
 

@@ -113,24 +113,22 @@ def test_clients_hold_their_group_grid_and_trajectories():
 
 
 def test_the_centralised_baseline_pools_exactly_the_groups_trajectories():
+    """Pooled client g holds the trajectories of group g's clients, in slot order, at 256
+    points: each client's fields are the pooled ones on the client's own grid."""
     scenario, wl = _workload()
     from simulations.launcher import with_overrides
 
     pooled_scenario = with_overrides(scenario, KoopmanBurgers.baselines(scenario)["centralised-same-steps"])
     pooled = KoopmanBurgers(client_view(pooled_scenario)).client_data(np.arange(3))
     clients = wl.client_data(np.arange(12))
-    for g in range(3):
-        mine = [c for c in range(12) if c % 3 == g]
-        assert pooled.client(g).shape == (16, 2, 256)
-        assert pooled.labels[g] == g
-        for slot, c in enumerate(mine):  # client c's fields, at its own grid, are in the pool
-            stride = 256 // clients.grids[c] if clients.grids[c] <= 256 else 1
-            ours = clients.client(c)
-            theirs = pooled.client(g)[slot * 4:(slot + 1) * 4]
-            if clients.grids[c] >= 256:
-                assert np.array_equal(ours[..., :: clients.grids[c] // 256], theirs)
-            else:
-                assert np.array_equal(ours, theirs[..., ::stride])
+    for c in range(12):
+        group, slot, grid = c % 3, c // 3, int(clients.grids[c])
+        pool = pooled.client(group)[slot * 4:(slot + 1) * 4]  # 4 trajectories per client
+        assert pooled.client(group).shape == (16, 2, 256) and pooled.labels[group] == group
+        if grid <= 256:
+            assert np.array_equal(clients.client(c), pool[..., :: 256 // grid])
+        else:
+            assert np.array_equal(clients.client(c)[..., :: grid // 256], pool)
 
 
 def test_training_a_client_alone_or_in_a_cohort_gives_the_same_model():
@@ -236,6 +234,15 @@ def test_ari_from_confusion_counts():
     merged[0, :, 3] = 4  # everyone chose one model
     assert adjusted_rand(merged) == pytest.approx(0.0)
     assert adjusted_rand(np.zeros((3, 3, 4), np.int64)) is None
+    from sklearn.metrics import adjusted_rand_score
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # the contingency formula equals sklearn's on the expanded labels
+        table = rng.integers(0, 6, size=(3, 4, 2))
+        chosen, true, _ = np.nonzero(table)
+        counts = table[chosen, true, _]
+        expected = adjusted_rand_score(np.repeat(true, counts), np.repeat(chosen, counts))
+        assert adjusted_rand(table) == pytest.approx(expected, abs=1e-12)
 
 
 # ---- centralised KNO: accuracy, mesh independence, rollout (one viscosity, calibrated) ----
@@ -356,3 +363,12 @@ def test_flower_run_of_the_koopman_scenario_matches_the_reference(ray_cluster, t
     assert "ARI" in summary and "rel_l2_nu=0.005" in summary
     for figure in ("rel_l2.png", "rollout.png", "fields.png"):
         assert (run_dir / figure).is_file(), figure
+
+
+def test_the_cosine_schedule_starts_at_lr_and_decays_towards_zero():
+    from server.run_config import round_lr
+
+    train = {"lr": 0.002, "lr_schedule": "cosine"}
+    lrs = [round_lr(train, r, 25) for r in range(1, 26)]
+    assert lrs[0] == 0.002 and all(a > b for a, b in zip(lrs, lrs[1:])) and 0 < lrs[-1] < 1e-5
+    assert round_lr({"lr": 0.002, "lr_schedule": "constant"}, 25, 25) == 0.002
