@@ -313,6 +313,9 @@ def reduced_federation():
 
 @pytest.mark.slow
 def test_clustered_kno_recovers_the_viscosity_groups_and_nears_the_centralised_models(reduced_federation):
+    """Pilot (this reduced scale): ARI 1.0 from Phase 1 on; clustered 0.152 / 0.070 / 0.049,
+    oracle 0.182 / 0.081 / 0.063, one model per group on pooled data with the same steps
+    0.185 / 0.082 / 0.068 (Phase 1's trained anchors give the clustered run a head start)."""
     rows, _ = reduced_federation
     clustered, centralised = rows["clustered-fedavg"], rows["centralised-same-steps"]
     assert clustered[0]["ari"] >= 0.9  # Phase 1 alone already separates the groups
@@ -325,11 +328,14 @@ def test_clustered_kno_recovers_the_viscosity_groups_and_nears_the_centralised_m
 
 @pytest.mark.slow
 def test_fedavg_without_the_viscosity_cannot_pass_the_blind_floor(reduced_federation):
+    """The floor (the mean of the three solutions) is the best a ν-blind model does on the
+    groups together; one group alone can do better at the others' expense, so the bound is
+    on the mean over groups. Pilot: FedAvg 0.419 against a floor of 0.401; clustered 0.090."""
     rows, floor = reduced_federation
     fedavg, clustered = rows["fedavg"][-1], rows["clustered-fedavg"][-1]
+    assert fedavg["rel_l2"] >= 0.9 * np.mean(list(floor.values())), (fedavg, floor)
     for nu, bound in floor.items():
         key = f"rel_l2_nu={nu:g}"
-        assert fedavg[key] >= 0.9 * bound, (key, fedavg[key], bound)
         assert clustered[key] <= 0.75 * bound, (key, clustered[key], bound)
 
 
