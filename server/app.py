@@ -102,7 +102,8 @@ def scored_metrics(
     if confusion is not None:
         extra = workload.central_metrics(models, confusion)
         out.update({m: v for m, v in extra.items() if m.startswith("misclustering")})
-        out["ari"] = adjusted_rand(confusion)
+        if confusion.shape[0] > 1:  # one model: every client in one group, ARI says nothing
+            out["ari"] = adjusted_rand(confusion)
     return out
 
 
