@@ -77,6 +77,14 @@ class BurgersCohort:
         return np.asarray(self.fields[self.starts[j]:self.starts[j + 1]]).reshape(shape)
 
 
+def _pack(ids: np.ndarray, labels: np.ndarray, viscosity: np.ndarray, grids: np.ndarray,
+          counts: np.ndarray, parts: list[np.ndarray], snapshots: int) -> BurgersCohort:
+    """A cohort from each client's flattened fields (concatenated, with offsets)."""
+    starts = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
+    fields = np.concatenate(parts) if parts else np.empty(0, np.float32)
+    return BurgersCohort(ids, labels, viscosity, grids, counts, starts, fields, snapshots)
+
+
 class KoopmanBurgers(Workload):
     name = "koopman_burgers"
     section = "koopman"
@@ -168,9 +176,13 @@ class KoopmanBurgers(Workload):
         self.anchor_count = int(scenario.get("anchors", {}).get("count", 0))
         steps = int(kp["steps"])
         self.times = np.linspace(0.0, float(kp["horizon"]), steps + 1)
-        self._model = build(kp["model"], 2 if kp["viscosity_channel"] else 1,
-                            int(kp["width"]), int(kp["modes"]), int(kp["power"]))
+        self._model = self._new_model()
         self._names = list(self._model.state_dict())
+
+    def _new_model(self) -> torch.nn.Module:
+        kp = self.options
+        return build(kp["model"], 2 if kp["viscosity_channel"] else 1, int(kp["width"]),
+                     int(kp["modes"]), int(kp["power"]))
 
     @property
     def num_clusters(self) -> int:
@@ -196,21 +208,13 @@ class KoopmanBurgers(Workload):
             grids.append(grid)
             parts.append(subsample(fields, grid).astype(np.float32).ravel())
         counts = np.full(len(ids), int(self.options["train_per_client"]), np.int64)
-        sizes = [len(p) for p in parts]
-        return BurgersCohort(
-            ids, np.array(labels, np.int64), np.array([self.viscosities[g] for g in labels]),
-            np.array(grids, np.int64), counts, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
-            np.concatenate(parts) if parts else np.empty(0, np.float32), len(self.times),
-        )
+        return _pack(ids, np.array(labels, np.int64), np.array([self.viscosities[g] for g in labels]),
+                     np.array(grids, np.int64), counts, parts, len(self.times))
 
     def subset(self, data: BurgersCohort, index: np.ndarray) -> BurgersCohort:
         parts = [np.asarray(data.fields[data.starts[j]:data.starts[j + 1]]) for j in index]
-        sizes = [len(p) for p in parts]
-        return BurgersCohort(
-            data.client_ids[index], data.labels[index], data.viscosity[index], data.grids[index],
-            data.counts[index], np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
-            np.concatenate(parts) if parts else np.empty(0, np.float32), data.snapshots,
-        )
+        return _pack(data.client_ids[index], data.labels[index], data.viscosity[index],
+                     data.grids[index], data.counts[index], parts, int(data.snapshots))
 
     def _inputs(self, fields: np.ndarray | torch.Tensor, nu: float) -> torch.Tensor:
         """(..., points) fields -> model inputs (..., points, channels)."""
@@ -241,8 +245,7 @@ class KoopmanBurgers(Workload):
         draws = []
         for j in range(k):
             torch.manual_seed(int(np.random.SeedSequence([seed, STREAM_INIT, j]).generate_state(1)[0]))
-            model = build(self.options["model"], 2 if self.options["viscosity_channel"] else 1,
-                          int(self.options["width"]), int(self.options["modes"]), int(self.options["power"]))
+            model = self._new_model()
             draws.append({n: v.detach().numpy().copy() for n, v in model.state_dict().items()})
         return {n: np.stack([d[n] for d in draws]) for n in self._names}
 
