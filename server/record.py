@@ -59,6 +59,7 @@ class RunRecord(RunObserver):
             "workload": scenario["run"]["workload"],
             "seed": scenario["federation"]["seed"],
             "key_metric": workload.key_metric,
+            "loss_name": workload.loss_name,
             "higher_is_better": workload.higher_is_better,
             "curve_x": workload.curve_x,
             "status": "running",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import matplotlib
 
@@ -27,7 +27,11 @@ def _steady_round_time(rows: list[dict[str, Any]]) -> float | None:
     return sum(times) / len(times) if times else None
 
 
-def loss_name(rows: list[dict[str, Any]]) -> str | None:
+def loss_name(history: dict[str, Any]) -> str | None:
+    """The record's name for the mean local loss (older records: found among the rows)."""
+    if history.get("loss_name"):
+        return history["loss_name"]
+    rows = next(iter(history["strategies"].values()), [])
     keys = set().union(*(r.keys() for r in rows)) if rows else set()
     return next((k for k in ("mse", "loss") if k in keys), None)
 
@@ -40,7 +44,7 @@ def summary_table(history: dict[str, Any]) -> str:
         "",
     ]
     any_rows = next(iter(history["strategies"].values()), [])
-    loss = loss_name(any_rows)
+    loss = loss_name(history)
     oracle = any_rows[-1].get("oracle_error") if any_rows else None
     best = max if history.get("higher_is_better") else min
     curve_x = history.get("curve_x")
@@ -102,28 +106,38 @@ def finals(history: dict[str, Any], part: str) -> dict[str, Any]:
             if rows and isinstance(rows[-1].get("final"), dict) and part in rows[-1]["final"]}
 
 
+def _group_panels(history: dict[str, Any], groups: list[str], title: str, path: Path,
+                  draw: Callable[[Any, str], None]) -> None:
+    """One panel per group side by side, ``draw(axis, group)`` filling each."""
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False)
+    for ax, group in zip(axes[0], groups):
+        draw(ax, group)
+        ax.set_title(group)
+        ax.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{history['name']}: {title}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_rollout(history: dict[str, Any], path: Path) -> bool:
     """Error against time when the final model is applied again and again, one panel per
     group, one line per arm."""
     curves = finals(history, "rollout")
     if not curves:
         return False
-    groups = [g for g in next(iter(curves.values())) if g != "t"]
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False)
-    for ax, group in zip(axes[0], groups):
+
+    def draw(ax: Any, group: str) -> None:
         for name, curve in curves.items():
             if group in curve:
                 ax.plot(curve["t"], curve[group], marker="o", markersize=3, label=name)
         ax.set_yscale("log")
         ax.set_xlabel("time")
         ax.set_ylabel(f"{history['key_metric']} (rollout)")
-        ax.set_title(group)
-        ax.grid(True, alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"{history['name']}: rollout error over time")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+
+    groups = [g for g in next(iter(curves.values())) if g != "t"]
+    _group_panels(history, groups, "rollout error over time", path, draw)
     return True
 
 
@@ -132,9 +146,8 @@ def plot_fields(history: dict[str, Any], path: Path) -> bool:
     fields = finals(history, "fields")
     if not fields:
         return False
-    groups = list(next(iter(fields.values())))
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False)
-    for ax, group in zip(axes[0], groups):
+
+    def draw(ax: Any, group: str) -> None:
         first = next(iter(fields.values()))[group]
         x = [i / len(first["truth"]) for i in range(len(first["truth"]))]
         ax.plot(x, first["u0"], color="0.6", linewidth=1, label="input (t = 0)")
@@ -142,13 +155,8 @@ def plot_fields(history: dict[str, Any], path: Path) -> bool:
         for name, per_group in fields.items():
             ax.plot(x, per_group[group]["prediction"], linewidth=1, linestyle="--", label=name)
         ax.set_xlabel("x")
-        ax.set_title(group)
-        ax.grid(True, alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"{history['name']}: predicted fields against the solver's")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+
+    _group_panels(history, list(next(iter(fields.values()))), "predicted fields against the solver's", path, draw)
     return True
 
 
@@ -233,8 +241,7 @@ def write_report(run_dir: Path) -> list[Path]:
     history = load_history(run_dir)
     written = [run_dir / "summary.md"]
     written[0].write_text(summary_table(history))
-    rows = next(iter(history["strategies"].values()), [])
-    for metric in dict.fromkeys([history["key_metric"], loss_name(rows)]):
+    for metric in dict.fromkeys([history["key_metric"], loss_name(history)]):
         if metric and plot_metric(history, metric, run_dir / f"{metric}.png"):
             written.append(run_dir / f"{metric}.png")
     if history.get("curve_x"):

@@ -57,15 +57,35 @@ class CoarseResult:
 
 
 class CoarseInit(ABC):
+    """A Phase-1 routine: k coarse models from the federation, through ``exchange``."""
+
     name: str
+
+    def __init__(self, k: int, dim: int, seed: int, restarts: int = 10) -> None:
+        if k > dim:
+            raise CoarseInitError(f"{k} clusters exceed the dimension {dim}: the span has rank <= {dim}")
+        self.k, self.dim, self.seed, self.restarts = k, dim, seed, restarts
+
+    @abstractmethod
+    def estimate(self, exchange: Exchange) -> CoarseResult:
+        """The k coarse models (flattened rows) and what Phase 1 learnt on the way."""
+
+    def _check_anchors(self, estimates: np.ndarray) -> None:
+        if len(estimates) < self.k:
+            raise CoarseInitError(
+                f"{len(estimates)} anchor estimates for {self.k} clusters: Phase 1 needs at "
+                f"least one anchor per cluster (raise anchors.count to >= {self.k})"
+            )
+
+
+class MomentInit(CoarseInit):
+    """Linear models: a subspace from second moments, anchors' fits inside it, k-means++."""
 
     def __init__(
         self, k: int, dim: int, seed: int, restarts: int = 10, anchors_only: bool = False
     ) -> None:
-        if k > dim:
-            raise CoarseInitError(f"{k} clusters exceed the dimension {dim}: the span has rank <= {dim}")
-        self.k, self.dim, self.seed = k, dim, seed
-        self.restarts, self.anchors_only = restarts, anchors_only
+        super().__init__(k, dim, seed, restarts)
+        self.anchors_only = anchors_only
 
     @abstractmethod
     def subspace(self, exchange: Exchange) -> np.ndarray:
@@ -76,13 +96,8 @@ class CoarseInit(ABC):
 
     def estimate(self, exchange: Exchange) -> CoarseResult:
         basis = self.subspace(exchange)
-        rows = exchange("anchor-fit", self.anchor_request(basis), "rows")
-        estimates = rows["estimate"]
-        if len(estimates) < self.k:
-            raise CoarseInitError(
-                f"{len(estimates)} anchor estimates for {self.k} clusters: Phase 1 needs at "
-                f"least one anchor per cluster (raise anchors.count to >= {self.k})"
-            )
+        estimates = exchange("anchor-fit", self.anchor_request(basis), "rows")["estimate"]
+        self._check_anchors(estimates)
         centres = kmeans(estimates, self.k, self.restarts, self.seed)
         return CoarseResult(centres, basis, len(estimates), coverage_warnings(estimates, centres))
 
@@ -91,7 +106,7 @@ class CoarseInit(ABC):
         return {"anchors-only": np.array(int(self.anchors_only))}
 
 
-class SubspaceKMeans(CoarseInit):
+class SubspaceKMeans(MomentInit):
     name = "subspace-kmeans"
 
     def subspace(self, exchange: Exchange) -> np.ndarray:
@@ -99,7 +114,7 @@ class SubspaceKMeans(CoarseInit):
         return top_subspace(stats["y2xx"], stats["y2"], stats["n"], self.k)
 
 
-class MomentDescent(CoarseInit):
+class MomentDescent(MomentInit):
     name = "moment-descent"
 
     def __init__(self, k: int, dim: int, seed: int, restarts: int = 10,
@@ -137,17 +152,10 @@ class AnchorModels(CoarseInit):
         super().__init__(k, dim, seed, restarts)
         self.start, self.steps, self.lr = np.asarray(start, np.float64).ravel(), steps, lr
 
-    def subspace(self, exchange: Exchange) -> np.ndarray:  # pragma: no cover - not used
-        raise NotImplementedError("anchor-models has no subspace")
-
     def estimate(self, exchange: Exchange) -> CoarseResult:
         request = {"start": self.start, "steps": np.array(self.steps), "lr": np.array(self.lr)}
         estimates = exchange("anchor-train", request, "rows")["estimate"]
-        if len(estimates) < self.k:
-            raise CoarseInitError(
-                f"{len(estimates)} anchor models for {self.k} clusters: Phase 1 needs at least "
-                f"one anchor per cluster (raise anchors.count to >= {self.k})"
-            )
+        self._check_anchors(estimates)
         updates = estimates - self.start
         norms = np.linalg.norm(updates, axis=1, keepdims=True)
         if np.any(norms == 0):
