@@ -85,6 +85,12 @@ def _pack(ids: np.ndarray, labels: np.ndarray, viscosity: np.ndarray, grids: np.
     return BurgersCohort(ids, labels, viscosity, grids, counts, starts, fields, snapshots)
 
 
+def _step_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean relative L2 error of one model step over the pairs (x, y): the local loss."""
+    with torch.no_grad():
+        return relative_l2(model(x), y).double().mean().item()
+
+
 class KoopmanBurgers(Workload):
     name = "koopman_burgers"
     section = "koopman"
@@ -178,6 +184,7 @@ class KoopmanBurgers(Workload):
         self.times = np.linspace(0.0, float(kp["horizon"]), steps + 1)
         self._model = self._new_model()
         self._names = list(self._model.state_dict())
+        self._tests: list[np.ndarray] | None = None  # the server's test fields, made on first use
 
     def _new_model(self) -> torch.nn.Module:
         kp = self.options
@@ -252,12 +259,8 @@ class KoopmanBurgers(Workload):
     def local_loss(self, params: Params, data: BurgersCohort) -> np.ndarray:
         """Each client's mean relative L2 error of one model step on its trajectories."""
         model = self._load(params)
-        out = np.empty(len(data.client_ids))
-        with torch.no_grad():
-            for j in range(len(data.client_ids)):
-                x, y = self.pairs(data.client(j), float(data.viscosity[j]))
-                out[j] = relative_l2(model(x), y).double().mean().item()
-        return out
+        return np.array([_step_loss(model, *self.pairs(data.client(j), float(data.viscosity[j])))
+                         for j in range(len(data.client_ids))])
 
     def local_train(self, start: Params, data: BurgersCohort, settings: TrainSettings) -> Params:
         out = {n: np.empty_like(v, dtype=np.float32) for n, v in start.items()}
@@ -275,14 +278,17 @@ class KoopmanBurgers(Workload):
 
     # ---- server-side metrics -------------------------------------------------------------
 
-    def test_trajectories(self, horizons: int = 1) -> list[np.ndarray]:
-        """Each group's held-out trajectories on ``eval_grid``, to ``horizons`` x T."""
-        kp = self.options
-        steps = int(kp["steps"])
-        times = tuple(np.linspace(0.0, float(kp["horizon"]) * horizons, steps * horizons + 1))
-        full = test_set(self.seed, self.viscosities, int(kp["test_per_viscosity"]), times,
-                        int(kp["solver_points"]), float(kp["solver_dt"]))
-        return [subsample(f, int(kp["eval_grid"])).astype(np.float32) for f in full]
+    def test_trajectories(self) -> list[np.ndarray]:
+        """Each group's held-out trajectories on ``eval_grid``, to ``rollout_horizons`` x T:
+        solved once (the round metrics use the part up to T, the rollout figure all of it)."""
+        if self._tests is None:
+            kp = self.options
+            horizons, steps = int(kp["rollout_horizons"]), int(kp["steps"])
+            times = tuple(np.linspace(0.0, float(kp["horizon"]) * horizons, steps * horizons + 1))
+            full = test_set(self.seed, self.viscosities, int(kp["test_per_viscosity"]), times,
+                            int(kp["solver_points"]), float(kp["solver_dt"]))
+            self._tests = [subsample(f, int(kp["eval_grid"])).astype(np.float32) for f in full]
+        return self._tests
 
     def rollout(self, params: Params, u0: np.ndarray, nu: float, steps: int) -> torch.Tensor:
         """(steps, n, points): the model applied ``steps`` times from ``u0`` (n, points)."""
@@ -302,12 +308,8 @@ class KoopmanBurgers(Workload):
         nu = self.viscosities[group]
         steps = int(self.options["steps"])
         x, y = self.pairs(fields[:, :steps + 1], nu)
-        losses = []
-        for j in range(k):
-            model = self._load({n: v[j] for n, v in models.items()})
-            with torch.no_grad():
-                losses.append(relative_l2(model(x), y).double().mean().item())
-        return int(np.argmin(losses))
+        return int(np.argmin([_step_loss(self._load({n: v[j] for n, v in models.items()}), x, y)
+                              for j in range(k)]))
 
     def central_metrics(self, models: Params, confusion: np.ndarray | None = None) -> dict[str, float]:
         steps, out = int(self.options["steps"]), {}
@@ -322,7 +324,7 @@ class KoopmanBurgers(Workload):
     def final_report(self, models: Params) -> dict[str, Any]:
         """Rollout error over time past T, and one predicted field per group at T."""
         steps, horizons = int(self.options["steps"]), int(self.options["rollout_horizons"])
-        tests = self.test_trajectories(horizons)
+        tests = self.test_trajectories()
         t = np.linspace(0.0, float(self.options["horizon"]) * horizons, steps * horizons + 1)[1:]
         rollout, fields = {"t": t.tolist()}, {}
         for g, traj in enumerate(tests):
