@@ -15,6 +15,7 @@ import json
 import logging
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ from flwr.app import ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from server import monitor
 from server.record import RunObserver, RunRecord, new_run_dir
 from server.run_config import client_view, resolve, round_lr, unflatten
 from strategies import K_MODEL, build_strategy
@@ -148,6 +150,8 @@ def run_strategy(
     observer: RunObserver,
     variant: str = "",
     data_cache: str = "",
+    record: RunRecord | None = None,
+    resume: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Run one strategy (on one of the workload's variants) for ``run.rounds`` rounds;
     returns its per-round rows, recorded under ``arm_label(name, variant)``.
@@ -157,7 +161,12 @@ def run_strategy(
     metrics, then, once the next exchange has scored them on the clients, the mean local loss
     and the misclustering of the clients' choices. Rows r >= 1 also hold the clients
     aggregated per model, the examples they trained on, the workload's own per-round counts
-    (totals, e.g. labels queried), dropped replies and the round's wall time.
+    (totals, e.g. labels queried), dropped replies, nodes that never replied and the
+    round's wall time.
+
+    With a ``record``, a checkpoint is written after every round: the strategy object, the
+    models, the rows and the random state, which is everything the server's next round
+    depends on. ``resume`` (such a checkpoint) continues after its round.
     """
     label = arm_label(name, variant)
     run, train, fed = scenario["run"], scenario["train"], scenario["federation"]
@@ -181,8 +190,15 @@ def run_strategy(
     )
     handed_in = initial_models(workload, scenario["clustered"]["init"], fed["seed"]) if k_model else base
     arrays = params_to_record(handed_in)
-    observer.on_strategy_start(label, run["rounds"])
     rows: list[dict[str, Any]] = []
+    first = 1
+    if resume is None:
+        observer.on_strategy_start(label, run["rounds"])
+    else:  # the checkpoint's state replaces the fresh one, bit for bit
+        strategy, arrays, rows = resume["strategy"], resume["arrays"], resume["rows"]
+        random.setstate(resume["random"])
+        first = resume["round"] + 1
+        observer.on_strategy_resume(label, run["rounds"], rows)
 
     def stacked(record: Any) -> Params:
         """The models of an ArrayRecord on a leading model axis (one for FedAvg/FedProx)."""
@@ -192,7 +208,7 @@ def run_strategy(
     def scored(models: Params, report: Any, loss: str) -> dict[str, Any]:
         return scored_metrics(workload, models, report.confusion, report.metrics.get(loss))
 
-    for rnd in range(1, run["rounds"] + 1):
+    for rnd in range(first, run["rounds"] + 1):
         start = time.perf_counter()
         config["lr"] = round_lr(train, rnd, run["rounds"])
         messages = strategy.configure_train(rnd, arrays, config, grid)
@@ -226,12 +242,19 @@ def run_strategy(
         row["dropped"] = len(report.dropped)
         if report.dropped:
             row["dropped_replies"] = report.dropped
+        missing = sorted({m.metadata.dst_node_id for m in messages}
+                         - {r.metadata.src_node_id for r in replies})
+        if missing:  # e.g. a device went offline: the round went on without it
+            row["missing_nodes"] = missing
         row["wall_time_s"] = wall
         if row.get("clipped"):
             log(logging.WARNING, "%s round %d: %g requested items clipped (clients' pools "
                 "exhausted)", label, rnd, row["clipped"])
         rows.append(row)
         observer.on_round(label, row)
+        if record is not None:
+            record.save_checkpoint({"arm": label, "round": rnd, "strategy": strategy,
+                                    "arrays": arrays, "rows": rows, "random": random.getstate()})
     # One evaluate exchange scores the final models.
     replies = grid.send_and_receive(
         strategy.configure_evaluate(run["rounds"], arrays, ConfigRecord(dict(config)), grid),
@@ -242,38 +265,79 @@ def run_strategy(
     final = workload.final_report(stacked(arrays))
     if final:
         rows[-1]["final"] = final
+    observer.on_models(label, stacked(arrays))
     observer.on_strategy_end(label, rows)
     return rows
 
 
 def run_federation(
-    grid: Grid, scenario: dict[str, Any], observer: RunObserver, data_cache: str = ""
+    grid: Grid,
+    scenario: dict[str, Any],
+    observer: RunObserver,
+    data_cache: str = "",
+    record: RunRecord | None = None,
 ) -> None:
     """Every strategy of the scenario, in order, on the same federation and seed.
 
     ``data_cache``: a folder (on each client machine) where cohorts store their generated
-    data once for all workers; empty: each worker keeps its own copy in memory."""
+    data once for all workers; empty: each worker keeps its own copy in memory.
+    ``record``: the run record, which gets a checkpoint after every round; when it holds
+    one already (a resumed run), finished arms are skipped and the checkpoint's arm
+    continues after its last round."""
     workload = workload_class(scenario["run"]["workload"])(client_view(scenario))
     fed = scenario["federation"]
     nodes = num_nodes(fed["clients"], fed["cohort_size"])
     if hasattr(grid, "pull_interval"):
         grid.pull_interval = PULL_INTERVAL_S
     wait_for_nodes(grid, nodes)
+    finished = record.finished_arms() if record is not None else set()
+    checkpoint = record.load_checkpoint() if record is not None else None
     for name in scenario["run"]["strategies"]:
         for variant in workload.variants():
+            label = arm_label(name, variant)
+            if label in finished:
+                continue
+            resume = checkpoint if checkpoint and checkpoint["arm"] == label else None
             random.seed(fed["seed"])  # Flower samples nodes with the global `random`
-            run_strategy(grid, name, scenario, workload, nodes, observer, variant, data_cache)
+            run_strategy(grid, name, scenario, workload, nodes, observer, variant, data_cache,
+                         record=record, resume=resume)
 
 
-def make_server_app(scenario: dict[str, Any], observer: RunObserver, data_cache: str = "") -> ServerApp:
+def make_server_app(
+    scenario: dict[str, Any], observer: RunObserver, data_cache: str = "",
+    record: RunRecord | None = None,
+) -> ServerApp:
     """A ServerApp bound to a resolved scenario (used by the simulation launcher)."""
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        run_federation(grid, scenario, observer, data_cache)
+        run_federation(grid, scenario, observer, data_cache, record)
 
     return server_app
+
+
+def open_record(scenario: dict[str, Any], resume: str | Path | None = None) -> RunRecord:
+    """A new run record under ``run.out``, or the interrupted one in ``resume``; its
+    checkpoint must exist and the run must not have finished."""
+    if resume is None:
+        return RunRecord(new_run_dir(scenario["run"]["out"], scenario["run"]["name"]), scenario)
+    return RunRecord(Path(resume), scenario, resume=True)
+
+
+def start_recording(record: RunRecord, scenario: dict[str, Any]) -> tuple[Any, str]:
+    """Serve the record's events on ``run.monitor`` (unless empty), then emit the run's
+    start; returns the gRPC server (None when off) and the address it listens on."""
+    server, address = None, ""
+    if scenario["run"]["monitor"]:
+        server, address = monitor.serve(record.events, scenario["run"]["monitor"])
+        monitor.write_address(record.dir, address)
+    workload = workload_class(scenario["run"]["workload"])(client_view(scenario))
+    arms = [arm_label(s, v) for s in scenario["run"]["strategies"] for v in workload.variants()]
+    checkpoint = record.load_checkpoint()
+    resumed = (checkpoint["arm"], checkpoint["round"]) if checkpoint else ("", 0)
+    record.start(arms, scenario["run"]["rounds"], resumed)
+    return server, address
 
 
 app = ServerApp()
@@ -281,14 +345,22 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Entry point for ``flwr run .``: the scenario comes from the run config."""
-    scenario = resolve(unflatten(dict(context.run_config)), source="run config")
-    run_dir = new_run_dir(scenario["run"]["out"], scenario["run"]["name"])
-    record = RunRecord(run_dir, scenario)
-    log(logging.INFO, "umbel: run record in %s", run_dir)
+    """Entry point for ``flwr run .`` (and ``umbel deploy run``): the scenario comes from
+    the run config; ``run.resume`` (a run directory) continues an interrupted run."""
+    config = dict(context.run_config)
+    resume = str(config.pop("run.resume", "") or "") or None
+    scenario = resolve(unflatten(config), source="run config")
+    record = open_record(scenario, resume)
+    log(logging.INFO, "umbel: run record in %s", record.dir)
+    server, address = start_recording(record, scenario)
+    if address:
+        log(logging.INFO, "umbel: live monitor at %s (umbel watch %s)", address, address)
     try:
-        run_federation(grid, scenario, record)
+        run_federation(grid, scenario, record, record=record)
+        record.finish("finished")
     except BaseException as err:
         record.finish("failed", repr(err))
         raise
-    record.finish("finished")
+    finally:
+        if server is not None:  # watchers have had the RunFinished event
+            server.stop(grace=2).wait()

@@ -56,6 +56,10 @@ CORE_SCHEMA: dict[str, dict[str, ConfigField]] = {
         ),
         "out": ConfigField(str, "runs", "folder that receives the run directory"),
         "round_timeout": ConfigField(float, 600.0, "seconds to wait for a round's replies", positive),
+        "monitor": ConfigField(
+            str, "127.0.0.1:0", "where the ServerApp serves its live monitor (host:port; port 0: "
+            "any free port, written to the run record's monitor.address; empty: off)",
+        ),
         "expected_peak_gib": ConfigField(
             float, 0.0, "the run's stated peak memory, all processes (GiB; 0: the workload's "
             "estimate); the launcher warns when it exceeds the machine's available memory",

@@ -17,11 +17,12 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from server.app import arm_label, make_server_app
+from server.app import arm_label, make_server_app, start_recording
 from server.record import RunObserver, RunRecord, new_run_dir
 from server.run_config import client_view
 from simulations.report import write_report
 from workloads import workload_class
+from workloads.base import Workload
 from workloads.federation import num_nodes
 
 
@@ -117,6 +118,14 @@ class Observers(RunObserver):
         for o in self.observers:
             o.on_strategy_end(strategy, rows)
 
+    def on_strategy_resume(self, strategy: str, rounds: int, rows: list[dict[str, Any]]) -> None:
+        for o in self.observers:
+            o.on_strategy_resume(strategy, rounds, rows)
+
+    def on_models(self, strategy: str, models: dict[str, Any]) -> None:
+        for o in self.observers:
+            o.on_models(strategy, models)
+
 
 def backend_config(
     ray_address: str | None, temp_dir: str | None, verbose: bool = False, client_cpus: float = 1
@@ -145,23 +154,46 @@ def simulate(
     verbose: bool = False,
     client_cpus: float = 1,
     warn: Callable[[str], None] = logging.getLogger("umbel").warning,
+    resume: str | Path | None = None,
+    on_monitor: Callable[[str], None] | None = None,
 ) -> Path:
     """Run a resolved scenario; returns its run directory. Raises ``RunFailed``.
 
     ``client_cpus`` is the CPUs Ray reserves per actor (fewer actors when larger);
-    ``warn`` receives warnings raised before the start (e.g. memory).
+    ``warn`` receives warnings raised before the start (e.g. memory); ``on_monitor`` the
+    address of the live monitor. ``resume``: the run directory of an interrupted run of
+    this scenario (see ``check_resumable``), continued from its last checkpoint.
     """
-    from flwr.simulation import run_simulation  # heavy import: only when running
-
-    from client.app import app as client_app
-
     if ray_address:
         check_ray_address(ray_address)
     fed = scenario["federation"]
     nodes = num_nodes(fed["clients"], fed["cohort_size"])
-    run_dir = new_run_dir(out or scenario["run"]["out"], scenario["run"]["name"])
-    record = RunRecord(run_dir, scenario)
+    if resume is None:
+        run_dir = new_run_dir(out or scenario["run"]["out"], scenario["run"]["name"])
+        record = RunRecord(run_dir, scenario)
+    else:
+        run_dir = Path(resume)
+        record = RunRecord(run_dir, scenario, resume=True)
     observers = Observers(record, *([observer] if observer else []))
+    monitor_server, address = start_recording(record, scenario)
+    if address and on_monitor is not None:
+        on_monitor(address)
+    try:
+        return _simulate(scenario, run_dir, record, observers, nodes, ray_address, verbose,
+                         client_cpus, warn)
+    finally:
+        if monitor_server is not None:  # watchers have had the RunFinished event
+            monitor_server.stop(grace=2).wait()
+
+
+def _simulate(
+    scenario: dict[str, Any], run_dir: Path, record: RunRecord, observers: RunObserver,
+    nodes: int, ray_address: str | None, verbose: bool, client_cpus: float,
+    warn: Callable[[str], None],
+) -> Path:
+    from flwr.simulation import run_simulation  # heavy import: only when running
+
+    from client.app import app as client_app
 
     # One BLAS/OpenMP thread per Ray worker: many small clients on few cores.
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -178,7 +210,7 @@ def simulate(
         warn(warning)
     try:
         run_simulation(
-            server_app=make_server_app(scenario, observers, data_cache),
+            server_app=make_server_app(scenario, observers, data_cache, record),
             client_app=client_app,
             num_supernodes=nodes,
             backend_config=backend_config(ray_address, temp_dir, verbose, client_cpus),
@@ -191,20 +223,44 @@ def simulate(
         shutil.rmtree(data_cache, ignore_errors=True)
         if temp_dir:
             shutil.rmtree(temp_dir, ignore_errors=True)
-    expected = set(arm_labels(scenario))
-    if set(record.history["strategies"]) != expected or any(
-        len(rows) != scenario["run"]["rounds"] + 1 for rows in record.history["strategies"].values()
-    ):
+    recorded = record.history["strategies"]
+    if any(len(recorded.get(arm, [])) != scenario["run"]["rounds"] + 1 for arm in arm_labels(scenario)):
         record.finish("failed", "the simulation ended before every strategy finished")
         raise RunFailed(f"run incomplete (record in {run_dir})")
     try:
-        run_baselines(scenario, observers)
+        run_baselines(scenario, observers, skip=record.finished_arms())
     except Exception as err:
         record.finish("failed", f"baseline: {err!r}")
         raise RunFailed(f"baseline run failed: {err} (record in {run_dir})") from err
     record.finish("finished")
     write_report(run_dir)
     return run_dir
+
+
+def check_resumable(run_dir: str | Path) -> dict[str, Any]:
+    """The scenario of an interrupted run that ``simulate(resume=run_dir)`` can continue.
+
+    Raises ``LaunchError`` naming what is wrong: not a run directory, already finished, or a
+    workload whose clients keep state between rounds (that state lives on the clients, which
+    a restarted simulation rebuilds from scratch, so the continuation would differ).
+    """
+    from server.record import HISTORY, SCENARIO, load_history
+    from simulations.scenarios import load_scenario
+
+    run_dir = Path(run_dir)
+    for name in (SCENARIO, HISTORY):
+        if not (run_dir / name).is_file():
+            raise LaunchError(f"--resume {run_dir}: not a run directory ({name} is missing)")
+    if load_history(run_dir).get("status") == "finished":
+        raise LaunchError(f"--resume {run_dir}: that run has finished; nothing to resume")
+    scenario = load_scenario(str(run_dir / SCENARIO))
+    workload = workload_class(scenario["run"]["workload"])
+    if workload.initial_state is not Workload.initial_state:
+        raise LaunchError(
+            f"--resume {run_dir}: {workload.name} clients keep state between rounds (e.g. "
+            "labelled pools) that a restarted simulation cannot restore; rerun it instead"
+        )
+    return scenario
 
 
 def arm_labels(scenario: dict[str, Any]) -> list[str]:
@@ -220,7 +276,7 @@ def with_overrides(scenario: dict[str, Any], overrides: dict[str, dict[str, Any]
     return out
 
 
-def run_baselines(scenario: dict[str, Any], observer: RunObserver) -> None:
+def run_baselines(scenario: dict[str, Any], observer: RunObserver, skip: set[str] = frozenset()) -> None:
     """The workload's reference runs outside the federation (e.g. one client holding all
     data), in this process, recorded as ``<baseline>/<variant>``. Each runs the first strategy
     of its overrides' ``run.strategies`` (default: FedAvg)."""
@@ -232,6 +288,8 @@ def run_baselines(scenario: dict[str, Any], observer: RunObserver) -> None:
         strategy = overrides.get("run", {}).get("strategies", ["fedavg"])[0]
         for variant in ref.workload.variants():
             label = arm_label(baseline, variant)
+            if label in skip:  # a resumed run finished it before the interruption
+                continue
             observer.on_strategy_start(label, scenario["run"]["rounds"])
             rows = ref.run(strategy, variant=variant, keep_models=False,
                            on_row=lambda row, label=label: observer.on_round(label, row))

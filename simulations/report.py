@@ -235,12 +235,56 @@ def plot_curve(history: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def describe_event(event: Any) -> str:
+    """One line per event, as ``umbel watch`` prints it and the summary lists failures."""
+    kind = event.WhichOneof("kind")
+    e = getattr(event, kind)
+    if kind == "run_started":
+        resumed = (f", resumed after round {e.resumed_from_round} of {e.resumed_arm}"
+                   if e.resumed_arm else "")
+        return (f"run {e.run_name} started: {e.workload}, arms {', '.join(e.arms)}, "
+                f"{e.rounds} rounds, seed {e.seed}{resumed}")
+    if kind == "round_finished":
+        shown = {k: e.metrics[k] for k in sorted(e.metrics)
+                 if k in ("ari", "misclustering") or "loss" in k or k.startswith(("rel_l2", "mse", "accuracy"))}
+        parts = [f"{k} {v:.4g}" for k, v in shown.items()]
+        if e.cluster_sizes:
+            parts.append(f"clusters {list(e.cluster_sizes)}")
+        if e.failures:
+            parts.append(f"{e.failures} failed")
+        if e.wall_time_s:
+            parts.append(f"{e.wall_time_s:.2f} s")
+        return f"{e.arm} round {e.round}: " + ", ".join(parts)
+    if kind == "client_failure":
+        return f"{e.arm} round {e.round}: client failure{f' (node {e.node})' if e.node else ''}: {e.reason}"
+    return f"run {e.status}" + (f": {e.error}" if e.error else "")
+
+
+def events_summary(run_dir: Path, most: int = 20) -> str:
+    """The run's event log in brief: starts (and resumes), client failures, the end."""
+    from server.monitor import EVENTS, read_events
+
+    if not (run_dir / EVENTS).is_file():
+        return ""
+    events = read_events(run_dir / EVENTS)
+    kinds = [e.WhichOneof("kind") for e in events]
+    lines = [f"\n## Events ({len(events)} in {EVENTS})\n"]
+    lines += [f"- {describe_event(e)}" for e, k in zip(events, kinds) if k == "run_started"]
+    failures = [e for e, k in zip(events, kinds) if k == "client_failure"]
+    lines.append(f"- {kinds.count('round_finished')} rounds finished, {len(failures)} client failures")
+    lines += [f"  - {describe_event(e)}" for e in failures[:most]]
+    if len(failures) > most:
+        lines.append(f"  - ... and {len(failures) - most} more")
+    lines += [f"- {describe_event(e)}" for e, k in zip(events, kinds) if k == "run_finished"]
+    return "\n".join(lines) + "\n"
+
+
 def write_report(run_dir: Path) -> list[Path]:
     """(Re)draw ``summary.md`` and the plots of a run directory; returns the files."""
     run_dir = Path(run_dir)
     history = load_history(run_dir)
     written = [run_dir / "summary.md"]
-    written[0].write_text(summary_table(history))
+    written[0].write_text(summary_table(history) + events_summary(run_dir))
     for metric in dict.fromkeys([history["key_metric"], loss_name(history)]):
         if metric and plot_metric(history, metric, run_dir / f"{metric}.png"):
             written.append(run_dir / f"{metric}.png")

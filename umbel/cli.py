@@ -31,6 +31,10 @@ class ProgressObserver(RunObserver):
     def on_strategy_start(self, strategy: str, rounds: int) -> None:
         self.tasks[strategy] = self.progress.add_task(strategy, total=rounds, metric="")
 
+    def on_strategy_resume(self, strategy: str, rounds: int, rows: list[dict[str, Any]]) -> None:
+        self.tasks[strategy] = self.progress.add_task(
+            strategy, total=rounds, completed=len(rows) - 1, metric="(resumed)")
+
     def on_round(self, strategy: str, row: dict[str, Any]) -> None:
         value = row.get(self.key)
         metric = f"{self.key} {value:.4g}" if isinstance(value, float) else ""
@@ -55,14 +59,26 @@ def run(
         Optional[str], typer.Option(help="attach to a running Ray cluster (host:port)")
     ] = None,
     verbose: Annotated[bool, typer.Option(help="show Flower's and Ray's logs")] = False,
+    resume: Annotated[
+        Optional[Path],
+        typer.Option(help="continue an interrupted run from its last checkpoint (a run directory)"),
+    ] = None,
 ) -> None:
     """Run a scenario on Flower's simulation engine and write its run record."""
-    from simulations.launcher import LaunchError, RunFailed, arm_labels, check_ray_address, simulate
+    from simulations.launcher import (
+        LaunchError, RunFailed, arm_labels, check_ray_address, check_resumable, simulate,
+    )
     from simulations.scenarios import load_scenario
     from workloads import workload_class
 
     try:
-        resolved = load_scenario(scenario, set_ or [], seed)
+        if resume is not None:
+            if set_ or seed is not None or out is not None:
+                raise LaunchError("--resume continues a run with its own scenario; drop --set, "
+                                  "--seed and --out")
+            resolved = check_resumable(resume)
+        else:
+            resolved = load_scenario(scenario, set_ or [], seed)
         if ray_address:
             check_ray_address(ray_address)
     except (ScenarioError, LaunchError) as err:
@@ -90,6 +106,9 @@ def run(
                 resolved, out=out, ray_address=ray_address,
                 observer=ProgressObserver(progress, key), verbose=verbose,
                 warn=lambda text: progress.console.print(f"[yellow]warning:[/] {text}"),
+                resume=resume,
+                on_monitor=lambda address: progress.console.print(
+                    f"live monitor: [bold]umbel watch {address}[/]", highlight=False),
             )
     except LaunchError as err:
         _fail(str(err), EXIT_BAD_INPUT)
@@ -122,6 +141,41 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> 
     console.print(files[0].read_text(), highlight=False, soft_wrap=True)
     for f in files:
         console.print(f"wrote {f}", soft_wrap=True)
+
+
+@app.command()
+def watch(
+    target: Annotated[str, typer.Argument(help="the monitor's host:port, or a run directory")],
+    from_seq: Annotated[int, typer.Option("--from", help="replay from this event number")] = 0,
+) -> None:
+    """Follow a running simulation or deployment live: one line per event, until it ends."""
+    import grpc
+
+    from server.monitor import ADDRESS_FILE, watch as follow
+    from simulations.report import describe_event
+
+    address = target
+    if Path(target).is_dir():
+        if not (Path(target) / ADDRESS_FILE).is_file():
+            _fail(f"{target} has no {ADDRESS_FILE}: its run served no monitor", EXIT_BAD_INPUT)
+        address = (Path(target) / ADDRESS_FILE).read_text().strip()
+    status = ""
+    try:
+        for event in follow(address, from_seq):
+            kind = event.WhichOneof("kind")
+            style = {"client_failure": "yellow", "run_finished": "bold"}.get(kind, "")
+            line = f"[dim]{event.seq:>5}[/] " + describe_event(event)
+            console.print(f"[{style}]{line}[/]" if style else line, highlight=False, soft_wrap=True)
+            if kind == "run_finished":
+                status = event.run_finished.status
+    except grpc.FutureTimeoutError:
+        _fail(f"no monitor answers at {address} (is the run still going?)", EXIT_RUN_FAILED)
+    except grpc.RpcError as err:
+        _fail(f"monitor at {address}: {err.details() or err.code()}", EXIT_RUN_FAILED)
+    except KeyboardInterrupt:
+        raise typer.Exit(0)
+    if status and status != "finished":
+        raise typer.Exit(EXIT_RUN_FAILED)
 
 
 if __name__ == "__main__":
