@@ -8,22 +8,25 @@ a Ray actor generates a cohort's data once and reuses it across rounds and strat
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import socket
 import sys
 from pathlib import Path
+from typing import Callable
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client import cohort_store
+from client import cohort_store, device
 from client.compute import begin_round, coarse_cohort, evaluate_cohort, train_cohort
 from strategies.aggregation import ClientBatch
 from strategies.cohort_reply import encode_batch, encode_result, params_to_record, record_to_params
 from workloads import workload_class
 from workloads.base import CohortData, Params, TrainSettings, Workload
+from workloads.device_files import DeviceDataError
 from workloads.federation import cohort_slice
 
 _workloads: dict[str, Workload] = {}
@@ -54,6 +57,12 @@ def cohort(msg: Message, context: Context) -> tuple[Workload, CohortData, bool]:
         _workloads[scenario_json] = workload_class(scenario["run"]["workload"])(scenario)
         _one_thread()
     workload = _workloads[scenario_json]
+    data_path = str(context.node_config.get("data-path", ""))
+    if data_path:  # a device: its clients' files (raises DeviceDataError, sent as the reply)
+        key = (scenario_json, data_path, 0)
+        if key not in _cohorts:
+            _cohorts[key] = workload.read_device_files(device.data_files(data_path))
+        return workload, _cohorts[key], False
     pid = int(context.node_config["partition-id"])
     parts = int(context.node_config["num-partitions"])
     key = (scenario_json, pid, parts)
@@ -70,15 +79,49 @@ def cohort(msg: Message, context: Context) -> tuple[Workload, CohortData, bool]:
     return workload, _cohorts[key], generated
 
 
-def placement(context: Context, generated: bool) -> ConfigRecord:
+def placement(context: Context, generated: bool, data: CohortData) -> ConfigRecord:
     """Where this reply was computed (the run record shows which node ran which cohort)."""
     node = ""
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         node = sys.modules["ray"].get_runtime_context().get_node_id()
+    partition = context.node_config.get("partition-id", int(data.client_ids[0]))
     return ConfigRecord({
-        "partition": int(context.node_config["partition-id"]), "ray-node": node,
+        "partition": int(partition), "ray-node": node,
         "host": socket.gethostname(), "pid": os.getpid(), "generated": generated,
     })
+
+
+def remember(context: Context, config: ConfigRecord, batch: ClientBatch | None) -> ConfigRecord:
+    """On a device with a ``state-dir``: read what it kept before this reply (its rounds
+    and last clusters, which survive a SuperNode restart), then record this round."""
+    state_dir = str(context.node_config.get("state-dir", ""))
+    if not state_dir:
+        return ConfigRecord({})
+    store = device.DeviceState(state_dir)
+    arm = str(config.get("arm", ""))
+    before = store.arm(arm)
+    clusters = None
+    if batch is not None and "cluster" in batch.metrics:
+        clusters = dict(zip(batch.client_ids.tolist(), batch.metrics["cluster"].astype(int).tolist()))
+    store.record_round(arm, int(config.get("server-round", 0)), clusters)
+    return ConfigRecord({
+        "rounds-before": int(before.get("rounds", 0)),
+        "clusters-before": json.dumps(before.get("clusters", {}), sort_keys=True),
+    })
+
+
+def device_errors(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """A device whose data cannot be read answers with an error naming the file and the
+    problem; the server records it and the round goes on without this device."""
+
+    @functools.wraps(handler)
+    def wrapped(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except DeviceDataError as err:
+            return Message(Error(device.DEVICE_DATA_ERROR, f"device data: {err}"), reply_to=msg)
+
+    return wrapped
 
 
 def _settings(config: ConfigRecord) -> TrainSettings:
@@ -106,6 +149,7 @@ def load_state(context: Context, config: ConfigRecord) -> Params | None:
 
 
 @app.train()
+@device_errors
 def train(msg: Message, context: Context) -> Message:
     workload, data, generated = cohort(msg, context)
     config = msg.content["config"]
@@ -131,11 +175,13 @@ def train(msg: Message, context: Context) -> Message:
     if not k_models and result.batch is not None:  # Flower's FedAvg/FedProx: one model
         result.batch.metrics.pop("cluster")
     content = encode_result(result)
-    content["node"] = placement(context, generated)
+    content["node"] = placement(context, generated, data)
+    content["device"] = remember(context, config, result.batch)
     return Message(content, reply_to=msg)
 
 
 @app.evaluate()
+@device_errors
 def evaluate(msg: Message, context: Context) -> Message:
     workload, data, _ = cohort(msg, context)
     config = msg.content["config"]
@@ -160,6 +206,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 @app.query("coarse")
+@device_errors
 def coarse(msg: Message, context: Context) -> Message:
     """A Phase-1 step of a clustered strategy: statistics, never raw data."""
     workload, data, _ = cohort(msg, context)

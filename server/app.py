@@ -81,6 +81,7 @@ def placement_summary(placement: list[dict[str, Any]]) -> dict[str, Any]:
     generate their data this round (0 after the first round with a data cache)."""
     nodes: dict[str, list[int]] = {}
     generated = 0
+    devices: dict[str, Any] = {}
     for p in placement:
         try:  # telemetry from clients: an odd entry is skipped, never a crash
             partition = int(p.get("partition", -1))
@@ -88,10 +89,15 @@ def placement_summary(placement: list[dict[str, Any]]) -> dict[str, Any]:
             continue
         nodes.setdefault(str(p.get("ray-node") or p.get("host", "?")), []).append(partition)
         generated += p.get("generated") is True
-    return {
+        if isinstance(p.get("device"), dict):  # keyed by the device's first client id
+            devices[str(partition)] = p["device"]
+    out: dict[str, Any] = {
         "cohort_nodes": {n: sorted(parts) for n, parts in sorted(nodes.items())},
         "cohorts_generated": generated,
     }
+    if devices:
+        out["devices"] = dict(sorted(devices.items()))
+    return out
 
 
 def scored_metrics(

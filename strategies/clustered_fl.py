@@ -88,13 +88,15 @@ class ClusteredStrategy(Strategy):
         return run
 
     def _reduce_coarse(self, replies: Iterable[Message], reduce: str, step: str) -> dict[str, np.ndarray]:
+        """The statistics of the nodes that answered; a failed node is left out and named
+        in Phase 1's warnings (too few anchors left is Phase 1's own error)."""
         parts = []
         for msg in replies:
-            if msg.has_error():  # Phase 1 cannot go on without every cohort's statistics
-                raise RuntimeError(
-                    f"Phase 1 step {step!r} failed on node {msg.metadata.src_node_id}: "
-                    f"{msg.error.reason}"
-                )
+            if msg.has_error():
+                self.coarse_dropped.append(
+                    f"step {step!r}: node {msg.metadata.src_node_id} left out: {msg.error.reason}")
+                log(WARNING, "Phase 1 %s", self.coarse_dropped[-1])
+                continue
             parts.append(record_to_params(msg.content["stats"]))
         return reduce_coarse(parts, reduce)
 
@@ -102,7 +104,9 @@ class ClusteredStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         if self.coarse_init is not None and self.coarse is None:
+            self.coarse_dropped: list[str] = []
             self.coarse = self.coarse_init.estimate(self.exchange(grid, config))
+            self.coarse.warnings.extend(self.coarse_dropped)
             for warning in self.coarse.warnings:
                 log(WARNING, "Phase 1: %s", warning)
             arrays = params_to_record(unflatten(self.coarse.centres, record_to_params(arrays)))

@@ -175,6 +175,8 @@ class AnchorModels(CoarseInit):
 def reduce_coarse(parts: list[dict[str, np.ndarray]], reduce: str) -> dict[str, np.ndarray]:
     """Combine the cohorts' answers to a Phase-1 step: add double-double sums, or
     concatenate anchor rows in client-id order."""
+    if not parts:
+        raise CoarseInitError("no node answered this Phase-1 step")
     if reduce == "rows":
         ids = np.concatenate([p["client-id"] for p in parts])
         order = np.argsort(ids, kind="stable")

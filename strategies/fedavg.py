@@ -76,7 +76,10 @@ def add_telemetry(content: RecordDict, node: int, report: RoundReport) -> None:
     the aggregate: unreadable counts are ignored and named with the dropped replies."""
     if "node" in content:
         try:
-            report.placement.append(dict(content["node"]))
+            where = dict(content["node"])
+            if "device" in content:  # a device's durable state, as it read it from disk
+                where["device"] = dict(content["device"])
+            report.placement.append(where)
         except (TypeError, ValueError):
             report.dropped.append(f"node {node}: unreadable placement record ignored")
     try:

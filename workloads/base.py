@@ -232,6 +232,20 @@ class Workload(ABC):
         error curve, a predicted field); empty by default."""
         return {}
 
+    # -- device data files (deployment): one client per file, see workloads.device_files --
+    device_format: ClassVar[str] = ""  # the file format, documented; "" when there is none
+
+    def device_files(self, data: CohortData) -> list[tuple[int, dict[str, np.ndarray]]]:
+        """Each client of a cohort as (client id, the arrays of its device file)."""
+        raise NotImplementedError(f"the {self.name} workload has no device data format yet")
+
+    def read_device_files(self, files: list[Any]) -> CohortData:
+        """A device's cohort from its client files; raises ``DeviceDataError`` naming the
+        file and the problem (missing, truncated, wrong shape, not this scenario's)."""
+        from workloads.device_files import DeviceDataError
+
+        raise DeviceDataError(f"the {self.name} workload has no device data format yet")
+
 
 ANCHOR_TRAIN = "anchor-train"  # the generic Phase-1 step (``Workload.anchor_models``)
 

@@ -33,6 +33,7 @@ from workloads.base import (
     positive,
     size_bucket,
 )
+from workloads.device_files import DeviceDataError, read_npz
 from workloads.federation import BLOCK, STREAM_TRUTH, block_rng, draw_sizes, mean_size
 
 # Fixed costs, calibrated on benchmarks/scale.py (PSS of all processes: 0.85 GiB at 10^4
@@ -60,7 +61,7 @@ class LinearCohort:
 
     client_ids: np.ndarray  # (B,)
     num_examples: np.ndarray  # (B,)
-    labels: np.ndarray  # (B,) true cluster of each client
+    labels: np.ndarray | None  # (B,) true cluster of each client; None on real devices
     x: np.ndarray  # (P, d)
     y: np.ndarray  # (P,)
     starts: np.ndarray = field(init=False)  # (B,) first point of each client
@@ -245,14 +246,61 @@ class MixedRegression(Workload):
         if len(index) and index[-1] - index[0] == len(index) - 1 and (np.diff(index) == 1).all():
             c0, c1 = int(index[0]), int(index[-1]) + 1  # a run of clients: views, no copies
             p0, p1 = int(data.starts[c0]), int(data.starts[c1 - 1] + data.num_examples[c1 - 1])
+            labels = None if data.labels is None else data.labels[c0:c1]
             return LinearCohort(data.client_ids[c0:c1], data.num_examples[c0:c1],
-                                data.labels[c0:c1], data.x[p0:p1], data.y[p0:p1])
+                                labels, data.x[p0:p1], data.y[p0:p1])
         keep = np.zeros(len(data.client_ids), dtype=bool)
         keep[index] = True
         points = np.repeat(keep, data.num_examples)
         return LinearCohort(
-            data.client_ids[index], data.num_examples[index], data.labels[index],
-            data.x[points], data.y[points],
+            data.client_ids[index], data.num_examples[index],
+            None if data.labels is None else data.labels[index], data.x[points], data.y[points],
+        )
+
+    device_format = (
+        "one .npz per client: client_id (int scalar), x (n, dim) float, y (n,) float, and "
+        "optionally cluster (int scalar: the true cluster, known only in exported simulations)"
+    )
+
+    def device_files(self, data: LinearCohort) -> list[tuple[int, dict[str, np.ndarray]]]:
+        out = []
+        for i, cid in enumerate(data.client_ids):
+            p0 = int(data.starts[i])
+            p1 = p0 + int(data.num_examples[i])
+            out.append((int(cid), {
+                "client_id": np.int64(cid), "x": data.x[p0:p1], "y": data.y[p0:p1],
+                "cluster": np.int64(data.labels[i]),
+            }))
+        return out
+
+    def read_device_files(self, files: list[Any]) -> LinearCohort:
+        clients = []
+        for path in files:
+            f = read_npz(path, {"client_id": 0, "x": 2, "y": 1})
+            cid, x, y = int(f["client_id"]), f["x"], f["y"]
+            problem = None
+            if not 0 <= cid < self.num_clients:
+                problem = f"client_id {cid} is outside this scenario's [0, {self.num_clients})"
+            elif x.shape[1] != self.dim:
+                problem = f"x has {x.shape[1]} columns; this scenario's dim is {self.dim}"
+            elif len(x) == 0 or len(y) != len(x):
+                problem = f"x has {len(x)} rows and y {len(y)}; need the same number, at least one"
+            elif not (np.isfinite(x).all() and np.isfinite(y).all()):
+                problem = "x or y holds NaN or infinite values"
+            if problem:
+                raise DeviceDataError(f"{path}: {problem}")
+            label = int(f["cluster"]) if "cluster" in f else None
+            clients.append((cid, x.astype(np.float64), y.astype(np.float64), label))
+        clients.sort(key=lambda c: c[0])
+        ids = np.array([c[0] for c in clients], dtype=np.int64)
+        if (np.diff(ids) == 0).any():
+            raise DeviceDataError(f"{files[0].parent}: two files hold the same client_id")
+        labels = [c[3] for c in clients]
+        return LinearCohort(
+            ids, np.array([len(c[1]) for c in clients], dtype=np.int64),
+            None if None in labels else np.array(labels, dtype=np.int64),
+            np.ascontiguousarray(np.concatenate([c[1] for c in clients])),
+            np.concatenate([c[2] for c in clients]),
         )
 
     def client_data(self, client_ids: np.ndarray) -> LinearCohort:
