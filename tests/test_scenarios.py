@@ -24,10 +24,24 @@ def test_pyproject_run_config_is_the_default_scenario():
     from pathlib import Path
 
     flat = tomllib.loads(Path("pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert flat.pop("run.resume") == ""  # the ServerApp's own key: continue a run directory
     from_flower = resolve(unflatten(flat))
     from_file = load_scenario("default")
     from_flower["run"].pop("out"), from_file["run"].pop("out")
     assert from_flower == from_file
+
+
+def test_pyproject_run_config_names_every_key_a_deployment_may_override():
+    """Flower refuses run-config overrides of keys its app config lacks (`umbel deploy run`
+    sends the whole scenario)."""
+    import tomllib
+    from pathlib import Path
+
+    from server.run_config import schema_for
+
+    flat = tomllib.loads(Path("pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    keys = {f"{s}.{k}" for s, fields in schema_for("mixed_regression").items() for k in fields}
+    assert keys - set(flat) == {"mixed_regression.cluster_weights"}  # no default: TOML has no null
 
 
 def test_overrides_and_seed():

@@ -178,5 +178,231 @@ def watch(
         raise typer.Exit(EXIT_RUN_FAILED)
 
 
+# ---- deployment: certificates, device data, Flower's processes -----------------------
+
+HomeOption = Annotated[Path, typer.Option("--home", help="the deployment's folder on this machine")]
+DEFAULT_HOME = Path("deploy")
+
+
+@app.command()
+def certs(
+    home: HomeOption = DEFAULT_HOME,
+    host: Annotated[Optional[list[str]], typer.Option(
+        help="an address the SuperLink serves (IP or DNS name; repeatable)")] = None,
+    device: Annotated[Optional[list[str]], typer.Option(help="make a key pair for this device (repeatable)")] = None,
+    days: Annotated[int, typer.Option(help="validity of new certificates")] = 365,
+    new_server: Annotated[bool, typer.Option(help="re-issue the server certificate (e.g. new hosts)")] = False,
+) -> None:
+    """Make the deployment's CA, the SuperLink's certificate and per-device keys (kept
+    when they exist) in HOME/certs."""
+    from simulations.certs import CertError, make_certs
+    from simulations.deploy import Home
+
+    target = Home(home).certs
+    try:
+        files = make_certs(target, host or ["127.0.0.1", "localhost"], device or [], days,
+                           new_server=new_server or bool(host))
+    except CertError as err:
+        _fail(str(err), EXIT_BAD_INPUT)
+    for path in files["written"]:
+        console.print(f"wrote {path}", highlight=False)
+    for path in files["kept"]:
+        console.print(f"[dim]kept  {path}[/]", highlight=False)
+    console.print("devices need ca.crt and their own key; register each .pub with "
+                  "`umbel deploy register NAME`", highlight=False)
+
+
+data_app = typer.Typer(no_args_is_help=True, help="Device data files.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("export")
+def data_export(
+    scenario: Annotated[str, typer.Argument(help="built-in scenario name or TOML file")],
+    folder: Annotated[Path, typer.Argument(help="where to write client-<id>.npz files")],
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override section.key=value")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="federation seed")] = None,
+) -> None:
+    """Write each simulated client's data to its own file: the exact data of a simulation,
+    for devices (a SuperNode's --data)."""
+    from simulations.deploy import export_device_data
+    from simulations.scenarios import load_scenario
+    from workloads import workload_class
+
+    try:
+        resolved = load_scenario(scenario, set_ or [], seed)
+        files = export_device_data(resolved, folder)
+    except ScenarioError as err:
+        _fail(str(err), EXIT_BAD_INPUT)
+    except NotImplementedError as err:
+        _fail(str(err), EXIT_BAD_INPUT)
+    fmt = workload_class(resolved["run"]["workload"]).device_format
+    console.print(f"wrote {len(files)} client files to {folder} ({fmt}) and the scenario "
+                  f"({folder / 'scenario.toml'})", highlight=False, soft_wrap=True)
+
+
+deploy_app = typer.Typer(no_args_is_help=True, help=(
+    "Run scenarios on real machines: Flower's SuperLink and SuperNodes, TLS and device "
+    "authentication on by default."))
+app.add_typer(deploy_app, name="deploy")
+
+
+def _deploy_fail(err: Exception) -> None:
+    _fail(str(err), EXIT_RUN_FAILED)
+
+
+def _insecure_warning() -> None:
+    err_console.print("[bold yellow]warning:[/] --insecure: no TLS and no device "
+                      "authentication; anyone who reaches the port can join or read the models",
+                      highlight=False)
+
+
+def _started(started: Any) -> None:
+    console.print(f"started {started.name} (pid {started.pid}); log: {started.log}", highlight=False)
+
+
+@deploy_app.command("superlink")
+def deploy_superlink(
+    home: HomeOption = DEFAULT_HOME,
+    host: Annotated[str, typer.Option(help="listen address (0.0.0.0: every interface)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="the SuperLink's port (devices and the CLI)")] = 9092,
+    public_host: Annotated[Optional[str], typer.Option(help="address devices use to reach it")] = None,
+    insecure: Annotated[bool, typer.Option(help="no TLS, no device authentication")] = False,
+) -> None:
+    """Start Flower's SuperLink in the background (stop it with `umbel deploy stop`)."""
+    from simulations.deploy import DeployError, Home, start_superlink
+
+    if insecure:
+        _insecure_warning()
+    try:
+        _started(start_superlink(Home(home), host, port, insecure, public_host))
+    except DeployError as err:
+        _deploy_fail(err)
+    console.print(f"listening on {host}:{port}" + ("" if insecure else " (TLS, device authentication on)"),
+                  highlight=False)
+
+
+@deploy_app.command("register")
+def deploy_register(
+    device: Annotated[str, typer.Argument(help="a device name (HOME/certs/devices/NAME.pub) or a .pub file")],
+    home: HomeOption = DEFAULT_HOME,
+) -> None:
+    """Allow a device's key to join the SuperLink."""
+    from simulations.certs import DEVICES
+    from simulations.deploy import DeployError, Home, register_device
+
+    h = Home(home)
+    pub = Path(device) if device.endswith(".pub") else h.certs / DEVICES / f"{device}.pub"
+    try:
+        node = register_device(h, pub)
+    except DeployError as err:
+        _deploy_fail(err)
+    console.print(f"registered {pub} as node {node}", highlight=False)
+
+
+@deploy_app.command("supernode")
+def deploy_supernode(
+    name: Annotated[str, typer.Argument(help="the device's name (its key: HOME/certs/devices/NAME)")],
+    data: Annotated[Path, typer.Option(help="the device's data: a client file or a folder of them")],
+    superlink: Annotated[str, typer.Option(help="the SuperLink's host:port")] = "127.0.0.1:9092",
+    port: Annotated[int, typer.Option(help="this node's local port (one per node on a host)")] = 9094,
+    state_dir: Annotated[Optional[Path], typer.Option(help="where the device keeps its state")] = None,
+    key: Annotated[Optional[Path], typer.Option(help="the device's private key")] = None,
+    ca: Annotated[Optional[Path], typer.Option(help="the CA certificate that signed the SuperLink")] = None,
+    home: HomeOption = DEFAULT_HOME,
+    insecure: Annotated[bool, typer.Option(help="no TLS, no device authentication")] = False,
+) -> None:
+    """Start Flower's SuperNode for one device, in the background."""
+    from simulations.deploy import DeployError, Home, start_supernode
+
+    if insecure:
+        _insecure_warning()
+    try:
+        _started(start_supernode(Home(home), name, data, superlink, port, state_dir, insecure, key, ca))
+    except DeployError as err:
+        _deploy_fail(err)
+
+
+@deploy_app.command("stop")
+def deploy_stop(
+    names: Annotated[Optional[list[str]], typer.Argument(help="processes to stop (default: all)")] = None,
+    home: HomeOption = DEFAULT_HOME,
+) -> None:
+    """Stop processes this home started (superlink, supernode-NAME)."""
+    from simulations.deploy import Home, stop, stop_all
+
+    h = Home(home)
+    stopped = [n for n in names if stop(h, n)] if names else stop_all(h)
+    console.print(f"stopped {', '.join(stopped)}" if stopped else "nothing was running", highlight=False)
+
+
+@deploy_app.command("status")
+def deploy_status(home: HomeOption = DEFAULT_HOME) -> None:
+    """The processes of this home: running or not, and their logs."""
+    from simulations.deploy import Home, _alive
+
+    h = Home(home)
+    table = Table("process", "pid", "state", "log")
+    for pid_file in sorted(h.pids.glob("*.pid")):
+        pid = int(pid_file.read_text())
+        table.add_row(pid_file.stem, str(pid), "running" if _alive(pid) else "exited",
+                      str(h.logs / f"{pid_file.stem}.log"))
+    console.print(table)
+
+
+@deploy_app.command("run")
+def deploy_run(
+    scenario: Annotated[str, typer.Argument(help="built-in scenario name or TOML file")] = "deploy-tiny",
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override section.key=value")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="federation seed")] = None,
+    out: Annotated[Path, typer.Option(help="folder for the run record (on the SuperLink's machine)")] = Path("runs"),
+    resume: Annotated[Optional[Path], typer.Option(help="continue an interrupted deployment run")] = None,
+    home: HomeOption = DEFAULT_HOME,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the run")] = 3600.0,
+) -> None:
+    """Run a scenario on the deployment's SuperNodes, following its progress live."""
+    import time as _time
+
+    import grpc
+
+    from server.monitor import ADDRESS_FILE, watch as follow
+    from simulations.deploy import DeployError, Home, find_run_dir, submit, wait_run
+    from simulations.launcher import LaunchError, check_resumable
+    from simulations.report import describe_event, write_report
+    from simulations.scenarios import load_scenario
+
+    h = Home(home)
+    try:
+        resolved = check_resumable(resume) if resume else load_scenario(scenario, set_ or [], seed)
+    except (ScenarioError, LaunchError) as err:
+        _fail(str(err), EXIT_BAD_INPUT)
+    since = _time.time()
+    try:
+        run_id = submit(h, resolved, out, resume)
+        console.print(f"submitted run {run_id} ({resolved['run']['name']}) to the SuperLink; "
+                      f"Flower's logs: {h.logs / 'superlink.log'}", highlight=False)
+        run_dir = resume or find_run_dir(out, resolved["run"]["name"], since)
+        console.print(f"run record: {run_dir}", highlight=False)
+        address_file = Path(run_dir) / ADDRESS_FILE
+        deadline = _time.monotonic() + 60
+        while not address_file.is_file() and _time.monotonic() < deadline:
+            _time.sleep(0.2)
+        if address_file.is_file():
+            address = address_file.read_text().strip()
+            try:
+                for event in follow(address, 0):
+                    console.print(describe_event(event), highlight=False, soft_wrap=True)
+            except (grpc.RpcError, grpc.FutureTimeoutError):
+                pass  # the monitor went away with the run: its status says how it ended
+        status = wait_run(h, run_id, timeout)
+    except DeployError as err:
+        _deploy_fail(err)
+    if status.get("status") != "finished:completed":
+        _fail(f"run {run_id} {status.get('status')}: {status.get('status-details')} "
+              f"(record in {run_dir}; logs in {h.logs})", EXIT_RUN_FAILED)
+    write_report(Path(run_dir))
+    console.print((Path(run_dir) / "summary.md").read_text(), highlight=False, soft_wrap=True)
+
+
 if __name__ == "__main__":
     app()
