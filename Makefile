@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test test-fast bench clean
+.PHONY: install run test test-fast bench clean proto
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,3 +35,7 @@ bench: $(STAMP)
 
 clean:
 	rm -rf runs .pytest_cache benchmarks/results
+
+## regenerate proto/umbel/v1/*_pb2*.py from monitor.proto (a test fails when they are stale)
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. proto/umbel/v1/monitor.proto

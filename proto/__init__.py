@@ -1,5 +1,3 @@
-"""The platform's own protobuf messages (run record events, the live monitor service).
-
-The ``.proto`` sources and the modules generated from them arrive with the deployment work
-(issue 4); nothing imports this package yet.
-"""
+"""The platform's own protobuf messages: ``umbel/v1/monitor.proto`` (the run's events and the
+live ``Monitor`` service). The ``*_pb2*.py`` modules are generated from it (``make proto``)
+and committed; a test fails when they no longer match the ``.proto``."""

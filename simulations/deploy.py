@@ -31,6 +31,7 @@ import tomli_w
 
 from server.record import SCENARIO, _drop_none
 from simulations import certs as certs_mod
+from simulations.supernode import FLOWER_HEARTBEAT_S, FLOWER_POLL_S
 from workloads import workload_class
 from workloads.federation import cohort_slice, num_nodes
 
@@ -131,6 +132,17 @@ def _reap(pid: int) -> None:
         pass
 
 
+def still_running(started: Started, grace: float) -> None:
+    """Raise ``DeployError`` (with its log) if the process exits within ``grace`` seconds:
+    a SuperNode that the SuperLink refuses (unregistered key, unknown CA) exits in ~3 s."""
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        _reap(started.pid)
+        if not _alive(started.pid):
+            raise DeployError(f"{started.name} exited; its log ({started.log}):\n" + log_tail(started.log))
+        time.sleep(0.2)
+
+
 def wait_for_port(host: str, port: int, started: Started, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -220,18 +232,22 @@ def start_supernode(
     home: Home, name: str, data: str | Path, superlink: str = f"127.0.0.1:{LINK_PORT}",
     port: int = 9094, state_dir: str | Path | None = None, insecure: bool = False,
     key: str | Path | None = None, ca: str | Path | None = None, max_retries: int | None = None,
+    poll: float = FLOWER_POLL_S, heartbeat: float = FLOWER_HEARTBEAT_S, rejoin: float = 0.0,
 ) -> Started:
-    """Start ``flower-supernode`` for one device: its data (a client file or a folder of
+    """Start Flower's SuperNode for one device: its data (a client file or a folder of
     them), its state folder (default ``home/nodes/<name>/state``), its key (default
     ``home/certs/devices/<name>``) and the CA that signed the SuperLink (default
-    ``home/certs/ca.crt``). ``port`` is the node's own local port: one per node on a host."""
+    ``home/certs/ca.crt``). ``port`` is the node's own local port: one per node on a host.
+    ``poll``, ``heartbeat`` and ``rejoin``: see ``simulations.supernode``."""
     data = Path(data).expanduser().resolve()
     if not data.exists():
         raise DeployError(f"--data {data}: no such file or folder")
     state = Path(state_dir).expanduser().resolve() if state_dir else home.node_dir(name) / "state"
     config = f"data-path={json.dumps(str(data))} state-dir={json.dumps(str(state))}"
-    argv = [_executable("flower-supernode"), "--superlink", superlink, "--port", str(port),
-            "--node-config", config]
+    _executable("flower-supernode")  # a clear error when flwr is missing
+    argv = [sys.executable, "-m", "simulations.supernode", "--poll", str(poll),
+            "--heartbeat", str(heartbeat), "--rejoin", str(rejoin), "--",
+            "--superlink", superlink, "--port", str(port), "--node-config", config]
     if max_retries is not None:
         argv += ["--max-retries", str(max_retries)]
     if insecure:
@@ -273,10 +289,10 @@ def stop(home: Home, name: str, sig: int = signal.SIGTERM, timeout: float = 15.0
     return True
 
 
-def stop_all(home: Home) -> list[str]:
+def stop_all(home: Home, timeout: float = 15.0) -> list[str]:
     """Stop every process of this home, SuperNodes first; returns their names."""
     names = sorted((p.stem for p in home.pids.glob("*.pid")), key=lambda n: n == "superlink")
-    return [n for n in names if stop(home, n)]
+    return [n for n in names if stop(home, n, timeout=timeout)]
 
 
 # ---- runs -------------------------------------------------------------------------------

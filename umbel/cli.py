@@ -311,14 +311,24 @@ def deploy_supernode(
     ca: Annotated[Optional[Path], typer.Option(help="the CA certificate that signed the SuperLink")] = None,
     home: HomeOption = DEFAULT_HOME,
     insecure: Annotated[bool, typer.Option(help="no TLS, no device authentication")] = False,
+    check: Annotated[float, typer.Option(
+        help="seconds to watch that it is accepted (a refused node exits)")] = 6.0,
+    poll: Annotated[float, typer.Option(help="seconds between requests for messages (Flower: 3)")] = 3.0,
+    heartbeat: Annotated[float, typer.Option(
+        help="heartbeat interval; the SuperLink holds a silent node for two (Flower: 30, min 10)")] = 30.0,
+    rejoin: Annotated[float, typer.Option(
+        help="after a crash, retry for this long while the SuperLink holds the old session")] = 0.0,
 ) -> None:
     """Start Flower's SuperNode for one device, in the background."""
-    from simulations.deploy import DeployError, Home, start_supernode
+    from simulations.deploy import DeployError, Home, start_supernode, still_running
 
     if insecure:
         _insecure_warning()
     try:
-        _started(start_supernode(Home(home), name, data, superlink, port, state_dir, insecure, key, ca))
+        started = start_supernode(Home(home), name, data, superlink, port, state_dir, insecure,
+                                  key, ca, poll=poll, heartbeat=heartbeat, rejoin=rejoin)
+        _started(started)
+        still_running(started, check)
     except DeployError as err:
         _deploy_fail(err)
 

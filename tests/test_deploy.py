@@ -1,0 +1,239 @@
+"""Deployment pieces without processes: certificates, device files and state, the monitor's
+event log and gRPC service, checkpoints, the flat run config."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+from client.device import DeviceState, data_files
+from server import monitor
+from server.run_config import resolve, unflatten
+from simulations.certs import CertError, make_certs
+from simulations.deploy import export_device_data, run_config
+from simulations.scenarios import load_scenario
+from workloads import workload_class
+from workloads.device_files import DeviceDataError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- certificates --------------------------------------------------------------------
+
+def test_certs_make_a_ca_a_server_certificate_for_its_hosts_and_device_keys(tmp_path):
+    made = make_certs(tmp_path, ["127.0.0.1", "link.example"], ["dev-0"])
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca.crt").read_bytes())
+    server = x509.load_pem_x509_certificate((tmp_path / "server.pem").read_bytes())
+    server.verify_directly_issued_by(ca)  # raises when the CA did not sign it
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert san.get_values_for_type(x509.DNSName) == ["link.example"]
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    # Flower reads OpenSSH keys on a NIST curve; private keys are the owner's alone.
+    key = load_ssh_private_key((tmp_path / "devices/dev-0").read_bytes(), password=None)
+    assert isinstance(key.curve, ec.SECP384R1)
+    assert load_ssh_public_key((tmp_path / "devices/dev-0.pub").read_bytes()) == key.public_key()
+    assert (tmp_path / "devices/dev-0").stat().st_mode & 0o077 == 0
+    assert (tmp_path / "ca.key").stat().st_mode & 0o077 == 0
+    assert len(made["written"]) == 6
+
+    # A second call keeps the CA and the device key, adds a device.
+    again = make_certs(tmp_path, ["127.0.0.1"], ["dev-0", "dev-1"])
+    assert tmp_path / "ca.crt" in again["kept"] and tmp_path / "devices/dev-0" in again["kept"]
+    assert x509.load_pem_x509_certificate((tmp_path / "ca.crt").read_bytes()) == ca
+    assert (tmp_path / "devices/dev-1.pub").is_file()
+
+
+@pytest.mark.parametrize("hosts, devices, field", [
+    (["bad host"], [], "--host"), (["127.0.0.1"], ["../x"], "--device"), (["127.0.0.1"], [""], "--device"),
+])
+def test_certs_refuse_bad_names(tmp_path, hosts, devices, field):
+    with pytest.raises(CertError, match=field):
+        make_certs(tmp_path, hosts, devices)
+
+
+# ---- device data files ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    scenario = load_scenario("deploy-tiny")
+    folder = tmp_path_factory.mktemp("device-data")
+    return scenario, export_device_data(scenario, folder)
+
+
+def test_exported_device_files_hold_exactly_the_simulated_clients_data(exported):
+    scenario, files = exported
+    workload = workload_class("mixed_regression")(scenario)
+    assert [f.name for f in files] == ["client-0.npz", "client-1.npz", "client-2.npz"]
+    simulated = workload.client_data(np.arange(3))
+    for cid in range(3):
+        one = workload.read_device_files([files[cid]])
+        ref = workload.client_data(np.array([cid]))
+        assert one.client_ids.tolist() == [cid]
+        np.testing.assert_array_equal(one.x, ref.x)
+        np.testing.assert_array_equal(one.y, ref.y)
+        assert one.labels.tolist() == ref.labels.tolist()
+    folder = workload.read_device_files(data_files(str(files[0].parent)))  # a device with three clients
+    np.testing.assert_array_equal(folder.x, simulated.x)
+    assert (files[0].parent / "scenario.toml").is_file()
+
+
+def _bad_files(folder: Path, good: Path) -> dict[str, tuple[Path, str]]:
+    with np.load(good) as f:
+        arrays = {k: f[k] for k in f.files}
+    cases = {}
+    truncated = folder / "truncated.npz"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    cases["truncated"] = (truncated, "not a readable .npz")
+    for name, change, message in [
+        ("wrong-dim", {"x": arrays["x"][:, :3]}, "3 columns; this scenario's dim is 5"),
+        ("flat-x", {"x": arrays["x"].ravel()}, "'x' has shape"),
+        ("short-y", {"y": arrays["y"][:-1]}, "need the same number"),
+        ("nan", {"y": np.where(np.arange(len(arrays["y"])) == 0, np.nan, arrays["y"])}, "NaN"),
+        ("foreign-id", {"client_id": np.int64(99)}, "outside this scenario's"),
+        ("no-y", {"y": None}, "missing array 'y'"),
+    ]:
+        path = folder / f"{name}.npz"
+        np.savez(path, **{k: v for k, v in {**arrays, **change}.items() if v is not None})
+        cases[name] = (path, message)
+    cases["missing"] = (folder / "nowhere.npz", "no such file")
+    return cases
+
+
+def test_bad_device_files_raise_errors_that_name_the_file_and_the_problem(exported, tmp_path):
+    scenario, files = exported
+    workload = workload_class("mixed_regression")(scenario)
+    for name, (path, message) in _bad_files(tmp_path, files[0]).items():
+        with pytest.raises(DeviceDataError) as err:
+            workload.read_device_files(data_files(str(path)))
+        assert message in str(err.value), name
+        assert str(path) in str(err.value), name
+
+
+def test_a_device_file_without_the_true_cluster_is_a_real_device(exported, tmp_path):
+    scenario, files = exported
+    with np.load(files[1]) as f:
+        np.savez(tmp_path / "c.npz", client_id=f["client_id"], x=f["x"], y=f["y"])
+    data = workload_class("mixed_regression")(scenario).read_device_files([tmp_path / "c.npz"])
+    assert data.labels is None
+
+
+def test_device_state_survives_a_restart_and_a_damaged_file_starts_over(tmp_path):
+    state = DeviceState(str(tmp_path / "state"))
+    state.record_round("clustered-fedavg", 1, {7: 2})
+    state.record_round("clustered-fedavg", 2, {7: 1})
+    again = DeviceState(str(tmp_path / "state"))  # a new process after a restart
+    assert again.arm("clustered-fedavg") == {"rounds": 2, "last_round": 2, "clusters": {"7": 1}}
+    again.path.write_text("{not json")
+    assert DeviceState(str(tmp_path / "state")).arm("clustered-fedavg") == {}
+
+
+# ---- run config for `flwr run` -------------------------------------------------------
+
+def test_the_flat_run_config_resolves_back_to_the_scenario(tmp_path):
+    scenario = load_scenario("deploy-tiny")
+    flat = run_config(scenario, tmp_path / "runs")
+    assert flat.pop("run.resume") == ""
+    back = resolve(unflatten(flat))
+    assert back["run"].pop("out") == str((tmp_path / "runs").resolve())
+    scenario["run"].pop("out")
+    assert back == scenario
+
+
+# ---- the monitor ---------------------------------------------------------------------
+
+def _round(log: monitor.EventLog, arm: str, r: int) -> None:
+    log.emit("round_finished", arm=arm, round=r, metrics={"mse": 1.0 / (r + 1)}, cluster_sizes=[2, 1])
+
+
+def test_events_are_stored_length_delimited_and_read_back_in_order(tmp_path):
+    log = monitor.EventLog(tmp_path / "events.pb")
+    log.emit("run_started", run_name="x", arms=["a"], rounds=3)
+    for r in range(3):
+        _round(log, "a", r)
+    log.emit("client_failure", arm="a", round=2, node="17", reason="no reply")
+    log.emit("run_finished", status="finished")
+    stored = monitor.read_events(tmp_path)
+    assert stored == log.events and [e.seq for e in stored] == list(range(6))
+    assert [e.WhichOneof("kind") for e in stored] == [
+        "run_started", "round_finished", "round_finished", "round_finished", "client_failure", "run_finished"]
+    assert stored[2].round_finished.metrics["mse"] == 0.5
+
+    # A torn last record (killed mid-write) is dropped; a resumed log continues the numbering.
+    data = (tmp_path / "events.pb").read_bytes()
+    (tmp_path / "events.pb").write_bytes(data[:-3])
+    assert len(monitor.read_events(tmp_path)) == 5
+    resumed = monitor.EventLog(tmp_path / "events.pb")
+    assert resumed.emit("run_started", run_name="x").seq == 5
+    assert [e.seq for e in monitor.read_events(tmp_path)] == list(range(6))
+    with pytest.raises(ValueError, match="unknown event kind"):
+        resumed.emit("round_started")
+
+
+def test_watch_streams_every_event_live_and_ends_with_the_run(tmp_path):
+    log = monitor.EventLog(tmp_path / "events.pb")
+    log.emit("run_started", run_name="live", arms=["a"], rounds=20)
+    server, address = monitor.serve(log, "127.0.0.1:0")
+    received = []
+
+    def follow() -> None:
+        received.extend(monitor.watch(address, timeout=30))
+
+    try:
+        watcher = threading.Thread(target=follow)
+        watcher.start()
+        for r in range(20):  # emitted while the watcher streams
+            _round(log, "a", r)
+            time.sleep(0.01)
+        log.emit("run_finished", status="finished")
+        watcher.join(timeout=30)
+        assert not watcher.is_alive()
+        late = list(monitor.watch(address, from_seq=15, timeout=10))  # replay of a finished run
+    finally:
+        server.stop(grace=None)
+    assert received == monitor.read_events(tmp_path) and len(received) == 22
+    assert [e.seq for e in late] == list(range(15, 22))
+
+
+def test_a_monitor_address_that_cannot_serve_is_named(tmp_path):
+    log = monitor.EventLog(tmp_path / "events.pb")
+    with pytest.raises(ValueError, match="monitor.address 'nowhere'"):
+        monitor.serve(log, "nowhere")
+
+
+def test_generated_monitor_modules_are_fresh(tmp_path):
+    """The committed *_pb2 modules are what grpcio-tools makes of monitor.proto now."""
+    shutil.copytree(ROOT / "proto", tmp_path / "proto", ignore=shutil.ignore_patterns("*_pb2*.py", "__pycache__"))
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I", ".", "--python_out=.",
+                    "--grpc_python_out=.", "proto/umbel/v1/monitor.proto"], cwd=tmp_path, check=True)
+    for name in ("monitor_pb2.py", "monitor_pb2_grpc.py"):
+        fresh = (tmp_path / "proto/umbel/v1" / name).read_text()
+        assert fresh == (ROOT / "proto/umbel/v1" / name).read_text(), (
+            f"proto/umbel/v1/{name} is stale: regenerate with `make proto`")
+
+
+def test_checkpoints_carry_every_strategy_through_pickle():
+    """The server's checkpoint pickles the strategy object: each one must survive it."""
+    from server.app import flatten
+    from strategies import STRATEGIES, build_strategy
+
+    scenario = load_scenario("tiny", ["anchors.count=4"])
+    workload = workload_class("mixed_regression")(scenario)
+    base = workload.initial_parameters()
+    for name in STRATEGIES:
+        strategy = build_strategy(
+            name, 3, proximal_mu=1.0, k=2, dim=5, seed=0, clustered=scenario["clustered"],
+            timeout=10.0, start=flatten(base), lr=0.1)
+        clone = pickle.loads(pickle.dumps(strategy))
+        assert type(clone) is type(strategy)
