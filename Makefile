@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/active_learning.py
 	$(BIN)/python benchmarks/scale.py
 	$(BIN)/python benchmarks/koopman.py
+	$(BIN)/python benchmarks/deploy_latency.py
 
 clean:
 	rm -rf runs .pytest_cache benchmarks/results

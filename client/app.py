@@ -91,12 +91,12 @@ def placement(context: Context, generated: bool, data: CohortData) -> ConfigReco
     })
 
 
-def remember(context: Context, config: ConfigRecord, batch: ClientBatch | None) -> ConfigRecord:
+def remember(context: Context, config: ConfigRecord, batch: ClientBatch | None) -> ConfigRecord | None:
     """On a device with a ``state-dir``: read what it kept before this reply (its rounds
     and last clusters, which survive a SuperNode restart), then record this round."""
     state_dir = str(context.node_config.get("state-dir", ""))
     if not state_dir:
-        return ConfigRecord({})
+        return None
     store = device.DeviceState(state_dir)
     arm = str(config.get("arm", ""))
     before = store.arm(arm)
@@ -176,7 +176,9 @@ def train(msg: Message, context: Context) -> Message:
         result.batch.metrics.pop("cluster")
     content = encode_result(result)
     content["node"] = placement(context, generated, data)
-    content["device"] = remember(context, config, result.batch)
+    kept = remember(context, config, result.batch)
+    if kept is not None:
+        content["device"] = kept
     return Message(content, reply_to=msg)
 
 

@@ -323,11 +323,13 @@ def make_server_app(
     return server_app
 
 
-def open_record(scenario: dict[str, Any], resume: str | Path | None = None) -> RunRecord:
-    """A new run record under ``run.out``, or the interrupted one in ``resume``; its
-    checkpoint must exist and the run must not have finished."""
+def open_record(
+    scenario: dict[str, Any], resume: str | Path | None = None, out: str | Path | None = None
+) -> RunRecord:
+    """A new run record under ``out`` (default ``run.out``), or the interrupted one in
+    ``resume``, reopened to continue."""
     if resume is None:
-        return RunRecord(new_run_dir(scenario["run"]["out"], scenario["run"]["name"]), scenario)
+        return RunRecord(new_run_dir(out or scenario["run"]["out"], scenario["run"]["name"]), scenario)
     return RunRecord(Path(resume), scenario, resume=True)
 
 

@@ -94,12 +94,12 @@ def _executable(name: str) -> str:
     return found
 
 
-def _start(home: Home, name: str, argv: list[str], cwd: Path) -> Started:
+def _start(home: Home, name: str, argv: list[str], cwd: Path, env: dict[str, str] | None = None) -> Started:
     log = home.logs / f"{name}.log"
     with open(log, "ab") as out:
         out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
         out.flush()
-        proc = subprocess.Popen(argv, cwd=cwd, env=home.env(), stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(argv, cwd=cwd, env={**home.env(), **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     (home.pids / f"{name}.pid").write_text(f"{proc.pid}\n")
     return Started(name, proc.pid, log, argv)
@@ -260,7 +260,9 @@ def start_supernode(
                 raise DeployError(f"{what} {path} is missing: run `umbel certs --device {name}` "
                                   "on the machine that holds the CA, and copy it here")
         argv += ["--root-certificates", str(ca), "--auth-supernode-private-key", str(key)]
-    return _start(home, f"supernode-{name}", argv, home.node_dir(name))
+    # Flower's own knob for how often the node's SuperExec looks for ClientApps to start (1 s).
+    env = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(min(poll, 1.0))} if poll < 1.0 else {}
+    return _start(home, f"supernode-{name}", argv, home.node_dir(name), env)
 
 
 # ---- stopping ---------------------------------------------------------------------------

@@ -17,8 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from server.app import arm_label, make_server_app, start_recording
-from server.record import RunObserver, RunRecord, new_run_dir
+from server.app import arm_label, make_server_app, open_record, start_recording
+from server.record import RunObserver, RunRecord
 from server.run_config import client_view
 from simulations.report import write_report
 from workloads import workload_class
@@ -168,12 +168,8 @@ def simulate(
         check_ray_address(ray_address)
     fed = scenario["federation"]
     nodes = num_nodes(fed["clients"], fed["cohort_size"])
-    if resume is None:
-        run_dir = new_run_dir(out or scenario["run"]["out"], scenario["run"]["name"])
-        record = RunRecord(run_dir, scenario)
-    else:
-        run_dir = Path(resume)
-        record = RunRecord(run_dir, scenario, resume=True)
+    record = open_record(scenario, resume, out)
+    run_dir = record.dir
     observers = Observers(record, *([observer] if observer else []))
     monitor_server, address = start_recording(record, scenario)
     if address and on_monitor is not None:

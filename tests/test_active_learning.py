@@ -279,15 +279,16 @@ def test_centralised_entropy_gradnorm_beats_random_by_a_point():
 
 @pytest.mark.slow
 def test_federated_entropy_gradnorm_ends_above_random():
-    """10 clients, Dirichlet 0.5. Pilot: +7.4 points (spread 5.8) at 240 labels."""
+    """10 clients, Dirichlet 0.5. Pilot (benchmarks/active_learning.py): +5.2, +15.2, 0.0,
+    +13.2 points on seeds 0-3 at 240 labels (+3.6 on seed 4, left out for time)."""
     gain = []
-    for seed in SEEDS:
+    for seed in range(4):
         g_final, _, labels = _final_and_auc("entropy-gradnorm", seed)
         r_final, _, _ = _final_and_auc("random", seed)
         assert labels == 240
         gain.append(g_final - r_final)
     assert np.mean(gain) > 0.02, gain
-    assert sum(g >= 0 for g in gain) >= 4, gain
+    assert sum(g >= 0 for g in gain) >= 3, gain
 
 
 # ---- through Flower ---------------------------------------------------------------------

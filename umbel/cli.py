@@ -391,13 +391,18 @@ def deploy_run(
         run_id = submit(h, resolved, out, resume)
         console.print(f"submitted run {run_id} ({resolved['run']['name']}) to the SuperLink; "
                       f"Flower's logs: {h.logs / 'superlink.log'}", highlight=False)
-        run_dir = resume or find_run_dir(out, resolved["run"]["name"], since)
-        console.print(f"run record: {run_dir}", highlight=False)
-        address_file = Path(run_dir) / ADDRESS_FILE
+        try:
+            run_dir = resume or find_run_dir(out, resolved["run"]["name"], since, timeout=60)
+            console.print(f"run record: {run_dir}", highlight=False)
+        except DeployError:  # a SuperLink on another machine keeps the record there
+            run_dir = None
+            console.print(f"no run record under {out} here: it is on the SuperLink's machine; "
+                          "waiting for the run to finish", highlight=False)
+        address_file = Path(run_dir or ".") / ADDRESS_FILE
         deadline = _time.monotonic() + 60
-        while not address_file.is_file() and _time.monotonic() < deadline:
+        while run_dir and not address_file.is_file() and _time.monotonic() < deadline:
             _time.sleep(0.2)
-        if address_file.is_file():
+        if run_dir and address_file.is_file():
             address = address_file.read_text().strip()
             try:
                 for event in follow(address, 0):
@@ -410,8 +415,11 @@ def deploy_run(
     if status.get("status") != "finished:completed":
         _fail(f"run {run_id} {status.get('status')}: {status.get('status-details')} "
               f"(record in {run_dir}; logs in {h.logs})", EXIT_RUN_FAILED)
-    write_report(Path(run_dir))
-    console.print((Path(run_dir) / "summary.md").read_text(), highlight=False, soft_wrap=True)
+    if run_dir:
+        write_report(Path(run_dir))
+        console.print((Path(run_dir) / "summary.md").read_text(), highlight=False, soft_wrap=True)
+    else:
+        console.print(f"run {run_id} finished", highlight=False)
 
 
 if __name__ == "__main__":
