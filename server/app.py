@@ -226,7 +226,7 @@ def run_strategy(
                 row0[f"handed_in_{key}"] = workload.central_metrics(handed_in)[key]
                 row0["phase1_warnings"] = strategy.coarse.warnings
             rows.append(row0)
-        replies = grid.send_and_receive(messages, timeout=run["round_timeout"])
+        replies = list(grid.send_and_receive(messages, timeout=run["round_timeout"]))
         new_arrays, _ = strategy.aggregate_train(rnd, replies)
         report = strategy.last_report
         wall = time.perf_counter() - start
