@@ -235,8 +235,9 @@ def plot_curve(history: dict[str, Any], path: Path) -> bool:
     return True
 
 
-def describe_event(event: Any) -> str:
-    """One line per event, as ``umbel watch`` prints it and the summary lists failures."""
+def describe_event(event: Any, key_metric: str = "") -> str:
+    """One line per event, as ``umbel watch`` prints it and the summary lists failures;
+    rounds show ``key_metric`` (the run's, from its start event) when they have it."""
     kind = event.WhichOneof("kind")
     e = getattr(event, kind)
     if kind == "run_started":
@@ -246,7 +247,7 @@ def describe_event(event: Any) -> str:
                 f"{e.rounds} rounds, seed {e.seed}{resumed}")
     if kind == "round_finished":
         shown = {k: e.metrics[k] for k in sorted(e.metrics)
-                 if k in ("ari", "misclustering") or "loss" in k or k.startswith(("rel_l2", "mse", "accuracy"))}
+                 if k in (key_metric, "ari") or "loss" in k or k.startswith(("mse", "accuracy"))}
         parts = [f"{k} {v:.4g}" for k, v in shown.items()]
         if e.cluster_sizes:
             parts.append(f"clusters {list(e.cluster_sizes)}")

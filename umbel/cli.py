@@ -159,12 +159,13 @@ def watch(
         if not (Path(target) / ADDRESS_FILE).is_file():
             _fail(f"{target} has no {ADDRESS_FILE}: its run served no monitor", EXIT_BAD_INPUT)
         address = (Path(target) / ADDRESS_FILE).read_text().strip()
-    status = ""
+    status, key = "", ""
     try:
         for event in follow(address, from_seq):
             kind = event.WhichOneof("kind")
+            key = event.run_started.key_metric if kind == "run_started" else key
             style = {"client_failure": "yellow", "run_finished": "bold"}.get(kind, "")
-            line = f"[dim]{event.seq:>5}[/] " + describe_event(event)
+            line = f"[dim]{event.seq:>5}[/] " + describe_event(event, key)
             console.print(f"[{style}]{line}[/]" if style else line, highlight=False, soft_wrap=True)
             if kind == "run_finished":
                 status = event.run_finished.status
@@ -405,8 +406,10 @@ def deploy_run(
         if run_dir and address_file.is_file():
             address = address_file.read_text().strip()
             try:
+                key = ""
                 for event in follow(address, 0):
-                    console.print(describe_event(event), highlight=False, soft_wrap=True)
+                    key = event.run_started.key_metric if event.HasField("run_started") else key
+                    console.print(describe_event(event, key), highlight=False, soft_wrap=True)
             except (grpc.RpcError, grpc.FutureTimeoutError):
                 pass  # the monitor went away with the run: its status says how it ended
         status = wait_run(h, run_id, timeout)
