@@ -249,7 +249,7 @@ def test_bad_scenarios_name_the_field(overrides, field, message):
 
 # ---- the paper's claim, paired over seeds ---------------------------------------------
 
-SEEDS = range(5)
+SEEDS = range(3)  # the pilot's per-seed gains are quoted in each test
 
 
 def _final_and_auc(rule, seed, *overrides):
@@ -263,8 +263,9 @@ def _final_and_auc(rule, seed, *overrides):
 
 @pytest.mark.slow
 def test_centralised_entropy_gradnorm_beats_random_by_a_point():
-    """Calibrated on a pilot: +3.5 points (spread 1.8) at 240 labels over these seeds; the
-    issue asks for at least +1."""
+    """Calibrated on a pilot (benchmarks/active_learning.py): +2.2, +5.6, +0.8 points on
+    seeds 0-2 at 240 labels (+5.2, +3.8 on seeds 3-4, left out for time); the issue asks
+    for at least +1 on average."""
     one_client = ("federation.clients=1", "federation.cohort_size=1")
     gain, auc_gain = [], []
     for seed in SEEDS:
@@ -279,16 +280,16 @@ def test_centralised_entropy_gradnorm_beats_random_by_a_point():
 
 @pytest.mark.slow
 def test_federated_entropy_gradnorm_ends_above_random():
-    """10 clients, Dirichlet 0.5. Pilot (benchmarks/active_learning.py): +5.2, +15.2, 0.0,
-    +13.2 points on seeds 0-3 at 240 labels (+3.6 on seed 4, left out for time)."""
+    """10 clients, Dirichlet 0.5. Pilot (benchmarks/active_learning.py): +5.2, +15.2, 0.0
+    points on seeds 0-2 at 240 labels (+13.2, +3.6 on seeds 3-4, left out for time)."""
     gain = []
-    for seed in range(4):
+    for seed in SEEDS:
         g_final, _, labels = _final_and_auc("entropy-gradnorm", seed)
         r_final, _, _ = _final_and_auc("random", seed)
         assert labels == 240
         gain.append(g_final - r_final)
     assert np.mean(gain) > 0.02, gain
-    assert sum(g >= 0 for g in gain) >= 3, gain
+    assert sum(g >= 0 for g in gain) >= 2, gain
 
 
 # ---- through Flower ---------------------------------------------------------------------
