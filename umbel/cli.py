@@ -155,12 +155,18 @@ def watch(
     from simulations.report import describe_event
 
     address = target
+    status, key = "", ""
     if Path(target).is_dir():
+        from server.record import load_history
+
         if not (Path(target) / ADDRESS_FILE).is_file():
             _fail(f"{target} has no {ADDRESS_FILE}: its run served no monitor", EXIT_BAD_INPUT)
         address = (Path(target) / ADDRESS_FILE).read_text().strip()
-    status, key = "", ""
+        if load_history(Path(target)).get("status") != "running":
+            address = ""  # over: its recorded events, below
     try:
+        if not address:
+            raise grpc.FutureTimeoutError()
         for event in follow(address, from_seq):
             kind = event.WhichOneof("kind")
             key = event.run_started.key_metric if kind == "run_started" else key
@@ -170,7 +176,17 @@ def watch(
             if kind == "run_finished":
                 status = event.run_finished.status
     except grpc.FutureTimeoutError:
-        _fail(f"no monitor answers at {address} (is the run still going?)", EXIT_RUN_FAILED)
+        if not Path(target).is_dir():
+            _fail(f"no monitor answers at {address} (is the run still going?)", EXIT_RUN_FAILED)
+        from server.monitor import read_events
+
+        console.print("[dim]the run is over; its recorded events:[/]", highlight=False)
+        for event in read_events(target)[from_seq:]:
+            key = event.run_started.key_metric if event.HasField("run_started") else key
+            console.print(f"[dim]{event.seq:>5}[/] " + describe_event(event, key), highlight=False,
+                          soft_wrap=True)
+            if event.HasField("run_finished"):
+                status = event.run_finished.status
     except grpc.RpcError as err:
         _fail(f"monitor at {address}: {err.details() or err.code()}", EXIT_RUN_FAILED)
     except KeyboardInterrupt:
@@ -400,10 +416,14 @@ def deploy_run(
             console.print(f"no run record under {out} here: it is on the SuperLink's machine; "
                           "waiting for the run to finish", highlight=False)
         address_file = Path(run_dir or ".") / ADDRESS_FILE
+
+        def fresh() -> bool:  # a resumed record still holds the interrupted run's address
+            return address_file.is_file() and address_file.stat().st_mtime >= since - 1
+
         deadline = _time.monotonic() + 60
-        while run_dir and not address_file.is_file() and _time.monotonic() < deadline:
+        while run_dir and not fresh() and _time.monotonic() < deadline:
             _time.sleep(0.2)
-        if run_dir and address_file.is_file():
+        if run_dir and fresh():
             address = address_file.read_text().strip()
             try:
                 key = ""
