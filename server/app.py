@@ -311,13 +311,16 @@ def run_federation(
 
 def make_server_app(
     scenario: dict[str, Any], observer: RunObserver, data_cache: str = "",
-    record: RunRecord | None = None,
+    record: RunRecord | None = None, on_start: Any = None,
 ) -> ServerApp:
-    """A ServerApp bound to a resolved scenario (used by the simulation launcher)."""
+    """A ServerApp bound to a resolved scenario (used by the simulation launcher);
+    ``on_start()`` runs first (the simulation engine and Ray are up by then)."""
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
+        if on_start is not None:
+            on_start()
         run_federation(grid, scenario, observer, data_cache, record)
 
     return server_app
@@ -333,18 +336,25 @@ def open_record(
     return RunRecord(Path(resume), scenario, resume=True)
 
 
-def start_recording(record: RunRecord, scenario: dict[str, Any]) -> tuple[Any, str]:
-    """Serve the record's events on ``run.monitor`` (unless empty), then emit the run's
-    start; returns the gRPC server (None when off) and the address it listens on."""
-    server, address = None, ""
-    if scenario["run"]["monitor"]:
-        server, address = monitor.serve(record.events, scenario["run"]["monitor"])
-        monitor.write_address(record.dir, address)
+def start_recording(record: RunRecord, scenario: dict[str, Any]) -> None:
+    """Emit the run's start (or its resumption after the record's checkpoint)."""
     workload = workload_class(scenario["run"]["workload"])(client_view(scenario))
     arms = [arm_label(s, v) for s in scenario["run"]["strategies"] for v in workload.variants()]
     checkpoint = record.load_checkpoint()
     resumed = (checkpoint["arm"], checkpoint["round"]) if checkpoint else ("", 0)
     record.start(arms, scenario["run"]["rounds"], resumed)
+
+
+def serve_monitor(record: RunRecord, scenario: dict[str, Any]) -> tuple[Any, str]:
+    """Serve the record's events on ``run.monitor`` (unless empty); returns the gRPC server
+    (None when off) and the address it listens on, also written to the record.
+
+    Start it after Ray: a process that forks while gRPC's threads run (Ray starting its
+    services) can leave a child stuck, and Ray's start-up then times out."""
+    if not scenario["run"]["monitor"]:
+        return None, ""
+    server, address = monitor.serve(record.events, scenario["run"]["monitor"])
+    monitor.write_address(record.dir, address)
     return server, address
 
 
@@ -360,7 +370,8 @@ def main(grid: Grid, context: Context) -> None:
     scenario = resolve(unflatten(config), source="run config")
     record = open_record(scenario, resume)
     log(logging.INFO, "umbel: run record in %s", record.dir)
-    server, address = start_recording(record, scenario)
+    start_recording(record, scenario)
+    server, address = serve_monitor(record, scenario)
     if address:
         log(logging.INFO, "umbel: live monitor at %s (umbel watch %s)", address, address)
     try:

@@ -112,7 +112,9 @@ def log_tail(path: Path, lines: int = 15) -> str:
         return "(no log)"
 
 
-def _alive(pid: int) -> bool:
+def is_running(pid: int) -> bool:
+    """Whether a process lives (a child of ours that exited is reaped, not counted)."""
+    _reap(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -137,8 +139,7 @@ def still_running(started: Started, grace: float) -> None:
     a SuperNode that the SuperLink refuses (unregistered key, unknown CA) exits in ~3 s."""
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
-        _reap(started.pid)
-        if not _alive(started.pid):
+        if not is_running(started.pid):
             raise DeployError(f"{started.name} exited; its log ({started.log}):\n" + log_tail(started.log))
         time.sleep(0.2)
 
@@ -146,8 +147,7 @@ def still_running(started: Started, grace: float) -> None:
 def wait_for_port(host: str, port: int, started: Started, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        _reap(started.pid)
-        if not _alive(started.pid):
+        if not is_running(started.pid):
             raise DeployError(f"{started.name} exited while starting; its log ({started.log}):\n"
                               + log_tail(started.log))
         try:
@@ -275,19 +275,18 @@ def stop(home: Home, name: str, sig: int = signal.SIGTERM, timeout: float = 15.0
         return False
     pid = int(pid_file.read_text())
     pid_file.unlink()
-    if not _alive(pid):
+    if not is_running(pid):
         return False
     try:
         os.killpg(pid, sig)
     except ProcessLookupError:
         return False
     deadline = time.monotonic() + timeout
-    while _alive(pid) and time.monotonic() < deadline:
-        _reap(pid)
+    while is_running(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    if _alive(pid):
+    if is_running(pid):
         os.killpg(pid, signal.SIGKILL)
-    _reap(pid)
+    is_running(pid)  # reaps it
     return True
 
 

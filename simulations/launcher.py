@@ -14,10 +14,11 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
-from server.app import arm_label, make_server_app, open_record, start_recording
+from server.app import arm_label, make_server_app, open_record, serve_monitor, start_recording
 from server.record import RunObserver, RunRecord
 from server.run_config import client_view
 from simulations.report import write_report
@@ -171,21 +172,32 @@ def simulate(
     record = open_record(scenario, resume, out)
     run_dir = record.dir
     observers = Observers(record, *([observer] if observer else []))
-    monitor_server, address = start_recording(record, scenario)
-    if address and on_monitor is not None:
-        on_monitor(address)
+    start_recording(record, scenario)
+    served: list[Any] = []
+
+    def serve() -> None:  # in the ServerApp thread, once Ray is up (see serve_monitor)
+        import ray
+
+        deadline = time.monotonic() + 300  # Flower starts Ray after the ServerApp's thread
+        while not ray.is_initialized() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not served:
+            served[:] = serve_monitor(record, scenario)
+            if served[1] and on_monitor is not None:
+                on_monitor(served[1])
+
     try:
         return _simulate(scenario, run_dir, record, observers, nodes, ray_address, verbose,
-                         client_cpus, warn)
+                         client_cpus, warn, serve)
     finally:
-        if monitor_server is not None:  # watchers have had the RunFinished event
-            monitor_server.stop(grace=2).wait()
+        if served and served[0] is not None:  # watchers have had the RunFinished event
+            served[0].stop(grace=2).wait()
 
 
 def _simulate(
     scenario: dict[str, Any], run_dir: Path, record: RunRecord, observers: RunObserver,
     nodes: int, ray_address: str | None, verbose: bool, client_cpus: float,
-    warn: Callable[[str], None],
+    warn: Callable[[str], None], on_start: Callable[[], None],
 ) -> Path:
     from flwr.simulation import run_simulation  # heavy import: only when running
 
@@ -206,7 +218,7 @@ def _simulate(
         warn(warning)
     try:
         run_simulation(
-            server_app=make_server_app(scenario, observers, data_cache, record),
+            server_app=make_server_app(scenario, observers, data_cache, record, on_start),
             client_app=client_app,
             num_supernodes=nodes,
             backend_config=backend_config(ray_address, temp_dir, verbose, client_cpus),

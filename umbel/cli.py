@@ -143,6 +143,23 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> 
         console.print(f"wrote {f}", soft_wrap=True)
 
 
+def _print_events(events: Any) -> str:
+    """One line per event (the run's key metric from its start event on); returns the
+    status of the run's end ("" when the stream stopped before it)."""
+    from simulations.report import describe_event
+
+    status, key = "", ""
+    for event in events:
+        kind = event.WhichOneof("kind")
+        key = event.run_started.key_metric if kind == "run_started" else key
+        style = {"client_failure": "yellow", "run_finished": "bold"}.get(kind, "")
+        line = f"[dim]{event.seq:>5}[/] " + describe_event(event, key)
+        console.print(f"[{style}]{line}[/]" if style else line, highlight=False, soft_wrap=True)
+        if kind == "run_finished":
+            status = event.run_finished.status
+    return status
+
+
 @app.command()
 def watch(
     target: Annotated[str, typer.Argument(help="the monitor's host:port, or a run directory")],
@@ -151,46 +168,29 @@ def watch(
     """Follow a running simulation or deployment live: one line per event, until it ends."""
     import grpc
 
-    from server.monitor import ADDRESS_FILE, watch as follow
-    from simulations.report import describe_event
+    from server.monitor import ADDRESS_FILE, read_events, watch as follow
+    from server.record import load_history
 
     address = target
-    status, key = "", ""
     if Path(target).is_dir():
-        from server.record import load_history
-
         if not (Path(target) / ADDRESS_FILE).is_file():
             _fail(f"{target} has no {ADDRESS_FILE}: its run served no monitor", EXIT_BAD_INPUT)
         address = (Path(target) / ADDRESS_FILE).read_text().strip()
-        if load_history(Path(target)).get("status") != "running":
-            address = ""  # over: its recorded events, below
+    over = Path(target).is_dir() and load_history(Path(target)).get("status") != "running"
+    status = None  # None: nothing streamed
     try:
-        if not address:
-            raise grpc.FutureTimeoutError()
-        for event in follow(address, from_seq):
-            kind = event.WhichOneof("kind")
-            key = event.run_started.key_metric if kind == "run_started" else key
-            style = {"client_failure": "yellow", "run_finished": "bold"}.get(kind, "")
-            line = f"[dim]{event.seq:>5}[/] " + describe_event(event, key)
-            console.print(f"[{style}]{line}[/]" if style else line, highlight=False, soft_wrap=True)
-            if kind == "run_finished":
-                status = event.run_finished.status
-    except grpc.FutureTimeoutError:
+        if not over:
+            status = _print_events(follow(address, from_seq))
+    except grpc.FutureTimeoutError:  # nobody listens: a run dir's record still tells it
         if not Path(target).is_dir():
             _fail(f"no monitor answers at {address} (is the run still going?)", EXIT_RUN_FAILED)
-        from server.monitor import read_events
-
-        console.print("[dim]the run is over; its recorded events:[/]", highlight=False)
-        for event in read_events(target)[from_seq:]:
-            key = event.run_started.key_metric if event.HasField("run_started") else key
-            console.print(f"[dim]{event.seq:>5}[/] " + describe_event(event, key), highlight=False,
-                          soft_wrap=True)
-            if event.HasField("run_finished"):
-                status = event.run_finished.status
     except grpc.RpcError as err:
         _fail(f"monitor at {address}: {err.details() or err.code()}", EXIT_RUN_FAILED)
     except KeyboardInterrupt:
         raise typer.Exit(0)
+    if status is None:
+        console.print("[dim]the run is over; its recorded events:[/]", highlight=False)
+        status = _print_events(read_events(target)[from_seq:])
     if status and status != "finished":
         raise typer.Exit(EXIT_RUN_FAILED)
 
@@ -366,13 +366,13 @@ def deploy_stop(
 @deploy_app.command("status")
 def deploy_status(home: HomeOption = DEFAULT_HOME) -> None:
     """The processes of this home: running or not, and their logs."""
-    from simulations.deploy import Home, _alive
+    from simulations.deploy import Home, is_running
 
     h = Home(home)
     table = Table("process", "pid", "state", "log")
     for pid_file in sorted(h.pids.glob("*.pid")):
         pid = int(pid_file.read_text())
-        table.add_row(pid_file.stem, str(pid), "running" if _alive(pid) else "exited",
+        table.add_row(pid_file.stem, str(pid), "running" if is_running(pid) else "exited",
                       str(h.logs / f"{pid_file.stem}.log"))
     console.print(table)
 
@@ -395,7 +395,7 @@ def deploy_run(
     from server.monitor import ADDRESS_FILE, watch as follow
     from simulations.deploy import DeployError, Home, find_run_dir, submit, wait_run
     from simulations.launcher import LaunchError, check_resumable
-    from simulations.report import describe_event, write_report
+    from simulations.report import write_report
     from simulations.scenarios import load_scenario
 
     h = Home(home)
@@ -426,10 +426,7 @@ def deploy_run(
         if run_dir and fresh():
             address = address_file.read_text().strip()
             try:
-                key = ""
-                for event in follow(address, 0):
-                    key = event.run_started.key_metric if event.HasField("run_started") else key
-                    console.print(describe_event(event, key), highlight=False, soft_wrap=True)
+                _print_events(follow(address, 0))
             except (grpc.RpcError, grpc.FutureTimeoutError):
                 pass  # the monitor went away with the run: its status says how it ended
         status = wait_run(h, run_id, timeout)
