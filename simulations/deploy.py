@@ -134,22 +134,24 @@ def _reap(pid: int) -> None:
         pass
 
 
+def _check_alive(started: Started) -> None:
+    if not is_running(started.pid):
+        raise DeployError(f"{started.name} exited; its log ({started.log}):\n" + log_tail(started.log))
+
+
 def still_running(started: Started, grace: float) -> None:
     """Raise ``DeployError`` (with its log) if the process exits within ``grace`` seconds:
     a SuperNode that the SuperLink refuses (unregistered key, unknown CA) exits in ~3 s."""
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
-        if not is_running(started.pid):
-            raise DeployError(f"{started.name} exited; its log ({started.log}):\n" + log_tail(started.log))
+        _check_alive(started)
         time.sleep(0.2)
 
 
 def wait_for_port(host: str, port: int, started: Started, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not is_running(started.pid):
-            raise DeployError(f"{started.name} exited while starting; its log ({started.log}):\n"
-                              + log_tail(started.log))
+        _check_alive(started)
         try:
             socket.create_connection((host, port), timeout=1).close()
             return
