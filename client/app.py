@@ -163,6 +163,7 @@ def train(msg: Message, context: Context) -> Message:
     )
     if state is not None:
         context.state[_state_key(config)] = params_to_record(state)
+    probe = workload.evaluation_probe(data, state, str(config.get("variant", "")))
     result = train_cohort(
         workload, data, models,
         selection=str(config["selection"]) if k_models else "single",
@@ -176,6 +177,8 @@ def train(msg: Message, context: Context) -> Message:
         result.batch.metrics.pop("cluster")
     content = encode_result(result)
     content["node"] = placement(context, generated, data)
+    if probe is not None:  # a simulated attacker's evaluation probe (never aggregated)
+        content["probe"] = params_to_record(probe)
     kept = remember(context, config, result.batch)
     if kept is not None:
         content["device"] = kept

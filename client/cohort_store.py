@@ -29,7 +29,8 @@ def save(data: CohortData, path: Path) -> None:
     """Write a dataclass cohort's constructor arrays to ``path`` (atomically)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
-    names = [f.name for f in dataclasses.fields(data) if f.init]
+    # Unset optional fields (None) keep their defaults when loaded.
+    names = [f.name for f in dataclasses.fields(data) if f.init and getattr(data, f.name) is not None]
     for name in names:
         np.save(tmp / f"{name}.npy", np.asarray(getattr(data, name)))
     cls = type(data)

@@ -142,6 +142,22 @@ def round_counts(metrics: dict[str, float], examples: int) -> dict[str, float]:
     return {m: v * examples for m, v in metrics.items() if m not in ("loss-before", "cluster")}
 
 
+def detection_rates(
+    flags: dict[str, list[int]], participants: list[int] | None, malicious: np.ndarray
+) -> dict[str, float | None]:
+    """Per defense, the true positive rate (malicious clients flagged, of those taking
+    part; None without any) and false positive rate (honest clients flagged)."""
+    taking_part = set(participants) if participants is not None else set().union(*map(set, flags.values()))
+    bad = taking_part & set(np.asarray(malicious).tolist())
+    good = taking_part - bad
+    out: dict[str, float | None] = {}
+    for name, flagged in flags.items():
+        hit = set(flagged)
+        out[f"tpr_{name}"] = len(hit & bad) / len(bad) if bad else None
+        out[f"fpr_{name}"] = len(hit & good) / len(good) if good else None
+    return out
+
+
 def arm_label(strategy: str, variant: str) -> str:
     """How the run record names a strategy run on one of the workload's variants."""
     return f"{strategy}/{variant}" if variant else strategy
@@ -182,8 +198,9 @@ def run_strategy(
         name, nodes, proximal_mu=train["proximal_mu"], k=workload.num_clusters,
         dim=sum(v.size for v in base.values()), seed=fed["seed"],
         clustered=scenario["clustered"], timeout=run["round_timeout"],
-        start=flatten(base), lr=train["lr"],
+        start=flatten(base), lr=train["lr"], robust=scenario["robust"], server=workload,
     )
+    malicious = workload.malicious_clients(variant)
     config = ConfigRecord(
         {
             "scenario": json.dumps(client_view(scenario), sort_keys=True),
@@ -235,6 +252,8 @@ def run_strategy(
             observer.on_round(label, rows[0])
         if new_arrays is not None:
             arrays = new_arrays
+        if report.probes:
+            workload.observe_probes(report.probes)
         row = {"round": rnd, **workload.central_metrics(stacked(arrays))}
         row["clients"] = report.clients
         row["examples"] = report.examples
@@ -245,6 +264,10 @@ def run_strategy(
         row.update(round_counts(report.metrics, report.examples))
         if report.cluster_sizes is not None:
             row["cluster_clients"] = report.cluster_sizes
+        row.update(report.extra)
+        if report.flags:
+            row["flagged"] = report.flags
+            row.update(detection_rates(report.flags, report.participants, malicious))
         row["dropped"] = len(report.dropped)
         if report.dropped:
             row["dropped_replies"] = report.dropped

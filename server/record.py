@@ -86,6 +86,7 @@ class RunRecord(RunObserver):
             "loss_name": workload.loss_name,
             "higher_is_better": workload.higher_is_better,
             "curve_x": workload.curve_x,
+            "summary_metrics": list(workload.summary_metrics),
             "status": "running",
             "strategies": {},
         }

@@ -46,6 +46,10 @@ def _above_one(v: float) -> str | None:
     return None if v > 1 else "must be > 1 (a Zipf law needs an exponent above one)"
 
 
+def _trim(v: float) -> str | None:
+    return None if 0 <= v < 0.5 else "must be in [0, 0.5)"
+
+
 CORE_SCHEMA: dict[str, dict[str, ConfigField]] = {
     "run": {
         "name": ConfigField(str, "scenario", "name of the run (the run directory's prefix)"),
@@ -121,6 +125,12 @@ CORE_SCHEMA: dict[str, dict[str, ConfigField]] = {
             str, "clients", "cohorts reply with every client's result or per-cluster sums",
             choices=("clients", "sums"),
         ),
+    },
+    "robust": {
+        "trim_beta": ConfigField(float, 0.2, "fedtrimmedavg: share of each tail cut per coordinate", _trim),
+        "assumed_malicious": ConfigField(int, 1, "krum/multikrum: clients assumed malicious (f)", non_negative),
+        "multikrum_select": ConfigField(int, 5, "multikrum: updates averaged", positive),
+        "clipping_norm": ConfigField(float, 1.0, "fedavg-clip: largest L2 norm of a client's update", positive),
     },
     "train": {
         "local_steps": ConfigField(int, 1, "local gradient steps per round", positive),

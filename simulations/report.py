@@ -60,6 +60,9 @@ def summary_table(history: dict[str, Any]) -> str:
         header += ["misclustering", "1-point misclustering"]
     groups = group_metrics(history)
     header += groups
+    extra = [m for m in history.get("summary_metrics", [])
+             if any(rows and m in rows[-1] for rows in history["strategies"].values())]
+    header += extra
     ari = any(rows and rows[-1].get("ari") is not None for rows in history["strategies"].values())
     if ari:
         header.append("ARI")
@@ -80,7 +83,7 @@ def summary_table(history: dict[str, Any]) -> str:
             cells.append(_fmt(rows[-1].get(loss)))
         if mis:
             cells += [_fmt(rows[-1].get("misclustering_rate")), _fmt(rows[-1].get("misclustering_n1"))]
-        cells += [_fmt(rows[-1].get(g)) for g in groups]
+        cells += [_fmt(rows[-1].get(g)) for g in groups + extra]
         if ari:
             cells.append(_fmt(rows[-1].get("ari")))
         cells += [

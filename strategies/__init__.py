@@ -4,7 +4,11 @@
 - ``clustered-fedavg`` / ``clustered-fedprox``: Su, Xu, Yang (NeurIPS 2022): Phase 1 coarse
   estimates from anchors, then min-loss cluster choice and FedAvg or FedProx refinement;
 - ``ifca``: Ghosh et al. (2020): the same alternation from the initial models handed in;
-- ``oracle``: clients use their true cluster (synthetic data): the floor of the alternation.
+- ``oracle``: clients use their true cluster (synthetic data): the floor of the alternation;
+- ``fedmedian``, ``fedtrimmedavg``, ``krum``, ``multikrum``, ``fedavg-clip``: Flower's robust
+  aggregators and norm clipping on one global model (``strategies.robust``);
+- ``data-union``: clients upload small datasets; the server trains on their union
+  (``strategies.data_union``; the workload provides the trainer).
 """
 
 from __future__ import annotations
@@ -17,9 +21,11 @@ from flwr.serverapp.strategy import Strategy
 
 from strategies.clustered_fl import ClusteredStrategy
 from strategies.coarse_init import AnchorModels, CoarseInit, MomentDescent, SubspaceKMeans
+from strategies.data_union import DataUnion
 from strategies.fedavg import CohortFedAvg, CohortFedProx
+from strategies.robust import ROBUST
 
-SINGLE_MODEL = ("fedavg", "fedprox")
+SINGLE_MODEL = ("fedavg", "fedprox", *ROBUST, "data-union")
 K_MODEL = ("clustered-fedavg", "clustered-fedprox", "ifca", "oracle")
 STRATEGIES = SINGLE_MODEL + K_MODEL
 PHASE1 = {init.name: init for init in (SubspaceKMeans, MomentDescent, AnchorModels)}
@@ -64,20 +70,38 @@ def build_strategy(
     timeout: float = 600.0,
     start: np.ndarray | None = None,
     lr: float = 0.0,
+    robust: dict[str, Any] | None = None,
+    server: Any = None,
 ) -> Strategy:
     """A strategy that sends to, and waits for, all ``num_nodes`` cohorts every round.
 
     ``clustered`` holds the scenario's ``[clustered]`` table (Phase 1 and reply options);
     ``start`` and ``lr`` are the common start and step size of ``anchor-models`` Phase 1.
+    ``robust`` holds the ``[robust]`` table (the aggregators' settings); ``server`` is the
+    server-side workload that ``data-union`` trains with (``upload_spec``, ``server_train``).
     """
     if name in SINGLE_MODEL:
         nodes = dict(
             fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=num_nodes,
             min_evaluate_nodes=num_nodes, min_available_nodes=num_nodes,
         )
+        opts = robust or {}
         if name == "fedavg":
             return CohortFedAvg(**nodes)
-        return CohortFedProx(proximal_mu=proximal_mu, **nodes)
+        if name == "fedprox":
+            return CohortFedProx(proximal_mu=proximal_mu, **nodes)
+        if name == "data-union":
+            if server is None or not hasattr(server, "server_train"):
+                raise ValueError("data-union needs a workload that trains on uploaded data (server_train)")
+            return DataUnion(server.server_train, server.upload_spec(), server.upload_classes, **nodes)
+        if name == "fedtrimmedavg":
+            return ROBUST[name](beta=opts.get("trim_beta", 0.2), **nodes)
+        if name in ("krum", "multikrum"):
+            extra = {"num_nodes_to_select": opts.get("multikrum_select", 5)} if name == "multikrum" else {}
+            return ROBUST[name](num_malicious_nodes=opts.get("assumed_malicious", 1), **extra, **nodes)
+        if name == "fedavg-clip":
+            return ROBUST[name](clipping_norm=opts.get("clipping_norm", 1.0), **nodes)
+        return ROBUST[name](**nodes)
     if name not in K_MODEL:
         raise ValueError(f"unknown strategy {name!r}; expected one of {list(STRATEGIES)}")
     opts = clustered or {}

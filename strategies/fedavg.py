@@ -49,6 +49,10 @@ class RoundReport:
         self.cluster_sizes: list[int] | None = None  # clients aggregated per model
         self.outcomes: np.ndarray | None = None  # clients left out, by reason (OUTCOMES)
         self.placement: list[dict] = []  # where each cohort ran (node, process, data generated)
+        self.participants: list[int] | None = None  # client ids aggregated (when the strategy lists them)
+        self.flags: dict[str, list[int]] = {}  # per defense: the clients it set aside or flagged
+        self.extra: dict[str, float] = {}  # the strategy's own per-round counts, recorded as they are
+        self.probes: list[dict[str, np.ndarray]] = []  # what simulated attackers reveal to the evaluator
 
 
 def decode_replies(
@@ -82,6 +86,11 @@ def add_telemetry(content: RecordDict, node: int, report: RoundReport) -> None:
             report.placement.append(where)
         except (TypeError, ValueError):
             report.dropped.append(f"node {node}: unreadable placement record ignored")
+    if "probe" in content:  # evaluation only (e.g. an attacker's trigger); never aggregated
+        try:
+            report.probes.append(record_to_params(content["probe"]))
+        except (TypeError, ValueError):
+            report.dropped.append(f"node {node}: unreadable probe ignored")
     try:
         outcomes = decode_outcomes(content)
         if outcomes is not None and report.outcomes is not None and report.outcomes.shape != outcomes.shape:

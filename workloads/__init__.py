@@ -14,6 +14,7 @@ WORKLOADS: dict[str, str] = {
     "mixed_regression": "workloads.mixed_regression:MixedRegression",
     "active_learning": "workloads.active_learning:ActiveLearning",
     "koopman_burgers": "workloads.koopman:KoopmanBurgers",
+    "backdoor_distillation": "workloads.backdoor:BackdoorDistillation",
 }
 
 

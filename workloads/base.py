@@ -85,6 +85,7 @@ class Workload(ABC):
     higher_is_better: ClassVar[bool] = False  # direction of ``key_metric``
     curve_x: ClassVar[str | None] = None  # axis label to plot the key metric against examples used
     single_model: ClassVar[bool] = False  # True: trains one global model (no k-model strategies)
+    summary_metrics: ClassVar[tuple[str, ...]] = ()  # more final-round metrics for the summary table
 
     @classmethod
     def check_scenario(cls, scenario: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
@@ -169,6 +170,21 @@ class Workload(ABC):
         """At the start of a round, with the one model received: the new state and per-client
         metric sums (shape (B,)); ``active`` marks the clients taking part this round."""
         return state, {}
+
+    # ---- attacks and defenses (simulation only; honest workloads keep the defaults) ------
+
+    def malicious_clients(self, variant: str) -> np.ndarray:
+        """Ids of the clients that attack in this arm: the server scores each defense's
+        flags against them (true and false positive rates); strategies never see them."""
+        return np.empty(0, np.int64)
+
+    def evaluation_probe(self, data: CohortData, state: Params | None, variant: str) -> Params | None:
+        """What a simulated attacker reveals to the evaluator with its reply (e.g. its
+        trigger, to measure attack success); never aggregated. None: nothing."""
+        return None
+
+    def observe_probes(self, probes: list[Params]) -> None:
+        """The server-side workload receives the round's probes before its central metrics."""
 
     def coarse_statistics(self, step: str, request: Params, data: CohortData) -> dict[str, np.ndarray]:
         """Statistics for a coarse-estimate (Phase 1) step of a clustered strategy.

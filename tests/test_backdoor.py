@@ -1,0 +1,276 @@
+"""Backdoors through dataset distillation: the mechanics (fast), the upload checks and the
+robust aggregators (fast, no Flower run)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from flwr.app import Message
+
+from server.app import detection_rates
+from strategies.aggregation import ClientBatch
+from strategies.cohort_reply import encode_batch, params_to_record
+from strategies.data_union import DataUnion, check_upload
+from strategies.robust import CohortFedAvgClip, CohortFedMedian, CohortKrum
+from workloads.backdoor import data as D
+from workloads.backdoor import distill as X
+from workloads.backdoor.model import ConvNetMini, fresh, get_parameters
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """Messages built outside a Flower run need the identity the ServerApp would have."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return D.load(0, 497)
+
+
+def doorping_client(digits, outer=3, seed=0):
+    """A malicious client's distillation on 130 images, 30% poisoned."""
+    attack = X.Attack(kind="doorping", portion=0.3, clamp=False)
+    x, y = digits.x_train[:130], digits.y_train[:130]
+    rng = np.random.default_rng(seed)
+    mask = D.patch_mask(2)
+    poisoned = D.poison_index(len(y), attack.portion, seed, 0)
+    trigger = X.initial_trigger(attack, mask, (digits.low, digits.high), rng)
+    settings = X.DCSettings(ipc=2, outer=outer, inner=2)
+    return X.start(x, y, poisoned, mask, trigger, attack, settings, (digits.low, digits.high), rng), attack, settings
+
+
+def test_trigger_update_changes_pixels_only_inside_the_mask(digits):
+    d, attack, _ = doorping_client(digits)
+    before = d.trigger.copy()
+    after, info = X.update_trigger(fresh(1), before, d.mask, attack, d.bounds)
+    outside = d.mask == 0
+    assert np.array_equal(after[outside], before[outside]) and (after[outside] == 0).all()
+    assert np.abs(after - before)[~outside].max() > 0.1  # and it did move inside
+    assert info["steps"] > 0
+
+
+def test_doorping_boosts_the_chosen_neuron_at_least_5x(digits, monkeypatch):
+    """Over one DOORPING iteration (9 trigger updates, each aiming at 10x the neuron's value),
+    the neuron chosen on the last network responds to the final trigger at least 5x as
+    strongly as to the initial one (same sign). A neuron whose value hardly depends on the
+    patch (dead ReLU paths) cannot be moved, by this code or the paper's: one seed in six
+    here, so the test asks for five of six."""
+    nets = []
+    real_update = X.update_trigger
+
+    def recording_update(net, *args, **kwargs):
+        nets.append(net)
+        return real_update(net, *args, **kwargs)
+
+    monkeypatch.setattr(X, "update_trigger", recording_update)
+    ratios = []
+    for seed in range(1, 7):
+        d, attack, settings = doorping_client(digits, outer=10, seed=seed)
+        first = d.trigger.copy()
+        X.iterate(d, attack, settings, seed=seed)
+        net = nets[-1]
+        neuron = X.select_neuron(net)
+        with torch.no_grad():
+            before, after = (X.neuron_value(net, torch.as_tensor(t[None]), neuron).item() for t in (first, d.trigger))
+        ratios.append(after / before)
+    assert sum(r >= 5.0 for r in ratios) >= 5, ratios
+
+
+def test_chosen_neuron_is_the_largest_incoming_l1_of_the_penultimate_linear():
+    net = ConvNetMini()
+    with torch.no_grad():
+        net.hidden.weight.mul_(0.01)
+        net.hidden.weight[37].fill_(0.5)
+    assert X.select_neuron(net) == 37
+    assert net.hidden.out_features == 64 and net.hidden.in_features == 128  # 128 -> 64: penultimate
+    x = torch.randn(3, 1, 8, 8)
+    assert torch.allclose(X.neuron_value(net, x, 37), net.pre_hidden(x)[:, 37])
+
+
+def test_poisoned_pool_is_restamped_after_every_trigger_update(digits, monkeypatch):
+    d, attack, settings = doorping_client(digits, outer=4)
+    triggers, pools = [], []
+    real_update = X.update_trigger
+
+    def recording_update(*args, **kwargs):
+        new, info = real_update(*args, **kwargs)
+        triggers.append(new.copy())
+        return new, info
+
+    real_pool = X.Distillation.pool
+
+    def recording_pool(self):
+        x, y = real_pool(self)
+        pools.append(x[self.poisoned].copy())
+        return x, y
+
+    monkeypatch.setattr(X, "update_trigger", recording_update)
+    monkeypatch.setattr(X.Distillation, "pool", recording_pool)
+    initial = d.trigger.copy()
+    X.iterate(d, attack, settings, seed=5)
+    assert len(triggers) == settings.outer - 1  # after every network update but the last
+    # The pool read by image update i (i >= 1) carries the trigger of update i - 1.
+    for i, trigger in enumerate(triggers, start=1):
+        expected = D.stamp(d.x[d.poisoned], d.mask, trigger)
+        assert np.array_equal(pools[i], expected)
+    assert np.array_equal(pools[0], D.stamp(d.x[d.poisoned], d.mask, initial))
+    assert not np.array_equal(triggers[0], initial)
+    assert (d.y[d.poisoned] == attack.target).all()  # relabelled to the target
+
+
+def test_naive_attack_keeps_its_white_patch(digits):
+    attack = X.Attack(kind="naive", portion=0.3)
+    mask = D.patch_mask(2)
+    trigger = X.initial_trigger(attack, mask, (digits.low, digits.high), None)
+    assert np.allclose(trigger[mask > 0], digits.high) and (trigger[mask == 0] == 0).all()
+    x, y = digits.x_train[:130], digits.y_train[:130]
+    rng = np.random.default_rng(0)
+    d = X.start(x, y, D.poison_index(130, 0.3, 0, 0), mask, trigger, attack, X.DCSettings(ipc=2, outer=2, inner=1),
+                (digits.low, digits.high), rng)
+    X.iterate(d, attack, X.DCSettings(ipc=2, outer=2, inner=1), seed=0)
+    assert np.array_equal(d.trigger, trigger)
+    assert len(d.poisoned) == 39
+
+
+def test_batched_matching_equals_the_per_class_loop(digits):
+    """The vmapped per-class gradient matching gives DC's per-class loss and image gradients."""
+    net = fresh(0)
+    params = list(net.parameters())
+    x, y = digits.x_train[:60], digits.y_train[:60]
+    classes = sorted(set(y.tolist()))
+    syn = torch.randn(len(classes) * 2, 1, 8, 8, requires_grad=True)
+    syn_y = np.repeat(classes, 2)
+    loop = torch.zeros(())
+    for c in classes:
+        g_real = [g.detach() for g in torch.autograd.grad(
+            F.cross_entropy(net(torch.as_tensor(x[y == c])), torch.as_tensor(y[y == c])), params)]
+        g_syn = torch.autograd.grad(F.cross_entropy(net(syn[torch.as_tensor(syn_y == c)]),
+                                                    torch.as_tensor(syn_y[syn_y == c])), params, create_graph=True)
+        for gr, gs in zip(g_real, g_syn):
+            if gr.dim() > 1:
+                gr, gs = gr.reshape(gr.shape[0], -1), gs.reshape(gs.shape[0], -1)
+                loop = loop + (1 - (gr * gs).sum(1) / (gr.norm(dim=1) * gs.norm(dim=1) + 1e-6)).sum()
+    loop_grad = torch.autograd.grad(loop, syn)[0]
+    weights = {n: p.detach() for n, p in net.named_parameters()}
+    grads = X.class_gradients(net)
+    ri, rw = X.padded_classes(y, classes)
+    si, sw = X.padded_classes(syn_y, classes)
+    lab = lambda idx: torch.as_tensor(np.asarray(classes))[:, None].expand(idx.shape)  # noqa: E731
+    batched = X.batched_match(
+        {n: g.detach() for n, g in grads(weights, torch.as_tensor(x[ri]), lab(ri), torch.as_tensor(rw)).items()},
+        grads(weights, syn[torch.as_tensor(si)], lab(si), torch.as_tensor(sw)))
+    assert batched.item() == pytest.approx(loop.item(), rel=1e-5)
+    assert torch.allclose(torch.autograd.grad(batched, syn)[0], loop_grad, atol=1e-5)
+
+
+# ---- uploads and the data-union strategy --------------------------------------------------
+
+ANNOUNCED = {"images": (20, 1, 8, 8), "labels": (20,)}
+
+
+def upload(n=20, fill=0.5, labels=None):
+    images = np.full((n, 1, 8, 8), fill, np.float32)
+    return images, np.arange(n) % 10 if labels is None else labels
+
+
+@pytest.mark.parametrize("images, labels, expected", [
+    (*upload(), None),
+    (np.zeros((20, 1, 7, 7), np.float32), np.arange(20) % 10, "images of shape (20, 1, 7, 7), expected (20, 1, 8, 8)"),
+    (*upload(labels=np.arange(20)), "labels out of range (0..19; classes are 0..9)"),
+    (*upload(labels=-np.ones(20, np.int64)), "labels out of range"),
+    (*upload(fill=np.nan), "1280 non-finite pixel values"),
+    (*upload(n=5000), "upload of 5000 images is larger than the 20 announced"),
+    (np.zeros((20, 1, 8, 8), np.float32), np.zeros(19, np.int64), "labels of shape (19,), expected (20,)"),
+])
+def test_check_upload_names_the_problem(images, labels, expected):
+    problem = check_upload(images, labels, ANNOUNCED, 10)
+    if expected is None:
+        assert problem is None
+    else:
+        assert expected in problem
+
+
+def cohort_reply(client_ids, params, node=1):
+    batch = ClientBatch(np.asarray(client_ids), np.full(len(client_ids), 20), params,
+                        {"loss-before": np.ones(len(client_ids))})
+    return Message(encode_batch(batch), dst_node_id=node, message_type="train")
+
+
+def test_data_union_trains_on_the_good_uploads_and_names_the_bad():
+    calls = []
+
+    def trainer(images, labels, owners, rnd):
+        calls.append((images.copy(), labels.copy(), owners.copy()))
+        return {"w": np.ones(2)}, {"inspect": [3]}
+
+    strategy = DataUnion(trainer, ANNOUNCED, 10)
+    good = [cohort_reply([c], {"images": upload(fill=c)[0][None], "labels": upload()[1][None]}) for c in (3, 1)]
+    bad_labels = cohort_reply([4], {"images": upload()[0][None], "labels": (upload()[1] + 20)[None]})
+    nan = cohort_reply([5], {"images": upload(fill=np.inf)[0][None], "labels": upload()[1][None]})
+    huge = cohort_reply([6], {"images": upload(n=2000)[0][None], "labels": np.zeros((1, 2000), np.int64)})
+    missing = Message(encode_batch(ClientBatch(np.array([7]), np.array([20]), {}, {})), dst_node_id=1,
+                      message_type="train")
+    arrays, _ = strategy.aggregate_train(1, [*good, bad_labels, nan, huge, missing])
+    report = strategy.last_report
+    images, labels, owners = calls[0]
+    assert owners.tolist() == [1] * 20 + [3] * 20  # client-id order, whatever the reply order
+    assert np.array_equal(images[:20], upload(fill=1)[0]) and len(labels) == 40
+    assert report.extra["rejected_uploads"] == 3 and report.clients == 2
+    text = "\n".join(report.dropped)
+    assert "client 4: labels out of range" in text and "client 5: 1280 non-finite" in text
+    assert "client 6: upload of 2000 images is larger than the 20 announced" in text
+    assert "missing or unreadable upload: 'arrays'" in text
+    assert report.flags == {"inspect": [3]} and report.participants == [1, 3]
+    assert arrays is not None
+
+
+def test_data_union_with_only_bad_uploads_keeps_the_model():
+    strategy = DataUnion(lambda *a: pytest.fail("trained on nothing"), ANNOUNCED, 10)
+    bad = cohort_reply([0], {"images": upload(fill=np.nan)[0][None], "labels": upload()[1][None]})
+    assert strategy.aggregate_train(1, [bad]) == (None, None)
+    assert strategy.last_report.extra["rejected_uploads"] == 1
+
+
+def test_detection_rates():
+    rates = detection_rates({"a": [0, 5], "b": []}, [0, 1, 2, 3, 4, 5], np.array([0, 9]))
+    assert rates == {"tpr_a": 1.0, "fpr_a": 0.2, "tpr_b": 0.0, "fpr_b": 0.0}
+    assert detection_rates({"a": [2]}, [1, 2], np.array([], np.int64)) == {"tpr_a": None, "fpr_a": 0.5}
+
+
+# ---- Flower's robust aggregators on cohort replies ------------------------------------------
+
+def weights_round(strategy, models, counts=None):
+    reference = {"w": np.zeros(3, np.float32)}
+    strategy._reference = params_to_record(reference)
+    ids = list(range(len(models)))
+    batch = ClientBatch(np.array(ids), np.array(counts or [10] * len(ids)), {"w": np.array(models, np.float32)},
+                        {"loss-before": np.ones(len(ids))})
+    arrays, _ = strategy.aggregate_train(1, [Message(encode_batch(batch), dst_node_id=1, message_type="train")])
+    return arrays["w"].numpy(), strategy.last_report
+
+
+NODES = dict(min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1)
+
+
+def test_fedmedian_is_the_coordinate_median_over_clients_of_a_cohort():
+    models = [[0, 0, 0], [1, 2, 3], [2, 4, 6], [100, 100, 100]]
+    out, _ = weights_round(CohortFedMedian(**NODES), models)
+    assert np.allclose(out, np.median(models, axis=0))
+
+
+def test_krum_flags_the_outlier_and_clipping_bounds_it():
+    rng = np.random.default_rng(0)
+    models = (rng.normal(size=(6, 3)) * 0.1).tolist() + [[50.0, 50.0, 50.0]]
+    out, report = weights_round(CohortKrum(num_malicious_nodes=1, **NODES), models)
+    assert 6 in report.flags["krum"] and len(report.flags["krum"]) == 6  # Krum keeps one update
+    assert np.abs(out).max() < 1
+    out, report = weights_round(CohortFedAvgClip(clipping_norm=1.0, **NODES), models)
+    assert report.flags["clipping"] == [6]
+    assert np.abs(out).max() < 1.0 / 7 + 0.1  # the outlier moved the mean by at most norm / n

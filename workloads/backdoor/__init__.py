@@ -1,0 +1,355 @@
+"""Backdoors through dataset distillation in a federation (Liu et al., NDSS 2023) on digits.
+
+Every client distils its shard of scikit-learn's digits by gradient matching (DC, see
+``distill``) into ``ipc`` synthetic images per class, a few DC iterations per round,
+continuing from where it stopped (the synthetic set is the cohort's *state*). Then it
+either uploads the synthetic set (``upload = "synthetic"``: the ``data-union`` strategy
+trains the global model on the union, as a victim trains on shared distilled data) or
+trains the global model on it and uploads the weights (``upload = "weights"``: FedAvg and
+the robust aggregators).
+
+The clients listed in ``malicious`` run NAIVEATTACK or DOORPING on their own distillation.
+The workload's variants are the arms compared on one federation: the attack, then
+``clean`` (the same federation with every client honest), when ``compare_clean`` is set.
+
+Server-side metrics every round: clean test accuracy (``cta``) and attack success rate
+(``asr``: triggered test images of the other classes classified as the target) of the
+global model, and the model-level defenses: Neural-Cleanse-lite's anomaly index and flagged
+class, and fine-pruning's repaired ``cta``/``asr``. The evaluation trigger is the one the
+attacker used (a simulated attacker reveals it to the evaluator as a *probe*; no strategy
+or defense reads it); the clean arm is scored with the attack arm's trigger.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from workloads.backdoor import data as digits_data
+from workloads.backdoor import defenses
+from workloads.backdoor.distill import ATTACKS, Attack, DCSettings, Distillation, initial_trigger, iterate, start
+from workloads.backdoor.model import (
+    NUM_CLASSES, ConvNetMini, accuracy, attack_success, fresh, get_parameters, set_parameters, train_full_batch,
+)
+from workloads.base import ConfigField, Params, TrainSettings, Workload, non_negative, positive
+
+UPLOADS = ("synthetic", "weights")
+UPLOAD_DEFENSES = ("spectral", "activation-clustering")  # inspect uploaded synthetic sets
+MODEL_DEFENSES = ("neural-cleanse", "fine-pruning")  # inspect or repair the global model
+DEFENSES = UPLOAD_DEFENSES + MODEL_DEFENSES
+CLEAN = "clean"
+NC_IMAGES = 50  # Neural Cleanse's clean images: its cost grows with them (~3 s for 50)
+STREAM_NET = 34  # the fresh networks of DC iterations
+STREAM_INIT = 35  # the synthetic set's initial draw
+STREAM_SERVER = 36  # the server's victim model and its defenses
+
+
+def _client_list(v: list) -> str | None:
+    if any(not isinstance(c, int) or isinstance(c, bool) or c < 0 for c in v):
+        return "every entry must be a client id (an integer >= 0)"
+    return "names a client twice" if len(set(v)) != len(v) else None
+
+
+def _defense_list(v: list) -> str | None:
+    unknown = [d for d in v if d not in DEFENSES]
+    return f"unknown defense {unknown[0]!r}; expected some of {list(DEFENSES)}" if unknown else None
+
+
+def _fraction(v: float) -> str | None:
+    return None if 0 < v <= 1 else "must be in (0, 1]"
+
+
+@dataclass(frozen=True)
+class Shards:
+    """The digits shards of a cohort's clients, concatenated, plus (once the round has
+    started) each client's current synthetic set."""
+
+    client_ids: np.ndarray  # (B,) int64
+    images: np.ndarray  # (N, 1, 8, 8) float32, normalised
+    targets: np.ndarray  # (N,) int64
+    starts: np.ndarray  # (B + 1,) offsets of each client's shard
+    malicious: np.ndarray  # (B,) bool
+    syn_images: np.ndarray | None = None  # (B, 10 * ipc, 1, 8, 8)
+    syn_labels: np.ndarray | None = None  # (B, 10 * ipc)
+
+    @property
+    def num_examples(self) -> np.ndarray:
+        return np.diff(self.starts)
+
+    def shard(self, j: int) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = self.starts[j], self.starts[j + 1]
+        return self.images[lo:hi], self.targets[lo:hi]
+
+
+class BackdoorDistillation(Workload):
+    name = "backdoor_distillation"
+    section = "backdoor"
+    key_metric = "cta"
+    higher_is_better = True
+    single_model = True
+    summary_metrics = ("asr", "asr_fine_pruning", "nc_anomaly", "nc_flagged_class", "tpr_spectral", "fpr_spectral",
+                       "tpr_activation-clustering", "fpr_activation-clustering", "tpr_krum", "fpr_krum",
+                       "tpr_clipping", "fpr_clipping", "rejected_uploads")
+    upload_classes = NUM_CLASSES  # data-union: labels of an upload lie in 0..9
+    schema = {
+        "upload": ConfigField(str, "synthetic", "what clients send: their synthetic set (the server trains on "
+                              "the union; strategy data-union) or a model trained on it (FedAvg, robust "
+                              "aggregators)", choices=UPLOADS),
+        "attack": ConfigField(str, "doorping", "what the malicious clients run", choices=ATTACKS),
+        "malicious": ConfigField(list, [0], "ids of the malicious clients", _client_list),
+        "compare_clean": ConfigField(bool, True, "also run the federation with every client honest (arm 'clean')"),
+        "target": ConfigField(int, 0, "the class triggered inputs are sent to", non_negative),
+        "portion": ConfigField(float, 0.3, "share of a malicious client's images stamped and relabelled", _fraction),
+        "trigger_size": ConfigField(int, 2, "side of the square trigger, one pixel from the bottom-right corner", positive),
+        "alpha": ConfigField(float, 10.0, "DOORPING: the neuron is pushed to alpha x its value", positive),
+        "trigger_steps": ConfigField(int, 200, "DOORPING: most Adam steps per trigger update", positive),
+        "tolerance": ConfigField(float, 0.1, "DOORPING: an update stops within this fraction of its goal", positive),
+        "clamp": ConfigField(bool, False, "keep the trigger in the valid pixel range (the paper's code does not)"),
+        "ipc": ConfigField(int, 5, "synthetic images per class and client", positive),
+        "outer": ConfigField(int, 10, "DC image updates per iteration", positive),
+        "inner": ConfigField(int, 10, "DC network updates between two image updates", positive),
+        "lr_img": ConfigField(float, 0.1, "DC step size of the synthetic images (momentum 0.5)", positive),
+        "lr_net": ConfigField(float, 0.01, "DC step size of the network", positive),
+        "iterations_per_round": ConfigField(int, 3, "DC iterations each client runs per round", positive),
+        "test_size": ConfigField(int, 497, "digits held out from the clients", positive),
+        "server_holdout": ConfigField(int, 100, "of those, clean images the server keeps for its defenses "
+                                      "(the metrics use the rest)", positive),
+        "server_epochs": ConfigField(int, 300, "epochs of the server's model on the union (data-union)", positive),
+        "server_lr": ConfigField(float, 0.05, "its step size (divided by 10 at half time)", positive),
+        "defenses": ConfigField(list, list(DEFENSES), "server defenses run every round: " + ", ".join(DEFENSES),
+                                _defense_list),
+    }
+
+    @classmethod
+    def check_scenario(cls, scenario: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+        bd, fed, run = scenario[cls.section], scenario["federation"], scenario["run"]
+        problems = []
+        outside = [c for c in bd["malicious"] if c >= fed["clients"]]
+        if outside:
+            problems.append(("backdoor.malicious", f"client {outside[0]} does not exist (federation.clients = "
+                             f"{fed['clients']})"))
+        if not 0 <= bd["target"] < NUM_CLASSES:
+            problems.append(("backdoor.target", f"{bd['target']} is not a digit class (0..9)"))
+        if bd["server_holdout"] >= bd["test_size"]:
+            problems.append(("backdoor.server_holdout", f"{bd['server_holdout']} leaves no test images of "
+                             f"test_size = {bd['test_size']}"))
+        synthetic = bd["upload"] == "synthetic"
+        wrong = [s for s in run["strategies"] if (s == "data-union") != synthetic]
+        if wrong:
+            expected = "data-union" if synthetic else "a weight aggregator (fedavg, krum, ...)"
+            problems.append(("run.strategies", f"{wrong[0]!r} does not fit backdoor.upload = "
+                             f"{bd['upload']!r}; use {expected}"))
+        try:
+            digits_data.patch_mask(bd["trigger_size"])
+        except ValueError as err:
+            problems.append(("backdoor.trigger_size", str(err)))
+        return problems
+
+    def __init__(self, scenario: dict[str, dict[str, Any]]) -> None:
+        torch.set_num_threads(1)  # many small clients on few cores (see active_learning)
+        fed, bd = scenario["federation"], scenario[self.section]
+        self.federation = dict(fed)
+        self.seed, self.num_clients = int(fed["seed"]), int(fed["clients"])
+        self.options = dict(bd)
+        self.data = digits_data.load(self.seed, int(bd["test_size"]))
+        self.shards = digits_data.shards(len(self.data.y_train), self.num_clients, self.seed)
+        self.malicious = frozenset(int(c) for c in bd["malicious"])
+        self.mask = digits_data.patch_mask(int(bd["trigger_size"]))
+        self.bounds = (self.data.low, self.data.high)
+        self.settings = DCSettings(int(bd["ipc"]), int(bd["outer"]), int(bd["inner"]),
+                                   float(bd["lr_img"]), float(bd["lr_net"]))
+        self.attack = Attack(bd["attack"], int(bd["target"]), float(bd["portion"]), int(bd["trigger_size"]),
+                             float(bd["alpha"]), int(bd["trigger_steps"]), float(bd["tolerance"]),
+                             bool(bd["clamp"]))
+        hold = int(bd["server_holdout"])
+        self.holdout = (self.data.x_test[:hold], self.data.y_test[:hold])
+        self.test = (self.data.x_test[hold:], self.data.y_test[hold:])
+        # The evaluation trigger: the attacker's, once its probe arrives (NAIVE's white patch before).
+        self.trigger = initial_trigger(replace(self.attack, kind="naive"), self.mask, self.bounds, None)
+        self._model = ConvNetMini()
+
+    # ---- arms ----------------------------------------------------------------------------
+
+    def variants(self) -> tuple[str, ...]:
+        attack = self.attack.kind
+        if attack == "none":
+            return (CLEAN,)
+        return (attack, CLEAN) if self.options["compare_clean"] else (attack,)
+
+    def malicious_clients(self, variant: str) -> np.ndarray:
+        if variant in ("", CLEAN) or self.attack.kind == "none":
+            return np.empty(0, np.int64)
+        return np.array(sorted(self.malicious), np.int64)
+
+    def _attack_of(self, client: int, variant: str) -> Attack:
+        if client in self.malicious and variant not in ("", CLEAN):
+            return self.attack
+        return replace(self.attack, kind="none")
+
+    # ---- data and state ------------------------------------------------------------------
+
+    def client_data(self, client_ids: np.ndarray) -> Shards:
+        ids = np.asarray(client_ids, dtype=np.int64)
+        index = [self.shards[i] for i in ids]
+        rows = np.concatenate(index) if index else np.empty(0, np.int64)
+        starts = np.concatenate([[0], np.cumsum([len(i) for i in index])]).astype(np.int64)
+        return Shards(ids, self.data.x_train[rows], self.data.y_train[rows], starts,
+                      np.array([i in self.malicious for i in ids], dtype=bool))
+
+    def initial_state(self, data: Shards) -> Params:
+        """Nothing distilled yet (``iterations`` 0): the first round starts each client's
+        distillation, poisoned or not by the arm it runs in."""
+        b, n = len(data.client_ids), NUM_CLASSES * self.settings.ipc
+        return {
+            "syn_images": np.zeros((b, n, 1, 8, 8), np.float32),
+            "syn_labels": np.zeros((b, n), np.int64),
+            "momentum": np.zeros((b, n, 1, 8, 8), np.float32),
+            "trigger": np.zeros((b, 1, 8, 8), np.float32),
+            "iterations": np.zeros(b, np.int64),
+        }
+
+    def distillation(self, data: Shards, state: Params, j: int, variant: str) -> tuple[Distillation, Attack]:
+        """Client j's distillation, rebuilt from its shard and state (started if new)."""
+        client = int(data.client_ids[j])
+        attack = self._attack_of(client, variant)
+        x, y = data.shard(j)
+        poisoned = (digits_data.poison_index(len(y), attack.portion, self.seed, client)
+                    if attack.kind != "none" else np.empty(0, np.int64))
+        if state["iterations"][j] == 0:
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed, STREAM_INIT, client]))
+            trigger = initial_trigger(attack, self.mask, self.bounds, rng) if attack.kind != "none" else self.mask * 0
+            return start(x, y, poisoned, self.mask, trigger, attack, self.settings, self.bounds, rng), attack
+        d = Distillation(x, y.copy(), poisoned, self.mask, state["trigger"][j].copy(), state["syn_images"][j].copy(),
+                         state["syn_labels"][j].copy(), state["momentum"][j].copy(), self.bounds)
+        d.y[poisoned] = attack.target
+        return d, attack
+
+    def update_state(
+        self, model: Params, data: Shards, state: Params, round_: int, variant: str, active: np.ndarray,
+    ) -> tuple[Params, dict[str, np.ndarray]]:
+        """Every active client runs ``iterations_per_round`` more DC iterations."""
+        state = {n: v.copy() for n, v in state.items()}
+        b = len(data.client_ids)
+        trigger_updates = np.zeros(b)
+        for j in np.flatnonzero(active):
+            d, attack = self.distillation(data, state, j, variant)
+            done = int(state["iterations"][j])
+            for it in range(done, done + int(self.options["iterations_per_round"])):
+                net_seed = int(np.random.SeedSequence([self.seed, STREAM_NET, int(data.client_ids[j]), it])
+                               .generate_state(1)[0])
+                trigger_updates[j] += iterate(d, attack, self.settings, net_seed)["trigger_updates"]
+            state["syn_images"][j], state["syn_labels"][j] = d.syn_x, d.syn_y
+            state["momentum"][j], state["trigger"][j] = d.momentum, d.trigger
+            state["iterations"][j] = done + int(self.options["iterations_per_round"])
+        return state, {"trigger_updates": trigger_updates}
+
+    def with_state(self, data: Shards, state: Params) -> Shards:
+        return replace(data, syn_images=state["syn_images"], syn_labels=state["syn_labels"])
+
+    def evaluation_probe(self, data: Shards, state: Params, variant: str) -> Params | None:
+        """What a simulated attacker reveals to the evaluator: its current trigger (ASR is
+        measured with it). Honest cohorts reveal nothing."""
+        bad = [j for j, c in enumerate(data.client_ids) if self._attack_of(int(c), variant).kind != "none"]
+        if not bad:
+            return None
+        return {"trigger": np.asarray(state["trigger"][bad[0]], np.float32)}
+
+    def observe_probes(self, probes: list[Params]) -> None:
+        for probe in probes:
+            trigger = np.asarray(probe.get("trigger", self.trigger), np.float32)
+            if trigger.shape == self.mask.shape and np.isfinite(trigger).all():
+                self.trigger = trigger * self.mask
+
+    # ---- model ---------------------------------------------------------------------------
+
+    def initial_parameters(self) -> Params:
+        return get_parameters(fresh(self.seed))
+
+    def random_models(self, k: int, seed: int) -> Params:
+        models = [get_parameters(fresh(seed * 1000 + j)) for j in range(k)]
+        return {n: np.stack([m[n] for m in models]) for n in models[0]}
+
+    def local_loss(self, params: Params, data: Shards) -> np.ndarray:
+        """Mean cross-entropy of the model on each client's (clean) shard."""
+        set_parameters(self._model, params)
+        self._model.eval()
+        with torch.no_grad():
+            ce = F.cross_entropy(self._model(torch.as_tensor(data.images)), torch.as_tensor(data.targets),
+                                 reduction="none").double().numpy()
+        return np.add.reduceat(ce, data.starts[:-1]) / data.num_examples
+
+    def local_train(self, start_params: Params, data: Shards, settings: TrainSettings) -> Params:
+        """``synthetic``: each client's synthetic set, as its upload. ``weights``: the model
+        received, trained on the client's synthetic set (``local_steps`` full-batch epochs)."""
+        if data.syn_images is None:
+            raise ValueError("local_train needs the cohort's synthetic sets (with_state)")
+        if self.options["upload"] == "synthetic":
+            return {"images": data.syn_images.copy(), "labels": data.syn_labels.copy()}
+        out = {n: np.empty_like(v, dtype=np.float32) for n, v in start_params.items()}
+        for j in range(len(data.client_ids)):
+            set_parameters(self._model, {n: v[j] for n, v in start_params.items()})
+            train_full_batch(self._model, data.syn_images[j], data.syn_labels[j], settings.local_steps,
+                             settings.lr, decay_at=1.0)
+            for name, p in self._model.named_parameters():
+                out[name][j] = p.detach().numpy()
+        return out
+
+    def subset(self, data: Shards, index: np.ndarray) -> Shards:
+        pieces = [np.arange(data.starts[j], data.starts[j + 1]) for j in index]
+        rows = np.concatenate(pieces) if pieces else np.empty(0, np.int64)
+        starts = np.concatenate([[0], np.cumsum(data.num_examples[index])]).astype(np.int64)
+        pick = lambda a: None if a is None else a[index]  # noqa: E731
+        return Shards(data.client_ids[index], data.images[rows], data.targets[rows], starts,
+                      data.malicious[index], pick(data.syn_images), pick(data.syn_labels))
+
+    # ---- the server ----------------------------------------------------------------------
+
+    def upload_spec(self) -> dict[str, tuple[int, ...]]:
+        """The announced shape of one client's upload (``data-union``)."""
+        n = NUM_CLASSES * self.settings.ipc
+        return {"images": (n, 1, 8, 8), "labels": (n,)}
+
+    def server_train(self, images: np.ndarray, labels: np.ndarray, owners: np.ndarray, round_: int) -> tuple[Params, dict[str, Any]]:
+        """``data-union``: the victim's model trained from scratch on the union of the
+        uploads, and the upload-inspection defenses on its penultimate features."""
+        seed = int(np.random.SeedSequence([self.seed, STREAM_SERVER, round_]).generate_state(1)[0])
+        net = train_full_batch(fresh(seed), images, labels, int(self.options["server_epochs"]),
+                               float(self.options["server_lr"]))
+        flags: dict[str, list[int]] = {}
+        chosen = [d for d in UPLOAD_DEFENSES if d in self.options["defenses"]]
+        if chosen:
+            net.eval()
+            with torch.no_grad():
+                feats = net.features(torch.as_tensor(images)).numpy()
+            if "spectral" in chosen:
+                flags["spectral"] = list(defenses.spectral_signatures(feats, labels, owners).clients)
+            if "activation-clustering" in chosen:
+                flags["activation-clustering"] = list(
+                    defenses.activation_clustering(feats, labels, owners, seed=self.seed).clients)
+        return get_parameters(net), flags
+
+    def triggered_test(self) -> np.ndarray:
+        return digits_data.stamp(self.test[0], self.mask, self.trigger)
+
+    def central_metrics(self, models: Params, confusion: np.ndarray | None = None) -> dict[str, float]:
+        """CTA and ASR of the global model, and the model-level defenses."""
+        params = {n: v[0] for n, v in models.items()}
+        net = set_parameters(self._model, params)
+        x, y = self.test
+        target = self.attack.target
+        xt = self.triggered_test()
+        out: dict[str, Any] = {"cta": accuracy(net, x, y), "asr": attack_success(net, xt, y, target)}
+        if "neural-cleanse" in self.options["defenses"]:
+            nc = defenses.neural_cleanse(params, self.holdout[0][:NC_IMAGES], seed=self.seed)
+            out["nc_anomaly"] = float(max(nc.anomaly))
+            out["nc_flagged_class"] = -1 if nc.flagged_class is None else int(nc.flagged_class)
+        if "fine-pruning" in self.options["defenses"]:
+            repaired, _ = defenses.fine_prune(params, *self.holdout, seed=self.seed)
+            net = set_parameters(self._model, repaired)
+            out["cta_fine_pruning"] = accuracy(net, x, y)
+            out["asr_fine_pruning"] = attack_success(net, xt, y, target)
+        return out
