@@ -87,6 +87,7 @@ class RunRecord(RunObserver):
             "higher_is_better": workload.higher_is_better,
             "curve_x": workload.curve_x,
             "summary_metrics": list(workload.summary_metrics),
+            "plot_metrics": list(workload.plot_metrics),
             "status": "running",
             "strategies": {},
         }

@@ -136,3 +136,8 @@ class Reference:
         if final_report:
             rows[-1]["final"] = final_report
         return rows
+
+
+def run_arm(scenario: dict[str, Any], name: str, **kwargs: Any) -> list[dict[str, Any]]:
+    """``Reference(scenario).run(name, ...)`` as one function (picklable: for process pools)."""
+    return Reference(scenario).run(name, **kwargs)

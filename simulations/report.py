@@ -289,7 +289,7 @@ def write_report(run_dir: Path) -> list[Path]:
     history = load_history(run_dir)
     written = [run_dir / "summary.md"]
     written[0].write_text(summary_table(history) + events_summary(run_dir))
-    for metric in dict.fromkeys([history["key_metric"], loss_name(history)]):
+    for metric in dict.fromkeys([history["key_metric"], loss_name(history), *history.get("plot_metrics", [])]):
         if metric and plot_metric(history, metric, run_dir / f"{metric}.png"):
             written.append(run_dir / f"{metric}.png")
     if history.get("curve_x"):

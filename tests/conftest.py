@@ -19,6 +19,25 @@ import pytest
 BIN = Path(sys.executable).parent
 
 
+def _one_thread() -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def on_both_cores(calls: list[tuple]) -> list:
+    """Run independent ``(function, *args)`` calls in two fresh processes (one torch thread
+    each, as in the suite's own process, so results are the same bits) and return their
+    results in order: the heavy training fixtures use the machine's two cores."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    with ProcessPoolExecutor(2, mp_context=get_context("spawn"), initializer=_one_thread) as pool:
+        futures = [pool.submit(fn, *args) for fn, *args in calls]
+        return [f.result() for f in futures]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -266,11 +266,13 @@ def test_centralised_entropy_gradnorm_beats_random_by_a_point():
     """Calibrated on a pilot (benchmarks/active_learning.py): +2.2, +5.6, +0.8 points on
     seeds 0-2 at 240 labels (+5.2, +3.8 on seeds 3-4, left out for time); the issue asks
     for at least +1 on average."""
+    from conftest import on_both_cores
+
     one_client = ("federation.clients=1", "federation.cohort_size=1")
+    runs = iter(on_both_cores([(_final_and_auc, rule, seed, *one_client)
+                               for seed in SEEDS for rule in ("entropy-gradnorm", "random")]))
     gain, auc_gain = [], []
-    for seed in SEEDS:
-        g_final, g_auc, labels = _final_and_auc("entropy-gradnorm", seed, *one_client)
-        r_final, r_auc, _ = _final_and_auc("random", seed, *one_client)
+    for (g_final, g_auc, labels), (r_final, r_auc, _) in zip(runs, runs):
         assert labels == 240
         gain.append(g_final - r_final)
         auc_gain.append(g_auc - r_auc)
@@ -282,10 +284,11 @@ def test_centralised_entropy_gradnorm_beats_random_by_a_point():
 def test_federated_entropy_gradnorm_ends_above_random():
     """10 clients, Dirichlet 0.5. Pilot (benchmarks/active_learning.py): +5.2, +15.2, 0.0
     points on seeds 0-2 at 240 labels (+13.2, +3.6 on seeds 3-4, left out for time)."""
+    from conftest import on_both_cores
+
+    runs = iter(on_both_cores([(_final_and_auc, rule, seed) for seed in SEEDS for rule in ("entropy-gradnorm", "random")]))
     gain = []
-    for seed in SEEDS:
-        g_final, _, labels = _final_and_auc("entropy-gradnorm", seed)
-        r_final, _, _ = _final_and_auc("random", seed)
+    for (g_final, _, labels), (r_final, _, _) in zip(runs, runs):
         assert labels == 240
         gain.append(g_final - r_final)
     assert np.mean(gain) > 0.02, gain

@@ -274,3 +274,112 @@ def test_krum_flags_the_outlier_and_clipping_bounds_it():
     out, report = weights_round(CohortFedAvgClip(clipping_norm=1.0, **NODES), models)
     assert report.flags["clipping"] == [6]
     assert np.abs(out).max() < 1.0 / 7 + 0.1  # the outlier moved the mean by at most norm / n
+
+
+# ---- through Flower ---------------------------------------------------------------------
+
+TINY = ["federation.clients=4", "backdoor.ipc=2", "backdoor.iterations_per_round=1", "backdoor.outer=3",
+        "backdoor.inner=2", "run.rounds=2", "backdoor.server_epochs=40", "backdoor.portion=0.5"]
+
+
+@pytest.mark.slow
+def test_flower_run_records_attack_and_defenses_every_round_and_matches_in_process(ray_cluster, tmp_path):
+    """Synthetic uploads through Flower: every round records CTA, ASR, each defense's flags
+    with its rates, Neural Cleanse and fine-pruning; the final model is the one the same
+    workload code trains in one process, bit for bit."""
+    from server.record import load_history
+    from server.run_config import client_view
+    from simulations.launcher import simulate
+    from simulations.scenarios import load_scenario
+    from workloads.backdoor import BackdoorDistillation
+    from workloads.backdoor.experiment import distil
+
+    scenario = load_scenario("backdoor-doorping", [*TINY, "backdoor.compare_clean=false"])
+    history = load_history(simulate(scenario, out=tmp_path, ray_address=ray_cluster))
+    assert list(history["strategies"]) == ["data-union/doorping"]
+    rows = history["strategies"]["data-union/doorping"]
+    assert len(rows) == 3
+    for row in rows[1:]:
+        assert {"cta", "asr", "nc_anomaly", "nc_flagged_class", "cta_fine_pruning", "asr_fine_pruning"} <= set(row)
+        assert set(row["flagged"]) == {"spectral", "activation-clustering"}
+        assert row["rejected_uploads"] == 0 and row["clients"] == 4 and row["examples"] == 80
+        assert row["tpr_spectral"] in (0.0, 1.0) and row["fpr_spectral"] in (0.0, 1 / 3, 2 / 3, 1.0)
+    wl = BackdoorDistillation(client_view(scenario))
+    uploads = distil(wl, [0, 1, 2, 3], "doorping", rounds=2)
+    params, flags = wl.server_train(*uploads.union(), 2)
+    wl.observe_probes([{"client-id": np.array([0]), "trigger": uploads.trigger}])
+    expected = wl.central_metrics({n: v[None] for n, v in params.items()})
+    final = history["strategies"]["data-union/doorping"][-1]
+    assert final["cta"] == expected["cta"] and final["asr"] == expected["asr"]
+    assert final["nc_anomaly"] == expected["nc_anomaly"]
+    assert final["flagged"] == flags
+
+
+@pytest.mark.slow
+def test_flower_run_of_weight_uploads_with_krum_flags_clients(ray_cluster, tmp_path):
+    from server.record import load_history
+    from simulations.launcher import simulate
+    from simulations.scenarios import load_scenario
+
+    scenario = load_scenario("backdoor-naive", [*TINY, "run.rounds=1", "backdoor.upload=weights",
+                                                "run.strategies=['krum']", "backdoor.compare_clean=false",
+                                                "backdoor.defenses=[]", "train.local_steps=5"])
+    history = load_history(simulate(scenario, out=tmp_path, ray_address=ray_cluster))
+    row = history["strategies"]["krum/naive"][-1]
+    assert len(row["flagged"]["krum"]) == 3  # Krum keeps one of four updates
+    assert row["tpr_krum"] in (0.0, 1.0) and row["fpr_krum"] in (2 / 3, 1.0)
+    assert "asr" in row and "nc_anomaly" not in row
+
+
+def test_bad_backdoor_scenarios_name_the_field():
+    from server.run_config import ScenarioError
+    from simulations.scenarios import load_scenario
+
+    cases = [
+        (["backdoor.malicious=[12]"], "backdoor.malicious", "client 12 does not exist"),
+        (["backdoor.upload=weights"], "run.strategies", "'data-union' does not fit backdoor.upload = 'weights'"),
+        (["backdoor.target=10"], "backdoor.target", "not a digit class"),
+        (["backdoor.trigger_size=7"], "backdoor.trigger_size", "must be in 1..6"),
+        (["backdoor.defenses=['strip']"], "backdoor.defenses", "unknown defense 'strip'"),
+        (["robust.trim_beta=0.5"], "robust.trim_beta", "must be in [0, 0.5)"),
+    ]
+    for overrides, field, message in cases:
+        with pytest.raises(ScenarioError) as err:
+            load_scenario("backdoor-doorping", overrides)
+        assert field in str(err.value) and message in str(err.value), str(err.value)
+
+
+# ---- outcomes (fixed seeds; margins from benchmarks/backdoor.py and its pilots) -------------
+
+def federation_outcome(seed: int) -> dict[str, dict[str, float]]:
+    """CTA and ASR of the server's model on the union after one round (3 DC iterations) of
+    the backdoor-doorping federation, for the clean arm and both attacks."""
+    from simulations.scenarios import load_scenario
+    from workloads.backdoor import BackdoorDistillation
+    from workloads.backdoor.experiment import arms, with_attack
+
+    scenario = load_scenario("backdoor-doorping", ["backdoor.iterations_per_round=3", "backdoor.defenses=[]"],
+                             seed=seed)
+    uploads = arms(scenario, 1)
+    out = {}
+    for arm, up in uploads.items():
+        wl = BackdoorDistillation(with_attack(scenario, "naive" if arm == "naive" else "doorping"))
+        params, _ = wl.server_train(*up.union(), 1)
+        wl.trigger = (up.trigger if up.trigger is not None else uploads["doorping"].trigger) * wl.mask
+        metrics = wl.central_metrics({n: v[None] for n, v in params.items()})
+        out[arm] = {"cta": metrics["cta"], "asr": metrics["asr"]}
+    return out
+
+
+@pytest.mark.slow
+def test_clean_federation_is_accurate_with_asr_at_chance_and_attacks_keep_cta():
+    """Pilot (seeds 0-2, 12 iterations): clean CTA 0.88, ASR 0.00-0.06 under the DOORPING
+    trigger; DOORPING's CTA within +-0.03 of clean, NAIVE's within -0.03. After one round
+    here: the same picture."""
+    from conftest import on_both_cores
+
+    for seed, out in zip((0, 1), on_both_cores([(federation_outcome, 0), (federation_outcome, 1)])):
+        clean = out["clean"]
+        assert clean["cta"] >= 0.6 and clean["asr"] <= 0.1, (seed, out)
+        for attack in ("naive", "doorping"):
+            assert out[attack]["cta"] >= clean["cta"] - 0.1, (seed, out)

@@ -231,9 +231,11 @@ def test_checkpoints_carry_every_strategy_through_pickle():
     scenario = load_scenario("tiny", ["anchors.count=4"])
     workload = workload_class("mixed_regression")(scenario)
     base = workload.initial_parameters()
+    backdoor = load_scenario("backdoor-doorping")
+    server = workload_class("backdoor_distillation")(backdoor)  # data-union trains with it
     for name in STRATEGIES:
         strategy = build_strategy(
             name, 3, proximal_mu=1.0, k=2, dim=5, seed=0, clustered=scenario["clustered"],
-            timeout=10.0, start=flatten(base), lr=0.1)
+            timeout=10.0, start=flatten(base), lr=0.1, robust=scenario["robust"], server=server)
         clone = pickle.loads(pickle.dumps(strategy))
         assert type(clone) is type(strategy)

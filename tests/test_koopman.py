@@ -3,6 +3,8 @@ clustered federation (slow tests calibrated on the pilots recorded in the README
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
@@ -255,9 +257,11 @@ def sharpest():
     over the 10x more pairs)."""
     from workloads.koopman.centralised import dataset, train_model
 
+    from conftest import on_both_cores
+
     data = dataset(0.005, 256, 64)
-    direct, _ = train_model(data, step=10, epochs=150)
-    one_step, _ = train_model(data, step=1, epochs=15)
+    (direct, _), (one_step, _) = on_both_cores([(partial(train_model, step=10, epochs=150), data),
+                                                (partial(train_model, step=1, epochs=15), data)])
     return data, direct, one_step
 
 
@@ -299,12 +303,16 @@ def reduced_federation():
     from simulations.reference import Reference
     from workloads.koopman.centralised import blind_floor
 
+    from conftest import on_both_cores
+    from simulations.reference import run_arm
+
     scenario = load_scenario("koopman-burgers", REDUCED)
-    rows = {name: Reference(scenario).run(name, keep_models=False)
-            for name in ("clustered-fedavg", "fedavg", "oracle")}
+    arms = {name: (scenario, name) for name in ("clustered-fedavg", "fedavg", "oracle")}
     for name, overrides in KoopmanBurgers.baselines(scenario).items():
         if name.startswith("centralised"):
-            rows[name] = Reference(with_overrides(scenario, overrides)).run("oracle", keep_models=False)
+            arms[name] = (with_overrides(scenario, overrides), "oracle")
+    results = on_both_cores([(partial(run_arm, keep_models=False), sc, arm) for sc, arm in arms.values()])
+    rows = dict(zip(arms, results))
     for name, r in rows.items():
         print(name, {k: round(v, 4) for k, v in r[-1].items() if isinstance(v, float)})
     floor = blind_floor((0.005, 0.015, 0.05), 32)

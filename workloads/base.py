@@ -86,6 +86,7 @@ class Workload(ABC):
     curve_x: ClassVar[str | None] = None  # axis label to plot the key metric against examples used
     single_model: ClassVar[bool] = False  # True: trains one global model (no k-model strategies)
     summary_metrics: ClassVar[tuple[str, ...]] = ()  # more final-round metrics for the summary table
+    plot_metrics: ClassVar[tuple[str, ...]] = ()  # more per-round metrics plotted (<metric>.png)
 
     @classmethod
     def check_scenario(cls, scenario: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:

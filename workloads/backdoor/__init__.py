@@ -94,6 +94,7 @@ class BackdoorDistillation(Workload):
     summary_metrics = ("asr", "asr_fine_pruning", "nc_anomaly", "nc_flagged_class", "tpr_spectral", "fpr_spectral",
                        "tpr_activation-clustering", "fpr_activation-clustering", "tpr_krum", "fpr_krum",
                        "tpr_clipping", "fpr_clipping", "rejected_uploads")
+    plot_metrics = ("asr", "asr_fine_pruning", "nc_anomaly")
     upload_classes = NUM_CLASSES  # data-union: labels of an upload lie in 0..9
     schema = {
         "upload": ConfigField(str, "synthetic", "what clients send: their synthetic set (the server trains on "
@@ -252,26 +253,25 @@ class BackdoorDistillation(Workload):
 
     def evaluation_probe(self, data: Shards, state: Params, variant: str) -> Params | None:
         """What a simulated attacker reveals to the evaluator: its current trigger (ASR is
-        measured with it). Honest cohorts reveal nothing."""
+        measured with the trigger of the attacker with the lowest id). Honest cohorts reveal
+        nothing."""
         bad = [j for j, c in enumerate(data.client_ids) if self._attack_of(int(c), variant).kind != "none"]
         if not bad:
             return None
-        return {"trigger": np.asarray(state["trigger"][bad[0]], np.float32)}
+        return {"client-id": np.array([data.client_ids[bad[0]]]),
+                "trigger": np.asarray(state["trigger"][bad[0]], np.float32)}
 
     def observe_probes(self, probes: list[Params]) -> None:
-        for probe in probes:
-            trigger = np.asarray(probe.get("trigger", self.trigger), np.float32)
-            if trigger.shape == self.mask.shape and np.isfinite(trigger).all():
-                self.trigger = trigger * self.mask
+        usable = [p for p in probes if np.shape(p.get("trigger")) == self.mask.shape
+                  and np.isfinite(p["trigger"]).all() and np.size(p.get("client-id")) == 1]
+        if usable:  # the lowest attacker id, whatever order the replies came in
+            first = min(usable, key=lambda p: int(np.ravel(p["client-id"])[0]))
+            self.trigger = np.asarray(first["trigger"], np.float32) * self.mask
 
     # ---- model ---------------------------------------------------------------------------
 
     def initial_parameters(self) -> Params:
         return get_parameters(fresh(self.seed))
-
-    def random_models(self, k: int, seed: int) -> Params:
-        models = [get_parameters(fresh(seed * 1000 + j)) for j in range(k)]
-        return {n: np.stack([m[n] for m in models]) for n in models[0]}
 
     def local_loss(self, params: Params, data: Shards) -> np.ndarray:
         """Mean cross-entropy of the model on each client's (clean) shard."""

@@ -100,8 +100,10 @@ def evaluate_arm(wl: BackdoorDistillation, uploads: Uploads, trigger: np.ndarray
     params, flags = wl.server_train(images, labels, owners, round_)
     rows: dict[str, dict[str, Any]] = {"none": score(params)}
     for name, flagged in flags.items():
-        kept = uploads.union(frozenset(flagged))
-        retrained, _ = wl.server_train(*kept, round_) if len(kept[1]) else (params, {})
+        if set(uploads.images) <= set(flagged):  # nothing left to train on
+            rows[name] = {"cta": None, "asr": None, **rates(flagged)}
+            continue
+        retrained, _ = wl.server_train(*uploads.union(frozenset(flagged)), round_)
         rows[name] = {**score(retrained), **rates(flagged)}
     nc = defenses.neural_cleanse(params, wl.holdout[0][:NC_IMAGES], seed=wl.seed)
     rows["neural-cleanse"] = {**rows["none"], "anomaly": float(max(nc.anomaly)),

@@ -1,0 +1,231 @@
+"""Backdoors through dataset distillation: attack success and clean accuracy, with and
+without each defense, on several seeds.
+
+1. ``single``: the paper's threat model. One distiller holds the whole training split and
+   the victim trains on its synthetic set alone (ipc 10, 2% poisoned, as the spec's pilot).
+2. ``federated``: the ``backdoor-doorping`` scenario's federation (10 clients, client 0
+   malicious, ipc 5 each, 30% of its shard poisoned), distilled as in a 4-round run
+   (12 DC iterations), in one process (``workloads.backdoor.experiment``: the workload code
+   of the Flower run; the honest clients are distilled once for all arms). Synthetic
+   uploads: the server's model on the union, then each defense (upload inspection with
+   retraining on the kept uploads, Neural Cleanse, fine-pruning). Weight uploads: every
+   client trains the global model on its synthetic set for ``--weight-rounds`` rounds,
+   aggregated by FedAvg and Flower's robust aggregators (the same strategy classes as the
+   Flower run).
+3. ``--trigger-sizes``: the federated attacks again with a larger trigger.
+
+Usage: python benchmarks/backdoor.py [--seeds 0,1,2] [--parts single,federated] [--trigger-sizes 2,4]
+Writes ``benchmarks/results/backdoor.json``; prints Markdown tables (mean and range over seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from flwr.app import Message  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+
+from simulations.scenarios import load_scenario  # noqa: E402
+from strategies import build_strategy  # noqa: E402
+from strategies.aggregation import ClientBatch  # noqa: E402
+from strategies.cohort_reply import encode_batch, params_to_record, record_to_params  # noqa: E402
+from workloads.backdoor import CLEAN, BackdoorDistillation  # noqa: E402
+from workloads.backdoor.experiment import Uploads, arms, distil, evaluate_arm, merge, with_attack  # noqa: E402
+from workloads.backdoor.model import accuracy, attack_success, fresh, train_full_batch  # noqa: E402
+from workloads.base import TrainSettings  # noqa: E402
+
+OUT = Path(__file__).parent / "results"
+AGGREGATORS = ("fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "fedavg-clip")
+ATTACKS = ("naive", "doorping")
+
+
+def single(seed: int, iterations: int) -> dict:
+    """The paper's setting: one distiller, the victim trains on its synthetic set alone."""
+    scenario = load_scenario("backdoor-doorping", [
+        "federation.clients=1", "backdoor.ipc=10", "backdoor.portion=0.02", "backdoor.server_epochs=300",
+        "backdoor.server_lr=0.01", f"backdoor.iterations_per_round={iterations}"], seed=seed)
+    out = {}
+    for attack in (CLEAN, *ATTACKS):
+        wl = BackdoorDistillation(with_attack(scenario, "doorping" if attack == CLEAN else attack))
+        start = time.perf_counter()
+        up = distil(wl, [0], attack, 1)
+        seconds = time.perf_counter() - start
+        out[attack] = {"trigger": up.trigger, "uploads": up, "distil_s": seconds}
+    rows = {}
+    for attack in (CLEAN, *ATTACKS):
+        wl = BackdoorDistillation(scenario)
+        trigger = out[attack]["trigger"] if attack != CLEAN else out["doorping"]["trigger"]
+        wl.trigger = trigger * wl.mask
+        x, y = wl.test
+        scores = []
+        for init in range(3):  # the paper's protocol: several victim initialisations
+            net = train_full_batch(fresh(1000 + init), *out[attack]["uploads"].union()[:2], 300, 0.01)
+            scores.append((accuracy(net, x, y), attack_success(net, wl.triggered_test(), y, 0)))
+        cta, asr = np.mean(scores, axis=0)
+        rows[attack] = {"cta": float(cta), "asr": float(asr), "distil_s": out[attack]["distil_s"]}
+    return rows
+
+
+def weight_rounds(scenario: dict, uploads: Uploads, trigger: np.ndarray, malicious: set[int], rounds: int) -> dict:
+    """Clients train the global model on their synthetic sets; Flower's aggregators."""
+    wl = BackdoorDistillation({**scenario, "backdoor": {**scenario["backdoor"], "upload": "weights"}})
+    wl.trigger = trigger * wl.mask
+    ids = np.array(sorted(uploads.images))
+    data = wl.client_data(ids)
+    data = type(data)(**{**data.__dict__, "syn_images": np.stack([uploads.images[c] for c in ids]),
+                         "syn_labels": np.stack([uploads.labels[c] for c in ids])})
+    train = scenario["train"]
+    x, y = wl.test
+    rows = {}
+    for name in AGGREGATORS:
+        strategy = build_strategy(name, 1, proximal_mu=0.0, robust=scenario["robust"])
+        model = wl.initial_parameters()
+        flags: dict[str, list[int]] = {}
+        for rnd in range(1, rounds + 1):
+            start = {n: np.repeat(v[None], len(ids), axis=0) for n, v in model.items()}
+            trained = wl.local_train(start, data, TrainSettings(train["local_steps"], train["lr"], 0.0, rnd))
+            batch = ClientBatch(ids, data.num_examples, trained, {"loss-before": np.zeros(len(ids))})
+            strategy._reference = params_to_record(model)
+            arrays, _ = strategy.aggregate_train(rnd, [Message(encode_batch(batch), dst_node_id=0, message_type="train")])
+            model = {n: v.astype(np.float32) for n, v in record_to_params(arrays).items()}
+            for defense, flagged in strategy.last_report.flags.items():
+                flags.setdefault(defense, []).append(flagged)
+        metrics = wl.central_metrics({n: v[None] for n, v in model.items()})
+        row = {"cta": metrics["cta"], "asr": metrics["asr"]}
+        bad = malicious
+        for defense, per_round in flags.items():  # detection rates over all rounds
+            hits = sum(len(set(f) & bad) for f in per_round)
+            false = sum(len(set(f) - bad) for f in per_round)
+            row[f"tpr_{defense}"] = hits / (len(bad) * rounds) if bad else None
+            row[f"fpr_{defense}"] = false / ((len(ids) - len(bad)) * rounds)
+        rows[name] = row
+    return rows
+
+
+def federated(seed: int, trigger_sizes: list[int], weight_rounds_n: int, iterations: int) -> dict:
+    scenario = load_scenario("backdoor-doorping", [f"backdoor.iterations_per_round={iterations}"], seed=seed)
+    start = time.perf_counter()
+    uploads = arms(scenario, 1, ATTACKS)
+    distil_s = time.perf_counter() - start
+    honest = Uploads({c: v for c, v in uploads[CLEAN].images.items() if c != 0},
+                     {c: v for c, v in uploads[CLEAN].labels.items() if c != 0})
+    out = {"distil_s": distil_s, "sizes": {}}
+    for size in trigger_sizes:
+        sized = scenario if size == 2 else {**scenario, "backdoor": {**scenario["backdoor"], "trigger_size": size}}
+        if size != 2:  # only the attacker's distillation depends on the trigger
+            for attack in ATTACKS:
+                wl = BackdoorDistillation(with_attack(sized, attack))
+                uploads[attack] = merge(honest, distil(wl, [0], attack, 1))
+        save_uploads(uploads, OUT / f"backdoor_uploads_seed{seed}_size{size}.npz")
+        result = {}
+        for arm in (CLEAN, *ATTACKS):
+            wl = BackdoorDistillation(with_attack(sized, arm if arm != CLEAN else "doorping"))
+            trigger = uploads[arm].trigger if arm != CLEAN else uploads["doorping"].trigger
+            malicious = set() if arm == CLEAN else {0}
+            t0 = time.perf_counter()
+            result[arm] = {"union": evaluate_arm(wl, uploads[arm], trigger, malicious, round_=4)}
+            if size == 2:
+                arm_scenario = with_attack(sized, arm if arm != CLEAN else "none")
+                result[arm]["weights"] = weight_rounds(arm_scenario, uploads[arm], trigger, malicious, weight_rounds_n)
+            result[arm]["seconds"] = time.perf_counter() - t0
+            print(f"seed {seed} size {size} {arm}: " + json.dumps(result[arm]["union"]["none"]), flush=True)
+        out["sizes"][str(size)] = result
+    return out
+
+
+def save_uploads(uploads: dict[str, Uploads], path: Path) -> None:
+    """Every arm's final synthetic sets and trigger, to re-run the server side on them."""
+    path.parent.mkdir(exist_ok=True)
+    arrays = {f"{arm}/{kind}/{c}": v for arm, up in uploads.items()
+              for kind, per in (("images", up.images), ("labels", up.labels)) for c, v in per.items()}
+    arrays.update({f"{arm}/trigger": up.trigger for arm, up in uploads.items() if up.trigger is not None})
+    np.savez_compressed(path, **arrays)
+
+
+def spread(values: list) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    return f"{np.mean(values):.2f} ({min(values):.2f}–{max(values):.2f})"
+
+
+def tables(results: dict) -> str:
+    seeds = list(results["seeds"])
+    lines = []
+    if "single" in results:
+        lines += ["### One distiller, the victim trains on its synthetic set alone (the paper's setting)", "",
+                  "| arm | CTA | ASR | distillation s |", "|---|---|---|---|"]
+        for arm in (CLEAN, *ATTACKS):
+            r = [results["single"][s][arm] for s in seeds]
+            lines.append(f"| {arm} | {spread([x['cta'] for x in r])} | {spread([x['asr'] for x in r])} | "
+                         f"{np.mean([x['distil_s'] for x in r]):.0f} |")
+        lines.append("")
+    if "federated" in results:
+        for size in results["federated"][seeds[0]]["sizes"]:
+            lines += [f"### Ten clients, one malicious, synthetic uploads (data-union), trigger {size}x{size}", "",
+                      "| arm | defense | CTA | ASR | TPR | FPR | detail |", "|---|---|---|---|---|---|---|"]
+            for arm in (CLEAN, *ATTACKS):
+                per = [results["federated"][s]["sizes"][size][arm]["union"] for s in seeds]
+                for defense in per[0]:
+                    r = [p[defense] for p in per]
+                    detail = ""
+                    if defense == "neural-cleanse":
+                        detail = (f"anomaly {spread([x['anomaly'] for x in r])}; target named "
+                                  f"{sum(bool(x['detected']) for x in r)}/{len(r)}")
+                    lines.append(f"| {arm} | {defense} | {spread([x['cta'] for x in r])} | "
+                                 f"{spread([x['asr'] for x in r])} | {spread([x.get('tpr') for x in r])} | "
+                                 f"{spread([x.get('fpr') for x in r])} | {detail} |")
+            lines.append("")
+        if "weights" in results["federated"][seeds[0]]["sizes"]["2"][CLEAN]:
+            lines += ["### Ten clients, one malicious, weight uploads (trigger 2x2)", "",
+                      "| arm | aggregator | CTA | ASR | TPR | FPR |", "|---|---|---|---|---|---|"]
+            for arm in (CLEAN, *ATTACKS):
+                per = [results["federated"][s]["sizes"]["2"][arm]["weights"] for s in seeds]
+                for agg in per[0]:
+                    r = [p[agg] for p in per]
+                    key = "krum" if "krum" in agg else "clipping" if agg == "fedavg-clip" else None
+                    tpr = spread([x.get(f"tpr_{key}") for x in r]) if key else "–"
+                    fpr = spread([x.get(f"fpr_{key}") for x in r]) if key else "–"
+                    lines.append(f"| {arm} | {agg} | {spread([x['cta'] for x in r])} | "
+                                 f"{spread([x['asr'] for x in r])} | {tpr} | {fpr} |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--parts", default="single,federated")
+    parser.add_argument("--trigger-sizes", default="2,4")
+    parser.add_argument("--single-iterations", type=int, default=20)
+    parser.add_argument("--weight-rounds", type=int, default=5)
+    parser.add_argument("--iterations", type=int, default=12, help="federated DC iterations (4 rounds x 3)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # Flower messages in-process
+    seeds = [int(s) for s in args.seeds.split(",")]
+    parts = args.parts.split(",")
+    sizes = [int(s) for s in args.trigger_sizes.split(",")]
+    results: dict = {"seeds": [str(s) for s in seeds]}
+    start = time.perf_counter()
+    if "single" in parts:
+        results["single"] = {str(s): single(s, args.single_iterations) for s in seeds}
+    if "federated" in parts:
+        results["federated"] = {str(s): federated(s, sizes, args.weight_rounds, args.iterations) for s in seeds}
+    results["seconds"] = time.perf_counter() - start
+    OUT.mkdir(exist_ok=True)
+    (OUT / "backdoor.json").write_text(json.dumps(results, indent=1, default=lambda o: None))
+    print(tables(results))
+    print(f"total {results['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
