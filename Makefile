@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/scale.py
 	$(BIN)/python benchmarks/koopman.py
 	$(BIN)/python benchmarks/deploy_latency.py
+	$(BIN)/python benchmarks/backdoor.py
 
 clean:
 	rm -rf runs .pytest_cache benchmarks/results

@@ -110,17 +110,21 @@ def weight_rounds(scenario: dict, uploads: Uploads, trigger: np.ndarray, malicio
     return rows
 
 
-def federated(seed: int, trigger_sizes: list[int], weight_rounds_n: int, iterations: int) -> dict:
+def federated(seed: int, trigger_sizes: list[int], weight_rounds_n: int, iterations: int, reuse: bool) -> dict:
     scenario = load_scenario("backdoor-doorping", [f"backdoor.iterations_per_round={iterations}"], seed=seed)
     start = time.perf_counter()
-    uploads = arms(scenario, 1, ATTACKS)
+    saved = OUT / f"backdoor_uploads_seed{seed}_size2.npz"
+    uploads = load_uploads(saved) if reuse and saved.is_file() else arms(scenario, 1, ATTACKS)
     distil_s = time.perf_counter() - start
     honest = Uploads({c: v for c, v in uploads[CLEAN].images.items() if c != 0},
                      {c: v for c, v in uploads[CLEAN].labels.items() if c != 0})
     out = {"distil_s": distil_s, "sizes": {}}
     for size in trigger_sizes:
         sized = scenario if size == 2 else {**scenario, "backdoor": {**scenario["backdoor"], "trigger_size": size}}
-        if size != 2:  # only the attacker's distillation depends on the trigger
+        saved = OUT / f"backdoor_uploads_seed{seed}_size{size}.npz"
+        if size != 2 and reuse and saved.is_file():
+            uploads = load_uploads(saved)
+        elif size != 2:  # only the attacker's distillation depends on the trigger
             for attack in ATTACKS:
                 wl = BackdoorDistillation(with_attack(sized, attack))
                 uploads[attack] = merge(honest, distil(wl, [0], attack, 1))
@@ -148,6 +152,19 @@ def save_uploads(uploads: dict[str, Uploads], path: Path) -> None:
               for kind, per in (("images", up.images), ("labels", up.labels)) for c, v in per.items()}
     arrays.update({f"{arm}/trigger": up.trigger for arm, up in uploads.items() if up.trigger is not None})
     np.savez_compressed(path, **arrays)
+
+
+def load_uploads(path: Path) -> dict[str, Uploads]:
+    z = np.load(path)
+    out: dict[str, Uploads] = {}
+    for key in z.files:
+        arm, kind, *client = key.split("/")
+        up = out.setdefault(arm, Uploads())
+        if kind == "trigger":
+            up.trigger = z[key]
+        else:
+            getattr(up, kind)[int(client[0])] = z[key]
+    return out
 
 
 def spread(values: list) -> str:
@@ -207,6 +224,8 @@ def main() -> None:
     parser.add_argument("--trigger-sizes", default="2,4")
     parser.add_argument("--single-iterations", type=int, default=20)
     parser.add_argument("--weight-rounds", type=int, default=5)
+    parser.add_argument("--reuse-uploads", action="store_true",
+                        help="re-run only the server side on the uploads a previous run saved")
     parser.add_argument("--iterations", type=int, default=12, help="federated DC iterations (4 rounds x 3)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -219,10 +238,15 @@ def main() -> None:
     if "single" in parts:
         results["single"] = {str(s): single(s, args.single_iterations) for s in seeds}
     if "federated" in parts:
-        results["federated"] = {str(s): federated(s, sizes, args.weight_rounds, args.iterations) for s in seeds}
+        results["federated"] = {str(s): federated(s, sizes, args.weight_rounds, args.iterations, args.reuse_uploads) for s in seeds}
     results["seconds"] = time.perf_counter() - start
     OUT.mkdir(exist_ok=True)
-    (OUT / "backdoor.json").write_text(json.dumps(results, indent=1, default=lambda o: None))
+    path = OUT / "backdoor.json"
+    if path.is_file():  # keep the parts not re-run this time
+        earlier = json.loads(path.read_text())
+        if earlier.get("seeds") == results["seeds"]:
+            results = {**earlier, **results}
+    path.write_text(json.dumps(results, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else None))
     print(tables(results))
     print(f"total {results['seconds']:.0f} s")
 

@@ -44,6 +44,7 @@ class DCSettings:
     inner: int = 10  # network updates on the synthetic set between two of them
     lr_img: float = 0.1  # SGD with momentum 0.5 on the images
     lr_net: float = 0.01
+    init: str = "real"  # the synthetic set's start: real images of each class, or noise
 
 
 @dataclass(frozen=True)
@@ -197,7 +198,8 @@ def start(
     attack: Attack, settings: DCSettings, bounds: tuple[float, float], rng: np.random.Generator,
 ) -> Distillation:
     """Synthetic images initialised from real ones of each class (with replacement when a
-    class has fewer than ``ipc``; noise for a class the client lacks)."""
+    class has fewer than ``ipc``), or from Gaussian noise (``init = "noise"``, the DC code's
+    default; also for a class the client lacks)."""
     y = y.copy()
     y[poisoned] = attack.target
     d = Distillation(x, y, poisoned, mask, trigger, np.empty(0), np.empty(0), np.empty(0), bounds)
@@ -205,7 +207,7 @@ def start(
     syn_x, syn_y = [], []
     for c in range(NUM_CLASSES):
         idx = np.flatnonzero(y == c)
-        if len(idx):
+        if len(idx) and settings.init == "real":
             pick = rng.choice(idx, size=settings.ipc, replace=len(idx) < settings.ipc)
             syn_x.append(px[pick])
         else:
