@@ -352,13 +352,13 @@ def test_bad_backdoor_scenarios_name_the_field():
 # ---- outcomes (fixed seeds; margins from benchmarks/backdoor.py and its pilots) -------------
 
 def federation_outcome(seed: int) -> dict[str, dict[str, float]]:
-    """CTA and ASR of the server's model on the union after one round (3 DC iterations) of
-    the backdoor-doorping federation, for the clean arm and both attacks."""
+    """CTA and ASR of the server's model on the union after one DC iteration of the
+    backdoor-doorping federation, for the clean arm and both attacks."""
     from simulations.scenarios import load_scenario
     from workloads.backdoor import BackdoorDistillation
     from workloads.backdoor.experiment import arms, with_attack
 
-    scenario = load_scenario("backdoor-doorping", ["backdoor.iterations_per_round=3", "backdoor.defenses=[]"],
+    scenario = load_scenario("backdoor-doorping", ["backdoor.iterations_per_round=1", "backdoor.defenses=[]"],
                              seed=seed)
     uploads = arms(scenario, 1)
     out = {}
@@ -374,8 +374,8 @@ def federation_outcome(seed: int) -> dict[str, dict[str, float]]:
 @pytest.mark.slow
 def test_clean_federation_is_accurate_with_asr_at_chance_and_attacks_keep_cta():
     """Pilot (seeds 0-2, 12 iterations): clean CTA 0.88, ASR 0.00-0.06 under the DOORPING
-    trigger; DOORPING's CTA within +-0.03 of clean, NAIVE's within -0.03. After one round
-    here: the same picture."""
+    trigger; DOORPING's CTA within +-0.03 of clean, NAIVE's within -0.03. After one DC
+    iteration here (synthetic sets start from real images): the same picture."""
     from conftest import on_both_cores
 
     for seed, out in zip((0, 1), on_both_cores([(federation_outcome, 0), (federation_outcome, 1)])):
