@@ -143,7 +143,11 @@ class CohortAggregation:
         if batch is None:
             return None, None
         report.metrics = metric_means(batch)
-        return params_to_record(weighted_average(batch)), MetricRecord(report.metrics)
+        return self.combine(server_round, batch, report), MetricRecord(report.metrics)
+
+    def combine(self, server_round: int, batch: ClientBatch, report: RoundReport) -> ArrayRecord | None:
+        """The new model from the round's valid clients: their example-weighted mean."""
+        return params_to_record(weighted_average(batch))
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]

@@ -10,19 +10,17 @@ Flower's, not re-written here. Each round reports which clients the aggregator s
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum
 from flwr.serverapp.strategy.multikrum import select_multikrum
 from flwr.supercore.differential_privacy import compute_clip_model_update, get_norm
 
-from strategies.aggregation import ClientBatch, metric_means
+from strategies.aggregation import ClientBatch
 from strategies.cohort_reply import params_to_record, record_to_params
-from strategies.fedavg import CohortAggregation, RoundReport, collect
+from strategies.fedavg import CohortAggregation, RoundReport
 
 
 def client_replies(batch: ClientBatch) -> list[Message]:
@@ -39,18 +37,11 @@ def client_replies(batch: ClientBatch) -> list[Message]:
 class PerClient(CohortAggregation):
     """Mixin: Flower's ``aggregate_train`` of the next class, on one reply per client."""
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        self.last_report = report = RoundReport()
-        batch = collect(replies, self._reference, report)
-        if batch is None:
-            return None, None
-        report.metrics = metric_means(batch)
+    def combine(self, server_round: int, batch: ClientBatch, report: RoundReport) -> ArrayRecord | None:
         report.participants = batch.client_ids.tolist()
         batch = self.before_aggregation(batch, report)
         arrays, _ = super(CohortAggregation, self).aggregate_train(server_round, client_replies(batch))
-        return arrays, MetricRecord(report.metrics)
+        return arrays
 
     def before_aggregation(self, batch: ClientBatch, report: RoundReport) -> ClientBatch:
         return batch

@@ -16,7 +16,7 @@ from strategies.data_union import DataUnion, check_upload
 from strategies.robust import CohortFedAvgClip, CohortFedMedian, CohortKrum
 from workloads.backdoor import data as D
 from workloads.backdoor import distill as X
-from workloads.backdoor.model import ConvNetMini, fresh, get_parameters
+from workloads.backdoor.model import ConvNetMini, fresh
 
 torch.set_num_threads(1)
 

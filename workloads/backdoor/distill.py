@@ -59,19 +59,6 @@ class Attack:
     clamp: bool = False  # keep the trigger within the valid pixel range (the code does not)
 
 
-def match_distance(real: list[torch.Tensor], syn: list[torch.Tensor]) -> torch.Tensor:
-    """DC's distance between two gradients: over weight tensors, the sum of per-output-row
-    ``1 - cos``; biases (1-D) count zero, as in the paper's code."""
-    total = torch.zeros(())
-    for gr, gs in zip(real, syn):
-        if gr.dim() < 2:
-            continue
-        gr, gs = gr.reshape(gr.shape[0], -1), gs.reshape(gs.shape[0], -1)
-        cos = (gr * gs).sum(1) / (gr.norm(dim=1) * gs.norm(dim=1) + 1e-6)
-        total = total + (1 - cos).sum()
-    return total
-
-
 def class_gradients(net: ConvNetMini):
     """Per-class mean cross-entropy gradients, all classes in one batched pass:
     ``(params, images (C, m, ...), labels (C, m), weights (C, m)) -> {name: (C, *shape)}``
@@ -85,7 +72,9 @@ def class_gradients(net: ConvNetMini):
 
 
 def batched_match(real: dict[str, torch.Tensor], syn: dict[str, torch.Tensor]) -> torch.Tensor:
-    """``match_distance`` summed over classes, on per-class gradients stacked on axis 0."""
+    """DC's distance between per-class gradients (stacked on axis 0), summed over classes:
+    over weight tensors, the sum of per-output-row ``1 - cos``; biases count zero, as in
+    the paper's code."""
     total = torch.zeros(())
     for name, gr in real.items():
         if gr.dim() < 3:  # (C, out): a bias
