@@ -175,10 +175,6 @@ class Distillation:
             x[self.poisoned] = stamp(self.x[self.poisoned], self.mask, self.trigger)
         return x, y
 
-    def relabelled(self, target: int) -> np.ndarray:
-        y = self.y.copy()
-        y[self.poisoned] = target
-        return y
 
 
 def start(
