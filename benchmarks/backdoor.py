@@ -32,8 +32,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flwr.app import Message  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
+from server.flower_patches import allow_messages_outside_a_run  # noqa: E402
 from simulations.scenarios import load_scenario  # noqa: E402
 from strategies import build_strategy  # noqa: E402
 from strategies.aggregation import ClientBatch  # noqa: E402
@@ -229,7 +229,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=12, help="federated DC iterations (4 rounds x 3)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # Flower messages in-process
+    allow_messages_outside_a_run()  # Flower messages in-process
     seeds = [int(s) for s in args.seeds.split(",")]
     parts = args.parts.split(",")
     sizes = [int(s) for s in args.trigger_sizes.split(",")]

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from server.record import load_history, load_models
-from simulations import deploy
-from simulations.certs import make_certs
+from deployment import deploy
+from deployment.certs import make_certs
 from simulations.launcher import simulate
 from simulations.scenarios import load_scenario
 

@@ -22,10 +22,9 @@ from flwr.clientapp import ClientApp
 
 from client import cohort_store, device
 from client.compute import begin_round, coarse_cohort, evaluate_cohort, train_cohort
-from strategies.aggregation import ClientBatch
-from strategies.cohort_reply import encode_batch, encode_result, params_to_record, record_to_params
+from proto.wire import CLUSTER, ClientBatch, encode_batch, encode_result, params_to_record, record_to_params
 from workloads import workload_class
-from workloads.base import CohortData, Params, TrainSettings, Workload
+from workloads.base import CohortData, Params, SimulatedAttacks, TrainSettings, Workload
 from workloads.device_files import DeviceDataError
 from workloads.federation import cohort_slice
 
@@ -101,8 +100,8 @@ def remember(context: Context, config: ConfigRecord, batch: ClientBatch | None) 
     arm = str(config.get("arm", ""))
     before = store.arm(arm)
     clusters = None
-    if batch is not None and "cluster" in batch.metrics:
-        clusters = dict(zip(batch.client_ids.tolist(), batch.metrics["cluster"].astype(int).tolist()))
+    if batch is not None and CLUSTER in batch.metrics:
+        clusters = dict(zip(batch.client_ids.tolist(), batch.metrics[CLUSTER].astype(int).tolist()))
     store.record_round(arm, int(config.get("server-round", 0)), clusters)
     return ConfigRecord({
         "rounds-before": int(before.get("rounds", 0)),
@@ -163,7 +162,9 @@ def train(msg: Message, context: Context) -> Message:
     )
     if state is not None:
         context.state[_state_key(config)] = params_to_record(state)
-    probe = workload.evaluation_probe(data, state, str(config.get("variant", "")))
+    probe = None
+    if isinstance(workload, SimulatedAttacks):  # what a simulated attacker reveals to the evaluator
+        probe = workload.evaluation_probe(data, state, str(config.get("variant", "")))
     result = train_cohort(
         workload, data, models,
         selection=str(config["selection"]) if k_models else "single",
@@ -174,7 +175,7 @@ def train(msg: Message, context: Context) -> Message:
         extra_metrics=extra,
     )
     if not k_models and result.batch is not None:  # Flower's FedAvg/FedProx: one model
-        result.batch.metrics.pop("cluster")
+        result.batch.metrics.pop(CLUSTER)
     content = encode_result(result)
     content["node"] = placement(context, generated, data)
     if probe is not None:  # a simulated attacker's evaluation probe (never aggregated)

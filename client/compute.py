@@ -1,8 +1,6 @@
 """What a cohort computes in a round, as pure functions (no Flower here).
 
-The client app wraps these in messages; the in-process reference (``simulations.reference``)
-and the tests call them directly, so the Flower run and the reference share every line of
-client-side arithmetic.
+The client app (``client.app``) wraps these in messages; the tests call them directly.
 """
 
 from __future__ import annotations
@@ -12,16 +10,30 @@ from typing import Any
 
 import numpy as np
 
-from strategies.aggregation import ClientBatch
-from strategies.clustered import assign_clusters, cluster_sums
-from strategies.cohort_reply import CohortResult
-from strategies.exact_sum import DD, dd_add, dd_sum
-from workloads.base import SIZE_BUCKETS, CohortData, Params, TrainSettings, Workload, size_bucket
+from proto.exact_sum import DD, dd_add, dd_sum
+from proto.wire import (
+    ANCHOR_TRAIN, CLIENT_ID, CLUSTER, LOSS_BEFORE, REDUCE_ROWS, ClientBatch, CohortResult, cluster_sums,
+)
+from workloads.base import (
+    SIZE_BUCKETS, CoarseStatistics, CohortData, KnownClusters, Params, Stateful, TrainSettings, Workload,
+    size_bucket,
+)
 from workloads.federation import round_participation
 
 SELECTIONS = ("min-loss", "true-label", "single")
 COARSE_CHUNK = 2048  # clients per pass of a Phase-1 statistic
 REPLIES = ("clients", "sums")
+
+
+def assign_clusters(losses: np.ndarray) -> np.ndarray:
+    """(B, k) local losses -> the chosen cluster of each client (ties: lowest index)."""
+    return np.argmin(losses, axis=1)
+
+
+def true_clusters(workload: Workload, data: CohortData) -> np.ndarray | None:
+    """The cohort's true clusters when the workload and its data know them (synthetic
+    federations); None for device data and workloads without clusters."""
+    return workload.true_clusters(data) if isinstance(workload, KnownClusters) else None
 
 
 def select_models(
@@ -32,7 +44,7 @@ def select_models(
     if selection == "min-loss":
         choice = assign_clusters(losses)
     elif selection == "true-label":
-        labels = getattr(data, "labels", None)
+        labels = true_clusters(workload, data)
         if labels is None:
             raise ValueError("the oracle needs true cluster labels, which this data lacks")
         choice = np.asarray(labels, dtype=np.int64)
@@ -48,7 +60,7 @@ def confusion_counts(
 ) -> np.ndarray | None:
     """(chosen model x true cluster x size bucket) client counts over ``index``; None when
     the data carry no true labels (real deployments)."""
-    labels = getattr(data, "labels", None)
+    labels = true_clusters(workload, data)
     if labels is None:
         return None
     counts = np.zeros((k, workload.num_clusters, len(SIZE_BUCKETS)), np.int64)
@@ -74,10 +86,10 @@ def begin_round(
     """A stateful workload's round start: (data to train on, new state, per-client metric
     sums). ``state=None`` starts from the workload's initial state; stateless workloads
     return their data unchanged."""
+    if not isinstance(workload, Stateful):
+        return data, None, {}
     if state is None:
         state = workload.initial_state(data)
-        if state is None:
-            return data, None, {}
     k = len(next(iter(models.values())))
     if k != 1:
         raise ValueError(f"workload {workload.name!r} keeps state per model; it takes one model, not {k}")
@@ -128,7 +140,7 @@ def train_cohort(
         return CohortResult(None, cluster_sums(choice, counts, trained, loss_sums, k), confusion, outcomes)
     batch = ClientBatch(
         sub.client_ids, counts, trained,
-        {"loss-before": loss_sums, "cluster": choice.astype(np.float64),
+        {LOSS_BEFORE: loss_sums, CLUSTER: choice.astype(np.float64),
          **{name: np.asarray(v, np.float64)[idx] for name, v in (extra_metrics or {}).items()}},
     )
     return CohortResult(batch, None, confusion, outcomes)
@@ -142,6 +154,16 @@ def evaluate_cohort(
     choice, loss = select_models(workload, data, models, selection)
     confusion = confusion_counts(workload, data, choice, k, slice(None))
     return np.array([data.num_examples.sum()]), dd_sum(loss * data.num_examples), confusion
+
+
+def coarse_statistics(workload: Workload, step: str, request: Params, data: CohortData) -> dict[str, np.ndarray]:
+    """One Phase-1 step on a cohort: ``anchor-train`` for any workload, the workload's own
+    steps when it declares ``CoarseStatistics``."""
+    if step == ANCHOR_TRAIN:
+        return workload.anchor_models(request, data)
+    if isinstance(workload, CoarseStatistics) and step in workload.coarse_steps:
+        return workload.coarse_statistics(step, request, data)
+    raise ValueError(f"workload {workload.name!r} has no coarse-estimate step {step!r}")
 
 
 def coarse_cohort(
@@ -162,17 +184,17 @@ def coarse_cohort(
     sums: dict[str, DD] = {}
     clients = 0
     for part in parts:
-        stats = workload.coarse_statistics(step, request, part)
-        ids = stats.pop("client-id")
+        stats = coarse_statistics(workload, step, request, part)
+        ids = stats.pop(CLIENT_ID)
         clients += len(ids)
-        if reduce == "rows":
-            for name, values in {"client-id": ids, **stats}.items():
+        if reduce == REDUCE_ROWS:
+            for name, values in {CLIENT_ID: ids, **stats}.items():
                 rows.setdefault(name, []).append(values)
             continue
         for name, values in stats.items():
             part_sum = dd_sum(values)
             sums[name] = dd_add(sums[name], part_sum) if name in sums else part_sum
-    if reduce == "rows":
+    if reduce == REDUCE_ROWS:
         return {name: np.concatenate(values) for name, values in rows.items()}
     out = {}
     for name, (hi, lo) in sums.items():

@@ -24,15 +24,17 @@ from flwr.app import ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from proto.wire import Params, params_to_record
 from server import monitor
+from server.engine import Arm, ArmObserver, run_arm
+from server.history import Checkpointer, History
 from server.record import RunObserver, RunRecord, new_run_dir
-from server.run_config import client_view, resolve, round_lr, unflatten
-from strategies import K_MODEL, build_strategy
-from strategies.aggregation import Params
-from strategies.cohort_reply import params_to_record, record_to_params
+from server.run_config import client_view, round_lr, scenario_from_run_config
+from strategies import K_MODEL, ReportingStrategy, build_strategy
+from strategies.data_union import UploadTrainer
 from workloads import workload_class
-from workloads.base import Workload
-from workloads.federation import OUTCOMES, num_nodes
+from workloads.base import KnownClusters, TrainsOnUploads, Workload
+from workloads.federation import num_nodes
 
 NODE_WAIT_S = 120.0
 PULL_INTERVAL_S = 0.005  # Flower's default 0.1 s poll dominates small rounds
@@ -63,7 +65,7 @@ def initial_models(workload: Workload, init: str, seed: int) -> Params:
         return {n: np.zeros((k, *v.shape)) for n, v in base.items()}
     if init == "random":
         return workload.random_models(k, seed)
-    truth = workload.true_parameters()
+    truth = workload.true_parameters() if isinstance(workload, KnownClusters) else None
     if truth is None:
         raise ValueError(f"clustered.init = {init!r} needs true models; this workload has none")
     if init == "true-first":  # every model equal to the first true model
@@ -76,91 +78,59 @@ def flatten(params: Params) -> np.ndarray:
     return np.concatenate([np.asarray(v, np.float64).ravel() for v in params.values()])
 
 
-def placement_summary(placement: list[dict[str, Any]]) -> dict[str, Any]:
-    """Which node (Ray node id, else host) ran which cohorts, and how many cohorts had to
-    generate their data this round (0 after the first round with a data cache)."""
-    nodes: dict[str, list[int]] = {}
-    generated = 0
-    devices: dict[str, Any] = {}
-    for p in placement:
-        try:  # telemetry from clients: an odd entry is skipped, never a crash
-            partition = int(p.get("partition", -1))
-        except (TypeError, ValueError):
-            continue
-        nodes.setdefault(str(p.get("ray-node") or p.get("host", "?")), []).append(partition)
-        generated += p.get("generated") is True
-        if isinstance(p.get("device"), dict):  # keyed by the device's first client id
-            devices[str(partition)] = p["device"]
-    out: dict[str, Any] = {
-        "cohort_nodes": {n: sorted(parts) for n, parts in sorted(nodes.items())},
-        "cohorts_generated": generated,
-    }
-    if devices:
-        out["devices"] = dict(sorted(devices.items()))
-    return out
-
-
-def scored_metrics(
-    workload: Workload, models: Params, confusion: np.ndarray | None, loss: float | None
-) -> dict[str, Any]:
-    """What the clients say about the models they received: the mean local loss, and, when
-    they know their true clusters, the misclustering of their choices and the adjusted Rand
-    index of the partition they form against the true one (``ari``)."""
-    out: dict[str, Any] = {workload.loss_name: loss}
-    if confusion is not None:
-        extra = workload.central_metrics(models, confusion)
-        out.update({m: v for m, v in extra.items() if m.startswith("misclustering")})
-        if confusion.shape[0] > 1:  # one model: every client in one group, ARI says nothing
-            out["ari"] = adjusted_rand(confusion)
-    return out
-
-
-def adjusted_rand(confusion: np.ndarray) -> float | None:
-    """ARI of the clients' chosen models against their true clusters, from the (chosen x
-    true x size bucket) counts, straight from the contingency table (Hubert and Arabie 1985;
-    O(k^2) however many clients); None without clients, 1.0 when both partitions are trivial."""
-    table = np.asarray(confusion, dtype=np.float64)
-    table = table.reshape(table.shape[0], table.shape[1], -1).sum(axis=2)
-    n = table.sum()
-    if n == 0:
-        return None
-
-    def pairs(x: np.ndarray) -> float:
-        return float((x * (x - 1) / 2).sum())
-
-    index, rows, cols = pairs(table), pairs(table.sum(axis=1)), pairs(table.sum(axis=0))
-    expected = rows * cols / (n * (n - 1) / 2) if n > 1 else 0.0
-    maximum = (rows + cols) / 2
-    if maximum == expected:  # one cluster on both sides (or single clients): perfect agreement
-        return 1.0
-    return (index - expected) / (maximum - expected)
-
-
-def round_counts(metrics: dict[str, float], examples: int) -> dict[str, float]:
-    """The workload's own per-round counts (e.g. labels queried) as totals: replies carry
-    every metric as a per-example mean."""
-    return {m: v * examples for m, v in metrics.items() if m not in ("loss-before", "cluster")}
-
-
-def detection_rates(
-    flags: dict[str, list[int]], participants: list[int] | None, malicious: np.ndarray
-) -> dict[str, float | None]:
-    """Per defense, the true positive rate (malicious clients flagged, of those taking
-    part; None without any) and false positive rate (honest clients flagged)."""
-    taking_part = set(participants) if participants is not None else set().union(*map(set, flags.values()))
-    bad = taking_part & set(np.asarray(malicious).tolist())
-    good = taking_part - bad
-    out: dict[str, float | None] = {}
-    for name, flagged in flags.items():
-        hit = set(flagged)
-        out[f"tpr_{name}"] = len(hit & bad) / len(bad) if bad else None
-        out[f"fpr_{name}"] = len(hit & good) / len(good) if good else None
-    return out
-
-
 def arm_label(strategy: str, variant: str) -> str:
     """How the run record names a strategy run on one of the workload's variants."""
     return f"{strategy}/{variant}" if variant else strategy
+
+
+def upload_trainer(workload: Workload) -> UploadTrainer | None:
+    """What ``data-union`` trains with, when the workload trains on uploads."""
+    if not isinstance(workload, TrainsOnUploads):
+        return None
+    return UploadTrainer(workload.server_train, workload.upload_spec(), workload.upload_classes)
+
+
+def strategy_for(name: str, scenario: dict[str, Any], workload: Workload, nodes: int) -> ReportingStrategy:
+    """The strategy ``name`` with the scenario's settings, for ``nodes`` cohorts."""
+    train, base = scenario["train"], workload.initial_parameters()
+    return build_strategy(
+        name, nodes, proximal_mu=train["proximal_mu"], k=workload.num_clusters,
+        dim=sum(v.size for v in base.values()), seed=scenario["federation"]["seed"],
+        clustered=scenario["clustered"], timeout=scenario["run"]["round_timeout"],
+        start=flatten(base), lr=train["lr"], robust=scenario["robust"], uploads=upload_trainer(workload),
+    )
+
+
+def client_config(scenario: dict[str, Any], label: str = "", variant: str = "", data_cache: str = "") -> ConfigRecord:
+    """What every message of an arm tells the clients: the scenario they rebuild their
+    workload from, the local training settings, the arm (clients keep state per arm) and
+    variant, and where cohorts cache their data (``data_cache``; empty: in memory)."""
+    return ConfigRecord({
+        "scenario": json.dumps(client_view(scenario), sort_keys=True),
+        "local-steps": scenario["train"]["local_steps"],
+        "lr": scenario["train"]["lr"],
+        "variant": variant,
+        "arm": label,
+        "data-cache": data_cache,
+    })
+
+
+def new_arm(name: str, scenario: dict[str, Any], workload: Workload, nodes: int, variant: str = "",
+            data_cache: str = "", start: Params | None = None) -> tuple[Arm, Params]:
+    """An arm ready for round 1, and the models handed to it (stacked on a model axis).
+
+    ``start`` overrides the models handed in (one model, or k stacked for a k-model
+    strategy); by default the workload's initial model, or ``clustered.init``'s k models."""
+    run, train, fed = scenario["run"], scenario["train"], scenario["federation"]
+    k_model = name in K_MODEL
+    if start is None:
+        start = initial_models(workload, scenario["clustered"]["init"], fed["seed"]) if k_model \
+            else workload.initial_parameters()
+    label = arm_label(name, variant)
+    arm = Arm(label, strategy_for(name, scenario, workload, nodes), params_to_record(start),
+              client_config(scenario, label, variant, data_cache), run["rounds"], run["round_timeout"],
+              lambda rnd: round_lr(train, rnd, run["rounds"]))
+    return arm, start if k_model else {n: v[None] for n, v in start.items()}
 
 
 def run_strategy(
@@ -174,129 +144,25 @@ def run_strategy(
     data_cache: str = "",
     record: RunRecord | None = None,
     resume: dict[str, Any] | None = None,
+    start: Params | None = None,
 ) -> list[dict[str, Any]]:
-    """Run one strategy (on one of the workload's variants) for ``run.rounds`` rounds;
-    returns its per-round rows, recorded under ``arm_label(name, variant)``.
+    """Run one strategy (on one of the workload's variants) for ``run.rounds`` rounds on the
+    round engine; returns its rows (``server.history``), recorded under ``arm_label(name, variant)``.
 
-    Row r describes the models after round r (row 0: the models of round 1, i.e. the
-    initial ones, or Phase 1's estimates for the clustered strategies): the workload's central
-    metrics, then, once the next exchange has scored them on the clients, the mean local loss
-    and the misclustering of the clients' choices. Rows r >= 1 also hold the clients
-    aggregated per model, the examples they trained on, the workload's own per-round counts
-    (totals, e.g. labels queried), dropped replies, nodes that never replied and the
-    round's wall time.
-
-    With a ``record``, a checkpoint is written after every round: the strategy object, the
-    models, the rows and the random state, which is everything the server's next round
-    depends on. ``resume`` (such a checkpoint) continues after its round.
-    """
-    label = arm_label(name, variant)
-    run, train, fed = scenario["run"], scenario["train"], scenario["federation"]
-    k_model = name in K_MODEL
-    base = workload.initial_parameters()
-    strategy = build_strategy(
-        name, nodes, proximal_mu=train["proximal_mu"], k=workload.num_clusters,
-        dim=sum(v.size for v in base.values()), seed=fed["seed"],
-        clustered=scenario["clustered"], timeout=run["round_timeout"],
-        start=flatten(base), lr=train["lr"], robust=scenario["robust"], server=workload,
-    )
-    malicious = workload.malicious_clients(variant)
-    config = ConfigRecord(
-        {
-            "scenario": json.dumps(client_view(scenario), sort_keys=True),
-            "local-steps": train["local_steps"],
-            "lr": train["lr"],
-            "variant": variant,
-            "arm": label,  # clients keep state per arm
-            "data-cache": data_cache,
-        }
-    )
-    handed_in = initial_models(workload, scenario["clustered"]["init"], fed["seed"]) if k_model else base
-    arrays = params_to_record(handed_in)
-    rows: list[dict[str, Any]] = []
-    first = 1
-    if resume is None:
-        observer.on_strategy_start(label, run["rounds"])
-    else:  # the checkpoint's state replaces the fresh one, bit for bit
-        strategy, arrays, rows = resume["strategy"], resume["arrays"], resume["rows"]
+    With a ``record``, a checkpoint is written after every round; ``resume`` (such a
+    checkpoint) continues after its round, bit for bit."""
+    arm, handed_in = new_arm(name, scenario, workload, nodes, variant, data_cache, start)
+    rows = None
+    if resume is not None:  # the checkpoint's state replaces the fresh one
+        arm.strategy, arm.arrays, rows = resume["strategy"], resume["arrays"], resume["rows"]
         random.setstate(resume["random"])
-        first = resume["round"] + 1
-        observer.on_strategy_resume(label, run["rounds"], rows)
-
-    def stacked(record: Any) -> Params:
-        """The models of an ArrayRecord on a leading model axis (one for FedAvg/FedProx)."""
-        params = record_to_params(record)
-        return params if k_model else {n: v[None] for n, v in params.items()}
-
-    def scored(models: Params, report: Any, loss: str) -> dict[str, Any]:
-        return scored_metrics(workload, models, report.confusion, report.metrics.get(loss))
-
-    for rnd in range(first, run["rounds"] + 1):
-        start = time.perf_counter()
-        config["lr"] = round_lr(train, rnd, run["rounds"])
-        messages = strategy.configure_train(rnd, arrays, config, grid)
-        sent = getattr(strategy, "sent_models", None) or stacked(arrays)
-        if rnd == 1:
-            row0: dict[str, Any] = {"round": 0, **workload.central_metrics(sent)}
-            if getattr(strategy, "coarse", None) is not None:  # Phase 1 replaced the models
-                key = workload.key_metric
-                row0[f"handed_in_{key}"] = workload.central_metrics(handed_in)[key]
-                row0["phase1_warnings"] = strategy.coarse.warnings
-            rows.append(row0)
-        replies = list(grid.send_and_receive(messages, timeout=run["round_timeout"]))
-        new_arrays, _ = strategy.aggregate_train(rnd, replies)
-        report = strategy.last_report
-        wall = time.perf_counter() - start
-        rows[-1].update(scored(sent, report, "loss-before"))
-        if rnd == 1:
-            observer.on_round(label, rows[0])
-        if new_arrays is not None:
-            arrays = new_arrays
-        if report.probes:
-            workload.observe_probes(report.probes)
-        row = {"round": rnd, **workload.central_metrics(stacked(arrays))}
-        row["clients"] = report.clients
-        row["examples"] = report.examples
-        if report.outcomes is not None:  # clients left out of the round, by reason
-            row.update(zip(OUTCOMES, report.outcomes.tolist()))
-        if report.placement:
-            row.update(placement_summary(report.placement))
-        row.update(round_counts(report.metrics, report.examples))
-        if report.cluster_sizes is not None:
-            row["cluster_clients"] = report.cluster_sizes
-        row.update(report.extra)
-        if report.flags:
-            row["flagged"] = report.flags
-            row.update(detection_rates(report.flags, report.participants, malicious))
-        row["dropped"] = len(report.dropped)
-        if report.dropped:
-            row["dropped_replies"] = report.dropped
-        missing = sorted({m.metadata.dst_node_id for m in messages}
-                         - {r.metadata.src_node_id for r in replies})
-        if missing:  # e.g. a device went offline: the round went on without it
-            row["missing_nodes"] = missing
-        row["wall_time_s"] = wall
-        if row.get("clipped"):
-            log(logging.WARNING, "%s round %d: %g requested items clipped (clients' pools "
-                "exhausted)", label, rnd, row["clipped"])
-        rows.append(row)
-        observer.on_round(label, row)
-        if record is not None:
-            record.save_checkpoint({"arm": label, "round": rnd, "strategy": strategy,
-                                    "arrays": arrays, "rows": rows, "random": random.getstate()})
-    # One evaluate exchange scores the final models.
-    replies = grid.send_and_receive(
-        strategy.configure_evaluate(run["rounds"], arrays, ConfigRecord(dict(config)), grid),
-        timeout=run["round_timeout"],
-    )
-    strategy.aggregate_evaluate(run["rounds"], replies)
-    rows[-1].update(scored(stacked(arrays), strategy.last_report, "loss"))
-    final = workload.final_report(stacked(arrays))
-    if final:
-        rows[-1]["final"] = final
-    observer.on_models(label, stacked(arrays))
-    observer.on_strategy_end(label, rows)
-    return rows
+        arm.first_round = resume["round"] + 1
+    history = History(workload, observer, handed_in, variant, rows)
+    observers: list[ArmObserver] = [history]
+    if record is not None:
+        observers.append(Checkpointer(record, history))
+    run_arm(grid, arm, observers)
+    return history.rows
 
 
 def run_federation(
@@ -387,10 +253,9 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point for ``flwr run .`` (and ``umbel deploy run``): the scenario comes from
-    the run config; ``run.resume`` (a run directory) continues an interrupted run."""
-    config = dict(context.run_config)
-    resume = str(config.pop("run.resume", "") or "") or None
-    scenario = resolve(unflatten(config), source="run config")
+    the run config's ``scenario`` (a built-in name or TOML text); ``resume`` (a run
+    directory) continues an interrupted run."""
+    scenario, resume = scenario_from_run_config(dict(context.run_config))
     record = open_record(scenario, resume)
     log(logging.INFO, "umbel: run record in %s", record.dir)
     start_recording(record, scenario)

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import copy
 import math
+import re
+import tomllib
+from pathlib import Path
 from typing import Any
 
 from strategies import PHASE1, SINGLE_MODEL, STRATEGIES
@@ -68,6 +71,10 @@ CORE_SCHEMA: dict[str, dict[str, ConfigField]] = {
             float, 0.0, "the run's stated peak memory, all processes (GiB; 0: the workload's "
             "estimate); the launcher warns when it exceeds the machine's available memory",
             non_negative,
+        ),
+        "num_gpus": ConfigField(
+            float, 0.0, "GPUs per Ray actor (a fraction shares one GPU); > 0: torch workloads train "
+            "on CUDA, 0: on the CPU with one thread", non_negative,
         ),
     },
     "federation": {
@@ -174,8 +181,6 @@ def schema_for(workload: str) -> dict[str, dict[str, ConfigField]]:
 def _check_value(name: str, value: Any, spec: ConfigField) -> tuple[Any, str | None]:
     """Coerce and check one value; returns (value, error or None)."""
     kind = spec.kind
-    if kind is list and isinstance(value, str):  # Flower run configs cannot hold lists
-        value = [part.strip() for part in value.split(",") if part.strip()]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
@@ -246,23 +251,54 @@ def _cross_checks(s: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
     return problems
 
 
-def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-    """Flower flattens nested tables into dotted keys (``run.rounds``); undo that."""
-    nested: dict[str, Any] = {}
-    for key, value in flat.items():
-        section, _, field = key.partition(".")
-        if not field:
-            nested[section] = value
-        else:
-            nested.setdefault(section, {})[field] = value
-    return nested
+RUN_CONFIG_SOURCE = "run config"
+# The built-in scenarios (shipped with simulations/, in the wheel and in Flower's app bundle):
+# read as files here, so that `flwr run` can name one; simulations.scenarios lists them.
+BUILTIN_SCENARIOS = Path(__file__).resolve().parents[1] / "simulations" / "scenarios"
+_SCENARIO_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def scenario_from_run_config(config: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], str | None]:
+    """The scenario and the run directory to resume, from Flower's run config (``flwr run``,
+    ``umbel deploy run``): two keys, declared in ``[tool.flwr.app.config]`` of pyproject.toml.
+
+    - ``scenario``: a built-in scenario's name (``"default"``, ``"tiny"``, ...) or a whole
+      scenario as TOML text (``umbel deploy run`` sends the resolved scenario so);
+    - ``resume``: a run directory to continue from its checkpoint, ``""`` for none.
+
+    Returns (resolved scenario, resume directory or None). Raises ``ScenarioError`` naming
+    the source ``run config`` and the field.
+    """
+    unknown = sorted(set(config) - {"scenario", "resume"})
+    if unknown:
+        raise ScenarioError(RUN_CONFIG_SOURCE, [(k, "unknown run-config key; expected 'scenario' (a built-in "
+                                                   "name or TOML text) and 'resume'") for k in unknown])
+    text = config.get("scenario", "default")
+    if not isinstance(text, str) or not text.strip():
+        raise ScenarioError(RUN_CONFIG_SOURCE, [("scenario", f"expected a built-in scenario name or TOML text, "
+                                                             f"got {text!r}")])
+    if _SCENARIO_NAME.fullmatch(text.strip()):
+        path = BUILTIN_SCENARIOS / f"{text.strip()}.toml"
+        if not path.is_file():
+            names = ", ".join(sorted(p.stem for p in BUILTIN_SCENARIOS.glob("*.toml")))
+            raise ScenarioError(RUN_CONFIG_SOURCE, [("scenario", f"{text.strip()!r} is not a built-in scenario "
+                                                                 f"({names}) nor TOML text")])
+        text = path.read_text()
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ScenarioError(RUN_CONFIG_SOURCE, [("scenario", f"not valid TOML: {err}")]) from None
+    resume = config.get("resume", "")
+    if not isinstance(resume, str):
+        raise ScenarioError(RUN_CONFIG_SOURCE, [("resume", f"expected a run directory or \"\", got {resume!r}")])
+    return resolve(raw, source=RUN_CONFIG_SOURCE), resume.strip() or None
 
 
 def client_view(scenario: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The part of a scenario that clients need to rebuild their workload and data."""
     workload = workload_class(scenario["run"]["workload"])
     return {
-        "run": {"workload": scenario["run"]["workload"]},
+        "run": {"workload": scenario["run"]["workload"], "num_gpus": scenario["run"].get("num_gpus", 0.0)},
         "federation": scenario["federation"],
         "anchors": scenario["anchors"],
         workload.section: scenario[workload.section],

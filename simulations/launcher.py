@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from server.app import arm_label, make_server_app, open_record, serve_monitor, start_recording
+from server.flower_patches import quicker_engine_poll
 from server.record import RunObserver, RunRecord
 from server.run_config import client_view
 from simulations.report import write_report
@@ -70,33 +71,6 @@ def memory_warning(scenario: dict[str, Any], actors: int) -> str | None:
             "federation.cohort_size, or use a bigger machine / a Ray cluster (--ray-address)")
 
 
-def quicker_engine_poll(nodes: int) -> None:
-    """Let Flower's simulation engine pick up messages every few milliseconds.
-
-    Flower 1.42's engine moves messages from its LinkState to the Ray workers in a loop
-    that waits a hard-coded 0.1 s between passes (``vce_api.add_messages_to_queue``): a
-    floor under every round that dominated rounds of up to 10^5 clients. This replaces that
-    loop with the same one waiting 0.5 ms per node (5 ms at least, 0.1 s at most), so large
-    federations of single-client nodes do not spin the driver. Only for the version it was
-    measured on; other versions keep their own loop.
-    """
-    import flwr
-    from flwr.server.superlink.fleet.vce import vce_api
-
-    if flwr.__version__ != "1.42.0" or not hasattr(vce_api, "add_messages_to_queue"):
-        return
-    interval = min(0.1, max(0.005, 0.0005 * nodes))
-
-    def add_messages_to_queue(state, queue, nodes_mapping, f_stop) -> None:  # type: ignore[no-untyped-def]
-        while not f_stop.is_set():
-            for node_id in nodes_mapping.keys():
-                for msg in state.get_message_ins(node_id=node_id, limit=1):
-                    queue.put(msg)
-            f_stop.wait(interval)
-
-    vce_api.add_messages_to_queue = add_messages_to_queue
-
-
 class RunFailed(RuntimeError):
     """The simulation stopped before every strategy finished; the record says so."""
 
@@ -129,9 +103,11 @@ class Observers(RunObserver):
 
 
 def backend_config(
-    ray_address: str | None, temp_dir: str | None, verbose: bool = False, client_cpus: float = 1
+    ray_address: str | None, temp_dir: str | None, verbose: bool = False, client_cpus: float = 1,
+    client_gpus: float = 0.0,
 ) -> dict[str, Any]:
-    """Flower's Ray backend settings: one actor per ``client_cpus`` CPUs of the cluster."""
+    """Flower's Ray backend settings: one actor per ``client_cpus`` CPUs of the cluster, each
+    holding ``client_gpus`` GPUs (the scenario's ``run.num_gpus``; a fraction shares a GPU)."""
     init_args: dict[str, Any] = {
         "include_dashboard": False,
         "logging_level": logging.ERROR,
@@ -144,7 +120,7 @@ def backend_config(
     else:
         init_args["num_cpus"] = os.cpu_count() or 1
         init_args["_temp_dir"] = temp_dir
-    return {"client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0}, "init_args": init_args}
+    return {"client_resources": {"num_cpus": client_cpus, "num_gpus": float(client_gpus)}, "init_args": init_args}
 
 
 def simulate(
@@ -221,7 +197,8 @@ def _simulate(
             server_app=make_server_app(scenario, observers, data_cache, record, on_start),
             client_app=client_app,
             num_supernodes=nodes,
-            backend_config=backend_config(ray_address, temp_dir, verbose, client_cpus),
+            backend_config=backend_config(ray_address, temp_dir, verbose, client_cpus,
+                                          scenario["run"].get("num_gpus", 0.0)),
             verbose_logging=verbose,
         )
     except BaseException as err:

@@ -6,9 +6,9 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from server.run_config import ScenarioError, resolve
+from server.run_config import BUILTIN_SCENARIOS, ScenarioError, resolve
 
-BUILTIN_DIR = Path(__file__).parent / "scenarios"
+BUILTIN_DIR = BUILTIN_SCENARIOS  # simulations/scenarios/: one definition, also read by `flwr run`
 
 
 def builtin_scenarios() -> dict[str, Path]:

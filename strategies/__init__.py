@@ -17,12 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from flwr.serverapp.strategy import Strategy
-
 from strategies.clustered_fl import ClusteredStrategy
 from strategies.coarse_init import AnchorModels, CoarseInit, MomentDescent, SubspaceKMeans
-from strategies.data_union import DataUnion
+from strategies.data_union import DataUnion, UploadTrainer
 from strategies.fedavg import CohortFedAvg, CohortFedProx
+from strategies.result import ReportingStrategy, RoundResult
 from strategies.robust import ROBUST
 
 SINGLE_MODEL = ("fedavg", "fedprox", *ROBUST, "data-union")
@@ -71,14 +70,14 @@ def build_strategy(
     start: np.ndarray | None = None,
     lr: float = 0.0,
     robust: dict[str, Any] | None = None,
-    server: Any = None,
-) -> Strategy:
+    uploads: UploadTrainer | None = None,
+) -> ReportingStrategy:
     """A strategy that sends to, and waits for, all ``num_nodes`` cohorts every round.
 
     ``clustered`` holds the scenario's ``[clustered]`` table (Phase 1 and reply options);
     ``start`` and ``lr`` are the common start and step size of ``anchor-models`` Phase 1.
-    ``robust`` holds the ``[robust]`` table (the aggregators' settings); ``server`` is the
-    server-side workload that ``data-union`` trains with (``upload_spec``, ``server_train``).
+    ``robust`` holds the ``[robust]`` table (the aggregators' settings); ``uploads`` is what
+    ``data-union`` trains with (the server-side trainer and the announced upload shapes).
     """
     if name in SINGLE_MODEL:
         nodes = dict(
@@ -91,9 +90,9 @@ def build_strategy(
         if name == "fedprox":
             return CohortFedProx(proximal_mu=proximal_mu, **nodes)
         if name == "data-union":
-            if server is None or not hasattr(server, "server_train"):
-                raise ValueError("data-union needs a workload that trains on uploaded data (server_train)")
-            return DataUnion(server.server_train, server.upload_spec(), server.upload_classes, **nodes)
+            if uploads is None:
+                raise ValueError("data-union needs a workload that trains on uploaded data (TrainsOnUploads)")
+            return DataUnion(uploads, **nodes)
         if name == "fedtrimmedavg":
             return ROBUST[name](beta=opts.get("trim_beta", 0.2), **nodes)
         if name in ("krum", "multikrum"):

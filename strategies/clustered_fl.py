@@ -7,7 +7,7 @@ One class, configured three ways (see ``strategies.build_strategy``):
 - IFCA (Ghosh et al. 2020): the same rounds from the models handed in, without Phase 1;
 - the oracle: every client uses its true cluster (synthetic data only).
 
-It works under Flower's own ``Strategy.start`` as well as under umbel's server loop, and
+It works under Flower's own ``Strategy.start`` as well as under umbel's round engine, and
 threads the k models from round to round as one ``ArrayRecord`` (each array stacked on a
 leading model axis). All arithmetic is in ``strategies.clustered`` (pure numpy).
 """
@@ -16,29 +16,30 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from logging import INFO, WARNING
+
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 
-from strategies.aggregation import MalformedBatch, Params
-from strategies.clustered import aggregate_results, cluster_means, combine
-from strategies.coarse_init import CoarseInit, CoarseResult, reduce_coarse
-from strategies.cohort_reply import (
+from proto.exact_sum import dd_add, dd_value
+from proto.wire import (
+    COARSE_ACTION,
+    MalformedBatch,
+    Params,
     decode_clustered_batch,
     decode_confusion,
     decode_sums,
     params_to_record,
     record_to_params,
 )
-from strategies.exact_sum import dd_add, dd_value
-from strategies.fedavg import RoundReport, decode_replies, log_dropped
+from strategies.clustered import aggregate_results, cluster_means
+from strategies.coarse_init import CoarseInit, CoarseResult, reduce_coarse
+from strategies.fedavg import decode_replies
+from strategies.result import ReportingStrategy, RoundResult
 
-COARSE_ACTION = "query.coarse"
 
-
-class ClusteredStrategy(Strategy):
+class ClusteredStrategy(ReportingStrategy):
     def __init__(
         self,
         k: int,
@@ -54,8 +55,8 @@ class ClusteredStrategy(Strategy):
         self.coarse_init, self.proximal_mu, self.reply = coarse_init, proximal_mu, reply
         self.timeout = timeout
         self.coarse: CoarseResult | None = None
-        self.last_report = RoundReport()
-        self.sent_models: Params | None = None
+        self.phase1_warnings: list[str] | None = None  # reported once, with the round Phase 1 ran in
+        self.sent: ArrayRecord | None = None
 
     def summary(self) -> None:
         log(INFO, "\t├── k = %d, selection %s, replies as %s", self.k, self.selection, self.reply)
@@ -76,41 +77,42 @@ class ClusteredStrategy(Strategy):
             for node in self._nodes(grid)
         ]
 
-    def exchange(self, grid: Grid, config: ConfigRecord):
-        """The Phase-1 exchange over Flower messages (see ``strategies.coarse_init``)."""
+    def exchange(self, grid: Grid, config: ConfigRecord, dropped: list[str]):
+        """The Phase-1 exchange over Flower messages (see ``strategies.coarse_init``); a
+        failed node is left out and named in ``dropped`` (too few anchors left is Phase 1's
+        own error)."""
 
         def run(step: str, request: Params, reduce: str) -> dict[str, np.ndarray]:
             cfg = ConfigRecord({**dict(config), "step": step, "reduce": reduce})
             content = RecordDict({"request": params_to_record(request), "config": cfg})
             replies = grid.send_and_receive(self._messages(grid, content, COARSE_ACTION), timeout=self.timeout)
-            return self._reduce_coarse(replies, reduce, step)
+            parts = []
+            for msg in replies:
+                if msg.has_error():
+                    dropped.append(f"step {step!r}: node {msg.metadata.src_node_id} left out: {msg.error.reason}")
+                    log(WARNING, "Phase 1 %s", dropped[-1])
+                    continue
+                parts.append(record_to_params(msg.content["stats"]))
+            return reduce_coarse(parts, reduce)
 
         return run
 
-    def _reduce_coarse(self, replies: Iterable[Message], reduce: str, step: str) -> dict[str, np.ndarray]:
-        """The statistics of the nodes that answered; a failed node is left out and named
-        in Phase 1's warnings (too few anchors left is Phase 1's own error)."""
-        parts = []
-        for msg in replies:
-            if msg.has_error():
-                self.coarse_dropped.append(
-                    f"step {step!r}: node {msg.metadata.src_node_id} left out: {msg.error.reason}")
-                log(WARNING, "Phase 1 %s", self.coarse_dropped[-1])
-                continue
-            parts.append(record_to_params(msg.content["stats"]))
-        return reduce_coarse(parts, reduce)
+    def run_phase1(self, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> ArrayRecord:
+        """Phase 1 (once): the coarse estimates replace the models handed in."""
+        dropped: list[str] = []
+        self.coarse = self.coarse_init.estimate(self.exchange(grid, config, dropped))
+        self.coarse.warnings.extend(dropped)
+        for warning in self.coarse.warnings:
+            log(WARNING, "Phase 1: %s", warning)
+        self.phase1_warnings = self.coarse.warnings
+        return params_to_record(unflatten(self.coarse.centres, record_to_params(arrays)))
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         if self.coarse_init is not None and self.coarse is None:
-            self.coarse_dropped: list[str] = []
-            self.coarse = self.coarse_init.estimate(self.exchange(grid, config))
-            self.coarse.warnings.extend(self.coarse_dropped)
-            for warning in self.coarse.warnings:
-                log(WARNING, "Phase 1: %s", warning)
-            arrays = params_to_record(unflatten(self.coarse.centres, record_to_params(arrays)))
-        self.sent_models = record_to_params(arrays)
+            arrays = self.run_phase1(arrays, config, grid)
+        self.sent = arrays
         cfg = ConfigRecord(
             {
                 **dict(config),
@@ -124,12 +126,11 @@ class ClusteredStrategy(Strategy):
         content = RecordDict({"arrays": arrays, "config": cfg})
         return self._messages(grid, content, MessageType.TRAIN)
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        assert self.sent_models is not None, "configure_train must run first"
-        self.last_report = report = RoundReport()
-        models = self.sent_models
+    def aggregate_round(self, server_round: int, replies: Iterable[Message]) -> RoundResult:
+        assert self.sent is not None, "configure_train must run first"
+        result = RoundResult(sent=self.sent, k_models=True, phase1_warnings=self.phase1_warnings)
+        self.phase1_warnings = None
+        models = record_to_params(self.sent)
 
         def decode(content: RecordDict):
             conf = decode_confusion(content, None)
@@ -137,62 +138,58 @@ class ClusteredStrategy(Strategy):
                 return decode_sums(content["sums"], models), None, conf
             return None, decode_clustered_batch(content, models), conf
 
-        decoded = decode_replies(replies, decode, report)
-        parts = [d[0] for d in decoded if d[0] is not None]
-        batches = [d[1] for d in decoded if d[1] is not None]
-        confusion = sum_confusion([d[2] for d in decoded], report)
+        decoded = decode_replies(replies, decode, result)
+        result.telemetry.confusion = sum_confusion([d[2] for d in decoded], result)
         try:
-            total = aggregate_results(batches, parts, self.k)
+            total = aggregate_results([d[1] for d in decoded if d[1] is not None],
+                                      [d[0] for d in decoded if d[0] is not None], self.k)
         except MalformedBatch as err:  # two nodes claimed one client: trust neither
-            report.dropped.append(f"all per-client replies: {err}")
-            total = combine(parts)
-        log_dropped(report)
-        report.confusion = confusion
+            result.dropped.append(f"all per-client replies: {err}")
+            total = aggregate_results([], [d[0] for d in decoded if d[0] is not None], self.k)
+        result.log_dropped()
         if total is None or total.examples.sum() == 0:
-            return None, None
-        report.clients = int(total.clients.sum())
-        report.examples = int(total.examples.sum())
-        report.cluster_sizes = total.clients.tolist()
-        report.metrics = {"loss-before": float(dd_value(total.loss).sum() / total.examples.sum())}
-        new = cluster_means(total, self.sent_models)
-        return params_to_record(new), MetricRecord(report.metrics)
+            return result
+        result.clients, result.examples = int(total.clients.sum()), int(total.examples.sum())
+        result.cluster_clients = total.clients.tolist()
+        result.metrics = {"loss-before": float(dd_value(total.loss).sum() / total.examples.sum())}
+        result.arrays = params_to_record(cluster_means(total, models))
+        return result
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self.sent_models = record_to_params(arrays)
+        self.sent = arrays
         cfg = ConfigRecord({**dict(config), "server-round": server_round, "k-models": self.k,
                             "selection": self.selection})
         return self._messages(grid, RecordDict({"arrays": arrays, "config": cfg}), MessageType.EVALUATE)
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        self.last_report = report = RoundReport()
-
-        def decode(content: RecordDict):
-            try:
-                a = record_to_params(content["eval"])
-                n, part = int(a["examples"][0]), (a["loss.hi"], a["loss.lo"])
-            except (KeyError, TypeError, ValueError, IndexError) as err:
-                raise MalformedBatch(f"missing or unreadable evaluation: {err}") from None
-            if n < 0 or not (np.isfinite(part[0]).all() and np.isfinite(part[1]).all()):
-                raise MalformedBatch("negative count or non-finite loss")
-            return n, part, decode_confusion(content, None)
-
-        decoded = decode_replies(replies, decode, report)
-        log_dropped(report)
+    def evaluate_round(self, server_round: int, replies: Iterable[Message]) -> RoundResult:
+        result = RoundResult(sent=self.sent, k_models=True)
+        decoded = decode_replies(replies, decode_evaluation, result)
+        result.log_dropped()
+        result.telemetry.confusion = sum_confusion([d[2] for d in decoded], result)
         examples = sum(d[0] for d in decoded)
-        loss = None
-        for _, part, _ in decoded:
-            loss = part if loss is None else dd_add(loss, part)
-        confusion = sum_confusion([d[2] for d in decoded], report)
-        report.confusion = confusion
-        if not examples:
-            return None
-        report.metrics = {"loss": float(dd_value(loss).sum() / examples)}
-        return MetricRecord(report.metrics)
+        if examples:
+            loss = decoded[0][1]
+            for _, part, _ in decoded[1:]:
+                loss = dd_add(loss, part)
+            result.metrics = {"loss": float(dd_value(loss).sum() / examples)}
+        return result
 
 
-def sum_confusion(parts: list[np.ndarray | None], report: RoundReport) -> np.ndarray | None:
+def decode_evaluation(content: RecordDict) -> tuple[int, tuple[np.ndarray, np.ndarray], np.ndarray | None]:
+    """A cohort's evaluation: (examples, loss sum as a double-double, confusion or None)."""
+    try:
+        a = record_to_params(content["eval"])
+        n, part = int(a["examples"][0]), (a["loss.hi"], a["loss.lo"])
+    except (KeyError, TypeError, ValueError, IndexError) as err:
+        raise MalformedBatch(f"missing or unreadable evaluation: {err}") from None
+    if n < 0 or not (np.isfinite(part[0]).all() and np.isfinite(part[1]).all()):
+        raise MalformedBatch("negative count or non-finite loss")
+    return n, part, decode_confusion(content, None)
+
+
+def sum_confusion(parts: list[np.ndarray | None], result: RoundResult) -> np.ndarray | None:
     """Add the cohorts' confusion counts (telemetry only: a mismatched one is left out and
     noted, the models are unaffected)."""
     present = [p for p in parts if p is not None]
@@ -201,7 +198,7 @@ def sum_confusion(parts: list[np.ndarray | None], report: RoundReport) -> np.nda
     total = np.zeros_like(present[0])
     for p in present:
         if p.shape != total.shape:
-            report.dropped.append(f"confusion counts of shape {p.shape} ignored")
+            result.dropped.append(f"confusion counts of shape {p.shape} ignored")
             continue
         total += p
     return total
@@ -216,4 +213,3 @@ def unflatten(rows: np.ndarray, reference: Params) -> Params:
         out[name] = rows[:, offset:offset + size].reshape(len(rows), *shape)
         offset += size
     return out
-

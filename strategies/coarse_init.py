@@ -37,9 +37,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from strategies.aggregation import Params
+from proto.exact_sum import dd_add, dd_value
+from proto.wire import (
+    ANCHOR_FIT, ANCHOR_TRAIN, CLIENT_ID, ESTIMATE, N, REDUCE_ROWS, REDUCE_SUM, SECOND_MOMENT, SECOND_MOMENT_PRODUCT, Y2, Y2XV, Y2XX,
+    Params,
+)
 from strategies.clustered import kmeans
-from strategies.exact_sum import dd_add, dd_value
 
 Exchange = Callable[[str, Params, str], dict[str, np.ndarray]]
 
@@ -96,7 +99,7 @@ class MomentInit(CoarseInit):
 
     def estimate(self, exchange: Exchange) -> CoarseResult:
         basis = self.subspace(exchange)
-        estimates = exchange("anchor-fit", self.anchor_request(basis), "rows")["estimate"]
+        estimates = exchange(ANCHOR_FIT, self.anchor_request(basis), REDUCE_ROWS)[ESTIMATE]
         self._check_anchors(estimates)
         centres = kmeans(estimates, self.k, self.restarts, self.seed)
         return CoarseResult(centres, basis, len(estimates), coverage_warnings(estimates, centres))
@@ -110,8 +113,8 @@ class SubspaceKMeans(MomentInit):
     name = "subspace-kmeans"
 
     def subspace(self, exchange: Exchange) -> np.ndarray:
-        stats = exchange("second-moment", self._moment_matrix_request(), "sum")
-        return top_subspace(stats["y2xx"], stats["y2"], stats["n"], self.k)
+        stats = exchange(SECOND_MOMENT, self._moment_matrix_request(), REDUCE_SUM)
+        return top_subspace(stats[Y2XX], stats[Y2], stats[N], self.k)
 
 
 class MomentDescent(MomentInit):
@@ -128,10 +131,10 @@ class MomentDescent(MomentInit):
         basis, _ = np.linalg.qr(rng.standard_normal((self.dim, self.k)))
         for _ in range(self.iterations):
             stats = exchange(
-                "second-moment-product", {"basis": basis, **self._moment_matrix_request()}, "sum"
+                SECOND_MOMENT_PRODUCT, {"basis": basis, **self._moment_matrix_request()}, REDUCE_SUM
             )
-            n = float(np.sum(stats["n"]))  # scalars may travel as 1-element arrays
-            new, _ = np.linalg.qr(stats["y2xv"] / n - (float(np.sum(stats["y2"])) / n) * basis)
+            n = float(np.sum(stats[N]))  # scalars may travel as 1-element arrays
+            new, _ = np.linalg.qr(stats[Y2XV] / n - (float(np.sum(stats[Y2])) / n) * basis)
             if subspace_distance(basis, new) < 1e-9:
                 return new
             basis = new
@@ -154,7 +157,7 @@ class AnchorModels(CoarseInit):
 
     def estimate(self, exchange: Exchange) -> CoarseResult:
         request = {"start": self.start, "steps": np.array(self.steps), "lr": np.array(self.lr)}
-        estimates = exchange("anchor-train", request, "rows")["estimate"]
+        estimates = exchange(ANCHOR_TRAIN, request, REDUCE_ROWS)[ESTIMATE]
         self._check_anchors(estimates)
         updates = estimates - self.start
         norms = np.linalg.norm(updates, axis=1, keepdims=True)
@@ -177,10 +180,10 @@ def reduce_coarse(parts: list[dict[str, np.ndarray]], reduce: str) -> dict[str, 
     concatenate anchor rows in client-id order."""
     if not parts:
         raise CoarseInitError("no node answered this Phase-1 step")
-    if reduce == "rows":
-        ids = np.concatenate([p["client-id"] for p in parts])
+    if reduce == REDUCE_ROWS:
+        ids = np.concatenate([p[CLIENT_ID] for p in parts])
         order = np.argsort(ids, kind="stable")
-        return {n: np.concatenate([p[n] for p in parts])[order] for n in parts[0] if n != "client-id"}
+        return {n: np.concatenate([p[n] for p in parts])[order] for n in parts[0] if n != CLIENT_ID}
     out = {}
     for name in sorted({n.rsplit(".", 1)[0] for n in parts[0] if n.endswith(".hi")}):
         total = (parts[0][f"{name}.hi"], parts[0][f"{name}.lo"])

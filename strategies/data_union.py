@@ -12,19 +12,32 @@ thin layer over Flower's ``FedAvg`` (sampling and messages are Flower's).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from strategies.aggregation import ClientBatch, MalformedBatch, Params, validate_batch
-from strategies.cohort_reply import METRIC_PREFIX, params_to_record, record_to_params
-from strategies.fedavg import CohortAggregation, RoundReport, decode_replies, log_dropped
+from proto.wire import (
+    METRIC_PREFIX, ClientBatch, MalformedBatch, Params, params_to_record, record_to_params, validate_batch,
+)
+from strategies.fedavg import CohortAggregation, decode_replies
+from strategies.result import RoundResult
 
 # (images, labels, owner client id per image, round) -> (global model, flagged clients per defense)
 Trainer = Callable[[np.ndarray, np.ndarray, np.ndarray, int], tuple[Params, dict[str, list[int]]]]
+
+
+@dataclass(frozen=True)
+class UploadTrainer:
+    """What ``data-union`` needs from the server side: the trainer, the shapes announced for
+    one client's upload (``images``, ``labels``) and the number of label classes."""
+
+    train: Trainer
+    announced: dict[str, tuple[int, ...]]
+    num_classes: int
 
 
 def check_upload(
@@ -79,11 +92,9 @@ def decode_uploads(content: RecordDict) -> ClientBatch:
 class DataUnion(CohortAggregation, FedAvg):
     """Flower's FedAvg sampling; the global model is trained on the union of the uploads."""
 
-    def __init__(self, trainer: Trainer, announced: dict[str, tuple[int, ...]], num_classes: int,
-                 **nodes: Any) -> None:
+    def __init__(self, uploads: UploadTrainer, **nodes: Any) -> None:
         super().__init__(**nodes)
-        self.trainer, self.announced, self.num_classes = trainer, announced, num_classes
-        self.last_report = RoundReport()
+        self.trainer, self.announced, self.num_classes = uploads.train, uploads.announced, uploads.num_classes
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -91,12 +102,25 @@ class DataUnion(CohortAggregation, FedAvg):
         config = ConfigRecord({**dict(config), "upload-images": int(self.announced["images"][0])})
         return super().configure_train(server_round, arrays, config, grid)
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        self.last_report = report = RoundReport()
+    def aggregate_round(self, server_round: int, replies: Iterable[Message]) -> RoundResult:
+        result = RoundResult(sent=self.sent, k_models=False)
+        uploads = self.checked_uploads(decode_replies(replies, decode_uploads, result), result)
+        result.log_dropped()
+        if not uploads:
+            return result
+        images, labels, owners = union(uploads)
+        params, flags = self.trainer(images, labels, owners, server_round)
+        result.clients, result.examples = len(uploads), len(labels)
+        result.defense.flags = {name: sorted(int(c) for c in clients) for name, clients in flags.items()}
+        result.defense.participants = sorted(u[0] for u in uploads)
+        result.arrays = params_to_record(params)
+        return result
+
+    def checked_uploads(self, batches: list[ClientBatch], result: RoundResult) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """Every client's (id, images, labels) that passes ``check_upload``; the others are
+        dropped and named, and counted as ``rejected_uploads``."""
         uploads, rejected = [], 0
-        for batch in decode_replies(replies, decode_uploads, report):
+        for batch in batches:
             for j, client in enumerate(batch.client_ids.tolist()):
                 images, labels = batch.params["images"][j], batch.params["labels"][j]
                 problem = check_upload(images, labels, self.announced, self.num_classes)
@@ -104,18 +128,10 @@ class DataUnion(CohortAggregation, FedAvg):
                     uploads.append((client, images, labels))
                 else:
                     rejected += 1
-                    report.dropped.append(f"client {client}: {problem}")
+                    result.dropped.append(f"client {client}: {problem}")
+        result.counts["rejected_uploads"] = rejected
         ids = [u[0] for u in uploads]
         if len(set(ids)) != len(ids):  # two nodes claimed one client: trust neither
-            report.dropped.append("all nodes: a client id was reported by two nodes")
-            uploads = []
-        log_dropped(report)
-        report.extra["rejected_uploads"] = rejected
-        if not uploads:
-            return None, None
-        images, labels, owners = union(uploads)
-        params, flags = self.trainer(images, labels, owners, server_round)
-        report.clients, report.examples = len(uploads), len(labels)
-        report.flags = {name: sorted(int(c) for c in clients) for name, clients in flags.items()}
-        report.participants = sorted(ids)
-        return params_to_record(params), MetricRecord({"union-images": len(labels)})
+            result.dropped.append("all nodes: a client id was reported by two nodes")
+            return []
+        return uploads

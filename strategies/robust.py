@@ -18,9 +18,9 @@ from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum, Mult
 from flwr.serverapp.strategy.multikrum import select_multikrum
 from flwr.supercore.differential_privacy import compute_clip_model_update, get_norm
 
-from strategies.aggregation import ClientBatch
-from strategies.cohort_reply import params_to_record, record_to_params
-from strategies.fedavg import CohortAggregation, RoundReport
+from proto.wire import ClientBatch, params_to_record, record_to_params
+from strategies.fedavg import CohortAggregation
+from strategies.result import RoundResult
 
 
 def client_replies(batch: ClientBatch) -> list[Message]:
@@ -37,13 +37,12 @@ def client_replies(batch: ClientBatch) -> list[Message]:
 class PerClient(CohortAggregation):
     """Mixin: Flower's ``aggregate_train`` of the next class, on one reply per client."""
 
-    def combine(self, server_round: int, batch: ClientBatch, report: RoundReport) -> ArrayRecord | None:
-        report.participants = batch.client_ids.tolist()
-        batch = self.before_aggregation(batch, report)
-        arrays, _ = super(CohortAggregation, self).aggregate_train(server_round, client_replies(batch))
-        return arrays
+    def combine(self, server_round: int, batch: ClientBatch, result: RoundResult) -> ArrayRecord | None:
+        result.defense.participants = batch.client_ids.tolist()
+        batch = self.before_aggregation(batch, result)
+        return self.flower_aggregate_train(server_round, client_replies(batch))
 
-    def before_aggregation(self, batch: ClientBatch, report: RoundReport) -> ClientBatch:
+    def before_aggregation(self, batch: ClientBatch, result: RoundResult) -> ClientBatch:
         return batch
 
 
@@ -58,12 +57,12 @@ class CohortFedTrimmedAvg(PerClient, FedTrimmedAvg):
 class KrumFlags(PerClient):
     """Krum/MultiKrum: the clients left out of the selection are the flagged ones."""
 
-    def before_aggregation(self, batch: ClientBatch, report: RoundReport) -> ClientBatch:
+    def before_aggregation(self, batch: ClientBatch, result: RoundResult) -> ClientBatch:
         contents = [m.content for m in client_replies(batch)]
         chosen = select_multikrum(contents, self.num_malicious_nodes,
                                   getattr(self, "num_nodes_to_select", 1))
         kept = {id(c) for c in chosen}
-        report.flags = {"krum": sorted(int(c) for c, content in zip(batch.client_ids, contents)
+        result.defense.flags = {"krum": sorted(int(c) for c, content in zip(batch.client_ids, contents)
                                        if id(content) not in kept)}
         return batch
 
@@ -84,8 +83,8 @@ class CohortFedAvgClip(PerClient, FedAvg):
         super().__init__(**kwargs)
         self.clipping_norm = clipping_norm
 
-    def before_aggregation(self, batch: ClientBatch, report: RoundReport) -> ClientBatch:
-        current = list(record_to_params(self._reference).values())
+    def before_aggregation(self, batch: ClientBatch, result: RoundResult) -> ClientBatch:
+        current = list(record_to_params(self.sent).values())
         names = list(batch.params)
         clipped = {n: np.empty_like(batch.params[n]) for n in names}
         flagged = []
@@ -96,7 +95,7 @@ class CohortFedAvgClip(PerClient, FedAvg):
             compute_clip_model_update(arrays, current, self.clipping_norm)
             for n, a in zip(names, arrays):
                 clipped[n][j] = a
-        report.flags = {"clipping": flagged}
+        result.defense.flags = {"clipping": flagged}
         return ClientBatch(batch.client_ids, batch.num_examples, clipped, batch.metrics)
 
 

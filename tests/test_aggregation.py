@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Error, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from server.flower_patches import allow_messages_outside_a_run
 from strategies import build_strategy
 from strategies.aggregation import ClientBatch, MalformedBatch, merge_batches, weighted_average
 from strategies.cohort_reply import decode_batch, encode_batch, params_to_record
@@ -18,7 +18,7 @@ REF = {"w": np.zeros(D)}
 @pytest.fixture(autouse=True)
 def task_identity():
     """Messages outside a running Flower app need an identity."""
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    allow_messages_outside_a_run()
     yield
 
 

@@ -16,6 +16,7 @@ from workloads.backdoor.defenses import (
     neural_cleanse,
     spectral_signatures,
 )
+from workloads.torch_train import get_params
 
 torch.set_num_threads(1)
 
@@ -114,8 +115,8 @@ def trained():
     return {
         "data": d,
         "triggered_test": data.stamp(d.x_test, mask, trigger),
-        "backdoored": model.get_parameters(backdoored),
-        "clean": model.get_parameters(clean),
+        "backdoored": get_params(backdoored),
+        "clean": get_params(clean),
     }
 
 

@@ -1,5 +1,5 @@
-"""Deployment pieces without processes: certificates, device files and state, the monitor's
-event log and gRPC service, checkpoints, the flat run config."""
+"""Deployment pieces without processes: certificates, device files (every workload's format) and
+state, the monitor's event log and gRPC service, checkpoints, the run config."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key, l
 
 from client.device import DeviceState, data_files
 from server import monitor
-from server.run_config import resolve, unflatten
-from simulations.certs import CertError, make_certs
-from simulations.deploy import export_device_data, run_config
+from server.run_config import ScenarioError, scenario_from_run_config
+from deployment.certs import CertError, make_certs
+from deployment.deploy import DeployError, export_device_data, run_config
 from simulations.scenarios import load_scenario
 from workloads import workload_class
 from workloads.device_files import DeviceDataError
@@ -83,7 +83,7 @@ def test_exported_device_files_hold_exactly_the_simulated_clients_data(exported)
         assert one.client_ids.tolist() == [cid]
         np.testing.assert_array_equal(one.x, ref.x)
         np.testing.assert_array_equal(one.y, ref.y)
-        assert one.labels.tolist() == ref.labels.tolist()
+        assert one.labels is None  # real devices know no cluster
     folder = workload.read_device_files(data_files(str(files[0].parent)))  # a device with three clients
     np.testing.assert_array_equal(folder.x, simulated.x)
     assert (files[0].parent / "scenario.toml").is_file()
@@ -121,12 +121,151 @@ def test_bad_device_files_raise_errors_that_name_the_file_and_the_problem(export
         assert str(path) in str(err.value), name
 
 
-def test_a_device_file_without_the_true_cluster_is_a_real_device(exported, tmp_path):
+def test_device_files_carry_no_cluster_unless_exported_with_labels(exported, tmp_path):
     scenario, files = exported
     with np.load(files[1]) as f:
-        np.savez(tmp_path / "c.npz", client_id=f["client_id"], x=f["x"], y=f["y"])
-    data = workload_class("mixed_regression")(scenario).read_device_files([tmp_path / "c.npz"])
-    assert data.labels is None
+        assert sorted(f.files) == ["client_id", "x", "y"]
+    labelled = export_device_data(scenario, tmp_path / "labelled", labels=True)
+    workload = workload_class("mixed_regression")(scenario)
+    data = workload.read_device_files(labelled)
+    assert data.labels.tolist() == workload.client_data(np.arange(3)).labels.tolist()
+    np.testing.assert_array_equal(data.x, workload.read_device_files(files).x)
+    with np.load(labelled[0]) as f:  # a label outside the scenario's clusters is named
+        np.savez(tmp_path / "c.npz", **{**{k: f[k] for k in f.files}, "cluster": np.int64(7)})
+    with pytest.raises(DeviceDataError, match=r"c\.npz: cluster 7 is outside the scenario's clusters"):
+        workload.read_device_files([tmp_path / "c.npz"])
+    with pytest.raises(DeployError, match="--labels: workload active_learning has no true clusters"):
+        export_device_data(load_scenario("active-learning"), tmp_path / "al", labels=True)
+
+
+# Small scenarios of the other workloads with client data (seconds to generate).
+SMALL = {
+    "active_learning": ("active-learning", [
+        "federation.clients=4", "federation.cohort_size=2", "run.rounds=3", "active_learning.rules=['random']",
+        "active_learning.initial_labels=8", "active_learning.budget=4", "active_learning.centralised=false"]),
+    "koopman_burgers": ("koopman-burgers", [
+        "federation.clients=2", "koopman.viscosities=[0.01, 0.05]", "koopman.grids=[32, 64]",
+        "koopman.train_per_client=2", "koopman.test_per_viscosity=2", "koopman.eval_grid=32",
+        "koopman.solver_points=64", "koopman.modes=4", "koopman.width=8", "koopman.power=2",
+        "koopman.baselines=[]", "anchors.count=2", "run.rounds=2"]),
+    "backdoor_distillation": ("backdoor-naive", ["federation.clients=3"]),
+}
+
+
+def _arrays(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files}
+
+
+def _fields(data) -> dict[str, np.ndarray]:
+    """A cohort's array fields (None for unknown ones), to compare two cohorts exactly."""
+    import dataclasses
+
+    return {f.name: getattr(data, f.name) for f in dataclasses.fields(data)}
+
+
+@pytest.mark.parametrize("workload_name", list(SMALL))
+def test_every_workload_exports_device_files_that_read_back_as_the_simulated_clients(workload_name, tmp_path):
+    name, overrides = SMALL[workload_name]
+    scenario = load_scenario(name, overrides)
+    files = export_device_data(scenario, tmp_path)
+    workload = workload_class(workload_name)(scenario)
+    n = scenario["federation"]["clients"]
+    assert [f.name for f in files] == [f"client-{c}.npz" for c in range(n)]
+    assert all("cluster" not in _arrays(f) for f in files)  # no labels on devices
+    for read, simulated in [(workload.read_device_files(files[::-1]), workload.client_data(np.arange(n))),
+                            (workload.read_device_files([files[1]]), workload.client_data(np.array([1])))]:
+        for field, value in _fields(simulated).items():
+            got = _fields(read)[field]
+            if field == "labels":  # Koopman's viscosity group: unknown on a device
+                assert got is None, field
+            elif field == "viscosity":  # not in the files unless the model reads it
+                assert np.isnan(got).all(), field
+            elif value is None or np.isscalar(value):
+                assert got == value, field
+            else:
+                np.testing.assert_array_equal(got, value, err_msg=field)
+
+
+def _bad_cases(workload_name: str, good: Path, folder: Path) -> dict[str, tuple[Path, str]]:
+    """Files the test writes from a good one: (path, what the error must say)."""
+    arrays = _arrays(good)
+    changes = {
+        "another-scenario-id": ({"client_id": np.int64(99)}, "client_id 99 is outside this scenario's"),
+        "id-not-scalar": ({"client_id": np.array([0, 1])}, "'client_id' has shape (2,)"),
+    }
+    if workload_name == "active_learning":
+        images = arrays["images"]
+        changes |= {
+            "no-images": ({"images": None}, "missing array 'images'"),
+            "flat-images": ({"images": images.reshape(len(images), -1)}, "'images' has shape"),
+            "wrong-side": ({"images": images[:, :, :4]}, "expected (n, 1, 8, 8)"),
+            "short-targets": ({"targets": arrays["targets"][:-1]}, "'targets' has shape"),
+            "raw-pixels": ({"images": images * 16}, "expected [0, 1]"),
+            "class-11": ({"targets": np.full_like(arrays["targets"], 11)}, "classes 0-9"),
+            "nothing-labeled": ({"labeled": np.zeros_like(arrays["labeled"])}, "marks no image"),
+            "nan": ({"images": np.where(images == images.max(), np.nan, images)}, "NaN"),
+        }
+    elif workload_name == "koopman_burgers":
+        fields = arrays["fields"]
+        changes |= {
+            "no-fields": ({"fields": None}, "missing array 'fields'"),
+            "one-trajectory-flat": ({"fields": fields[0]}, "'fields' has shape"),
+            "other-steps": ({"fields": np.concatenate([fields, fields], axis=1)},
+                            "4 snapshots per trajectory; this scenario's koopman.steps needs 2"),
+            "coarse-grid": ({"fields": fields[:, :, :4]}, "4-point grid is too coarse"),
+            "nan": ({"fields": np.where(fields > 0, np.nan, fields)}, "NaN"),
+            "bad-viscosity": ({"viscosity": np.float64(-1.0)}, "'viscosity' must be a positive number"),
+        }
+    else:
+        images = arrays["images"]
+        changes |= {
+            "no-targets": ({"targets": None}, "missing array 'targets'"),
+            "colour": ({"images": np.repeat(images, 3, axis=1)}, "expected (n, 1, 8, 8)"),
+            "short-targets": ({"targets": arrays["targets"][:-1]}, "'targets' has shape"),
+            "raw-pixels": ({"images": images * 0 + 16.0}, "raw pixels?"),
+            "class-10": ({"targets": np.full_like(arrays["targets"], 10)}, "classes 0-9"),
+        }
+    cases = {}
+    for case, (change, message) in changes.items():
+        path = folder / f"{case}.npz"
+        np.savez(path, **{k: v for k, v in {**arrays, **change}.items() if v is not None})
+        cases[case] = (path, message)
+    truncated = folder / "truncated.npz"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    cases["truncated"] = (truncated, "not a readable .npz")
+    cases["missing"] = (folder / "nowhere.npz", "no such file")
+    return cases
+
+
+@pytest.mark.parametrize("workload_name", list(SMALL))
+def test_bad_device_files_of_every_workload_name_the_file_and_the_problem(workload_name, tmp_path):
+    name, overrides = SMALL[workload_name]
+    scenario = load_scenario(name, overrides)
+    files = export_device_data(scenario, tmp_path / "good")
+    workload = workload_class(workload_name)(scenario)
+    for case, (path, message) in _bad_cases(workload_name, files[0], tmp_path).items():
+        with pytest.raises(DeviceDataError) as err:
+            workload.read_device_files(data_files(str(path)))
+        assert message in str(err.value) and str(path) in str(err.value), (case, str(err.value))
+    (tmp_path / "copy.npz").write_bytes(files[0].read_bytes())
+    with pytest.raises(DeviceDataError, match="client_id 0 is also in"):  # one client in two files
+        workload.read_device_files([files[0], tmp_path / "copy.npz"])
+
+
+def test_koopman_device_files_carry_the_viscosity_only_when_the_model_reads_it(tmp_path):
+    name, overrides = SMALL["koopman_burgers"]
+    scenario = load_scenario(name, [*overrides, "koopman.viscosity_channel=true"])
+    files = export_device_data(scenario, tmp_path)
+    workload = workload_class("koopman_burgers")(scenario)
+    assert _arrays(files[1])["viscosity"] == 0.05
+    data = workload.read_device_files(files)
+    assert data.viscosity.tolist() == [0.01, 0.05] and data.labels is None
+    np.savez(tmp_path / "blind.npz", **{k: v for k, v in _arrays(files[0]).items() if k != "viscosity"})
+    with pytest.raises(DeviceDataError, match="blind.npz: missing 'viscosity'"):
+        workload.read_device_files([tmp_path / "blind.npz"])
+    labelled = export_device_data(scenario, tmp_path / "labelled", labels=True)
+    assert workload.read_device_files(labelled).labels.tolist() == [0, 1]
 
 
 def test_device_state_survives_a_restart_and_a_damaged_file_starts_over(tmp_path):
@@ -141,14 +280,49 @@ def test_device_state_survives_a_restart_and_a_damaged_file_starts_over(tmp_path
 
 # ---- run config for `flwr run` -------------------------------------------------------
 
-def test_the_flat_run_config_resolves_back_to_the_scenario(tmp_path):
-    scenario = load_scenario("deploy-tiny")
-    flat = run_config(scenario, tmp_path / "runs")
-    assert flat.pop("run.resume") == ""
-    back = resolve(unflatten(flat))
+@pytest.mark.parametrize("name", ["deploy-tiny", "active-learning", "koopman-burgers", "backdoor-doorping"])
+def test_the_run_config_carries_the_whole_scenario_and_flower_accepts_its_keys(name, tmp_path):
+    """`umbel deploy run` sends the resolved scenario as TOML text in one key; Flower reads
+    the run-config file and refuses keys that pyproject's [tool.flwr.app.config] lacks."""
+    import tomllib
+
+    import tomli_w
+    from flwr.common.config import flatten_dict, fuse_dicts, parse_config_args
+
+    scenario = load_scenario(name)
+    config = run_config(scenario, tmp_path / "runs", resume=tmp_path / "runs" / "x")
+    assert set(config) == {"scenario", "resume"} and all(isinstance(v, str) for v in config.values())
+    (tmp_path / "run.toml").write_text(tomli_w.dumps(config))
+    declared = flatten_dict(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+    fused = fuse_dicts(declared, parse_config_args([str(tmp_path / "run.toml")]), check_keys=True)
+    back, resume = scenario_from_run_config(fused)
+    assert resume == str((tmp_path / "runs" / "x").resolve())
     assert back["run"].pop("out") == str((tmp_path / "runs").resolve())
     scenario["run"].pop("out")
     assert back == scenario
+
+
+def test_the_pyproject_run_config_is_the_default_scenario_by_name():
+    """`flwr run .` reads [tool.flwr.app.config]: the built-in default, nothing to resume."""
+    import tomllib
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert declared == {"scenario": "default", "resume": ""}
+    assert scenario_from_run_config(declared) == (load_scenario("default"), None)
+    assert scenario_from_run_config({"scenario": "tiny"})[0] == load_scenario("tiny")
+
+
+@pytest.mark.parametrize("config, field, message", [
+    ({"scenario": "[run]\nrounds = "}, "scenario", "not valid TOML"),
+    ({"scenario": "tinyy"}, "scenario", "'tinyy' is not a built-in scenario"),
+    ({"scenario": "[run]\nrounds = 0\n[federation]\nclients = 3"}, "run.rounds", "must be > 0"),
+    ({"scenario": "tiny", "run.rounds": 5}, "run.rounds", "unknown run-config key"),
+    ({"scenario": "tiny", "resume": 3}, "resume", "expected a run directory"),
+])
+def test_a_bad_run_config_names_the_run_config_and_the_field(config, field, message):
+    with pytest.raises(ScenarioError, match="invalid scenario run config") as err:
+        scenario_from_run_config(config)
+    assert any(name == field and message in text for name, text in err.value.problems), err.value.problems
 
 
 # ---- the monitor ---------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Deployment with real processes on loopback: Flower's SuperLink and SuperNodes started by
-``simulations.deploy`` with TLS and device authentication, and ``umbel run`` processes killed
+``deployment.deploy`` with TLS and device authentication, and ``umbel run`` processes killed
 and resumed. Nothing of Flower is mocked."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import pytest
 
 from server import monitor
 from server.record import load_history, load_models
-from simulations import deploy
-from simulations.certs import make_certs
+from deployment import deploy
+from deployment.certs import make_certs
 from simulations.launcher import simulate
 from simulations.scenarios import load_scenario
 

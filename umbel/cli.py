@@ -1,4 +1,4 @@
-"""The ``umbel`` command: a thin face over simulations/ and server/."""
+"""The ``umbel`` command: a thin face over simulations/, deployment/ and server/."""
 
 from __future__ import annotations
 
@@ -212,8 +212,8 @@ def certs(
 ) -> None:
     """Make the deployment's CA, the SuperLink's certificate and per-device keys (kept
     when they exist) in HOME/certs."""
-    from simulations.certs import CertError, make_certs
-    from simulations.deploy import Home
+    from deployment.certs import CertError, make_certs
+    from deployment.deploy import Home
 
     target = Home(home).certs
     try:
@@ -239,19 +239,19 @@ def data_export(
     folder: Annotated[Path, typer.Argument(help="where to write client-<id>.npz files")],
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override section.key=value")] = None,
     seed: Annotated[Optional[int], typer.Option(help="federation seed")] = None,
+    labels: Annotated[bool, typer.Option(
+        help="also write each client's true cluster (tests only: real devices have none)")] = False,
 ) -> None:
     """Write each simulated client's data to its own file: the exact data of a simulation,
-    for devices (a SuperNode's --data)."""
-    from simulations.deploy import export_device_data
+    for devices (a SuperNode's --data). No cluster labels unless --labels."""
+    from deployment.deploy import DeployError, export_device_data
     from simulations.scenarios import load_scenario
     from workloads import workload_class
 
     try:
         resolved = load_scenario(scenario, set_ or [], seed)
-        files = export_device_data(resolved, folder)
-    except ScenarioError as err:
-        _fail(str(err), EXIT_BAD_INPUT)
-    except NotImplementedError as err:
+        files = export_device_data(resolved, folder, labels=labels)
+    except (ScenarioError, DeployError) as err:
         _fail(str(err), EXIT_BAD_INPUT)
     fmt = workload_class(resolved["run"]["workload"]).device_format
     console.print(f"wrote {len(files)} client files to {folder} ({fmt}) and the scenario "
@@ -287,7 +287,7 @@ def deploy_superlink(
     insecure: Annotated[bool, typer.Option(help="no TLS, no device authentication")] = False,
 ) -> None:
     """Start Flower's SuperLink in the background (stop it with `umbel deploy stop`)."""
-    from simulations.deploy import DeployError, Home, start_superlink
+    from deployment.deploy import DeployError, Home, start_superlink
 
     if insecure:
         _insecure_warning()
@@ -305,8 +305,8 @@ def deploy_register(
     home: HomeOption = DEFAULT_HOME,
 ) -> None:
     """Allow a device's key to join the SuperLink."""
-    from simulations.certs import DEVICES
-    from simulations.deploy import DeployError, Home, register_device
+    from deployment.certs import DEVICES
+    from deployment.deploy import DeployError, Home, register_device
 
     h = Home(home)
     pub = Path(device) if device.endswith(".pub") else h.certs / DEVICES / f"{device}.pub"
@@ -337,7 +337,7 @@ def deploy_supernode(
         help="after a crash, retry for this long while the SuperLink holds the old session")] = 0.0,
 ) -> None:
     """Start Flower's SuperNode for one device, in the background."""
-    from simulations.deploy import DeployError, Home, start_supernode, still_running
+    from deployment.deploy import DeployError, Home, start_supernode, still_running
 
     if insecure:
         _insecure_warning()
@@ -356,7 +356,7 @@ def deploy_stop(
     home: HomeOption = DEFAULT_HOME,
 ) -> None:
     """Stop processes this home started (superlink, supernode-NAME)."""
-    from simulations.deploy import Home, stop, stop_all
+    from deployment.deploy import Home, stop, stop_all
 
     h = Home(home)
     stopped = [n for n in names if stop(h, n)] if names else stop_all(h)
@@ -366,7 +366,7 @@ def deploy_stop(
 @deploy_app.command("status")
 def deploy_status(home: HomeOption = DEFAULT_HOME) -> None:
     """The processes of this home: running or not, and their logs."""
-    from simulations.deploy import Home, is_running
+    from deployment.deploy import Home, is_running
 
     h = Home(home)
     table = Table("process", "pid", "state", "log")
@@ -393,7 +393,7 @@ def deploy_run(
     import grpc
 
     from server.monitor import ADDRESS_FILE, watch as follow
-    from simulations.deploy import DeployError, Home, find_run_dir, submit, wait_run
+    from deployment.deploy import DeployError, Home, find_run_dir, submit, wait_run
     from simulations.launcher import LaunchError, check_resumable
     from simulations.report import write_report
     from simulations.scenarios import load_scenario

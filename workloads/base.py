@@ -17,7 +17,7 @@ from typing import Any, Callable, ClassVar, Protocol
 
 import numpy as np
 
-from workloads.federation import STREAM_INIT
+from workloads import streams
 
 Params = dict[str, np.ndarray]
 
@@ -69,12 +69,22 @@ class TrainSettings:
 
 
 class Workload(ABC):
-    """A method's client side: data, model, local train, local loss and evaluate.
+    """The core every workload implements: a method's client side, data to evaluation.
 
-    Instances keep the scenario's ``federation`` table (seed, participation, dropout) as
-    ``self.federation`` and the number of clients as ``self.num_clients``. Subclasses declare ``name`` (the ``run.workload`` value), ``section`` (their scenario
-    table) with ``schema`` (its keys), ``key_metric`` (the metric plotted by default) and
-    ``loss_name`` (the record's name for the mean local loss, e.g. ``mse``).
+    Abstract (must implement): ``client_data``, ``initial_parameters``, ``local_loss``,
+    ``local_train``, ``subset``. Declared as class attributes: ``name`` (the ``run.workload``
+    value), ``section`` (its scenario table) with ``schema`` (the table's keys),
+    ``key_metric`` (the metric plotted and shown live), ``loss_name`` (the record's name for
+    the mean local loss) and ``higher_is_better`` (direction of ``key_metric``).
+
+    ``__init__(scenario)`` receives the client view of the scenario (``run``, ``federation``,
+    ``anchors`` and the workload's own table) and calls ``super().__init__(scenario)``, which
+    keeps ``federation``, ``seed``, ``num_clients`` and ``anchor_count``.
+
+    Everything else the platform reads is here with a default, or in one of the opt-in
+    capabilities below (``Stateful``, ``KnownClusters``, ``CoarseStatistics``,
+    ``TrainsOnUploads``, ``SimulatedAttacks``, ``DeviceFiles``); ``workloads.register``
+    checks that a workload implements every member of the capabilities it declares.
     """
 
     name: ClassVar[str]
@@ -83,10 +93,21 @@ class Workload(ABC):
     key_metric: ClassVar[str]
     loss_name: ClassVar[str] = "loss"  # how the run record names the mean local loss
     higher_is_better: ClassVar[bool] = False  # direction of ``key_metric``
-    curve_x: ClassVar[str | None] = None  # axis label to plot the key metric against examples used
     single_model: ClassVar[bool] = False  # True: trains one global model (no k-model strategies)
+    # -- what the report draws (simulations.report): all optional --
+    curve_x: ClassVar[str | None] = None  # axis label to plot the key metric against examples used
     summary_metrics: ClassVar[tuple[str, ...]] = ()  # more final-round metrics for the summary table
     plot_metrics: ClassVar[tuple[str, ...]] = ()  # more per-round metrics plotted (<metric>.png)
+    # per-round counts (totals in the record) that deserve a warning when non-zero: name -> what it means
+    warn_counts: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, scenario: dict[str, dict[str, Any]]) -> None:
+        fed = scenario["federation"]
+        self.federation = dict(fed)
+        self.seed, self.num_clients = int(fed["seed"]), int(fed["clients"])
+        self.anchor_count = int(scenario.get("anchors", {}).get("count", 0))
+
+    # ---- scenario-level hooks (class methods: no instance needed) ------------------------
 
     @classmethod
     def check_scenario(cls, scenario: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
@@ -110,6 +131,8 @@ class Workload(ABC):
         run on the same federation and seed; ``("",)``: the workload has none."""
         return ("",)
 
+    # ---- the core: data, model, local loss and training ----------------------------------
+
     @abstractmethod
     def client_data(self, client_ids: np.ndarray) -> CohortData:
         """Local data of the given virtual clients (deterministic in seed and client id)."""
@@ -118,25 +141,9 @@ class Workload(ABC):
     def initial_parameters(self) -> Params:
         """Parameters of one model before any training (deterministic in the seed)."""
 
-    def random_models(self, k: int, seed: int) -> Params:
-        """k random models stacked on a model axis (IFCA's start, ``clustered.init =
-        "random"``). Default: N(0, I/size) per array, the scale of a unit-norm linear model;
-        neural workloads override it with draws of their own initialisation."""
-        rng = np.random.default_rng(np.random.SeedSequence([seed, STREAM_INIT]))
-        return {n: rng.standard_normal((k, *v.shape)) / np.sqrt(v.size)
-                for n, v in self.initial_parameters().items()}
-
     @abstractmethod
     def local_loss(self, params: Params, data: CohortData) -> np.ndarray:
         """Mean local loss of every client of the cohort under ``params``: shape (B,)."""
-
-    def local_losses(self, models: Params, data: CohortData) -> np.ndarray:
-        """(B, k): every client's mean loss under each of k models (stacked on axis 0).
-        Override when one pass over the data can score all models at once."""
-        k = len(next(iter(models.values())))
-        return np.stack(
-            [self.local_loss({n: v[j] for n, v in models.items()}, data) for j in range(k)], axis=1
-        )
 
     @abstractmethod
     def local_train(self, start: Params, data: CohortData, settings: TrainSettings) -> Params:
@@ -149,64 +156,36 @@ class Workload(ABC):
     def subset(self, data: CohortData, index: np.ndarray) -> CohortData:
         """The cohort data of the clients at positions ``index`` (e.g. this round's active ones)."""
 
+    def random_models(self, k: int, seed: int) -> Params:
+        """k random models stacked on a model axis (IFCA's start, ``clustered.init =
+        "random"``). Default: N(0, I/size) per array, the scale of a unit-norm linear model;
+        neural workloads override it with draws of their own initialisation."""
+        rng = np.random.default_rng(np.random.SeedSequence([seed, streams.LINEAR_INIT]))
+        return {n: rng.standard_normal((k, *v.shape)) / np.sqrt(v.size)
+                for n, v in self.initial_parameters().items()}
+
+    def local_losses(self, models: Params, data: CohortData) -> np.ndarray:
+        """(B, k): every client's mean loss under each of k models (stacked on axis 0).
+        Override when one pass over the data can score all models at once."""
+        k = len(next(iter(models.values())))
+        return np.stack(
+            [self.local_loss({n: v[j] for n, v in models.items()}, data) for j in range(k)], axis=1
+        )
+
     def local_evaluate(self, params: Params, data: CohortData) -> dict[str, np.ndarray]:
         """Per-client metric *sums* over each client's examples (mean = sum / n)."""
         return {"loss": self.local_loss(params, data) * data.num_examples}
 
-    # ---- state kept by a cohort across rounds (stateless workloads keep the defaults) ----
-
-    def initial_state(self, data: CohortData) -> Params | None:
-        """What a cohort must remember between rounds (e.g. which samples are labeled), as
-        arrays; ``None``: the workload is stateless."""
-        return None
-
-    def with_state(self, data: CohortData, state: Params) -> CohortData:
-        """The data the cohort trains and is evaluated on under ``state``."""
-        return data
-
-    def update_state(
-        self, model: Params, data: CohortData, state: Params, round_: int, variant: str,
-        active: np.ndarray,
-    ) -> tuple[Params, dict[str, np.ndarray]]:
-        """At the start of a round, with the one model received: the new state and per-client
-        metric sums (shape (B,)); ``active`` marks the clients taking part this round."""
-        return state, {}
-
-    # ---- attacks and defenses (simulation only; honest workloads keep the defaults) ------
-
-    def malicious_clients(self, variant: str) -> np.ndarray:
-        """Ids of the clients that attack in this arm: the server scores each defense's
-        flags against them (true and false positive rates); strategies never see them."""
-        return np.empty(0, np.int64)
-
-    def evaluation_probe(self, data: CohortData, state: Params | None, variant: str) -> Params | None:
-        """What a simulated attacker reveals to the evaluator with its reply (e.g. its
-        trigger, to measure attack success); never aggregated. None: nothing."""
-        return None
-
-    def observe_probes(self, probes: list[Params]) -> None:
-        """The server-side workload receives the round's probes before its central metrics."""
-
-    def coarse_statistics(self, step: str, request: Params, data: CohortData) -> dict[str, np.ndarray]:
-        """Statistics for a coarse-estimate (Phase 1) step of a clustered strategy.
-
-        Returns per-client arrays with a leading client axis, including ``client-id``; the
-        step decides whether they are summed over clients or sent as rows (anchors). Raw data
-        never leave the client. Every trainable workload answers ``anchor-train`` (below);
-        workloads add their own steps (e.g. moments of linear models).
-        """
-        if step == ANCHOR_TRAIN:
-            return self.anchor_models(request, data)
-        raise ValueError(f"workload {self.name!r} has no coarse-estimate step {step!r}")
+    # ---- Phase 1 of the clustered strategy: anchors train from a common start --------------
 
     def is_anchor(self, client_ids: np.ndarray) -> np.ndarray:
-        """Anchor clients are ids ``0 .. anchors.count - 1`` (``self.anchor_count``)."""
-        return np.asarray(client_ids) < getattr(self, "anchor_count", 0)
+        """Anchor clients are ids ``0 .. anchors.count - 1``."""
+        return np.asarray(client_ids) < self.anchor_count
 
     def anchor_models(self, request: Params, data: CohortData) -> dict[str, np.ndarray]:
-        """Phase 1 for any trainable model: each anchor trains ``request["steps"]`` local steps
-        (step size ``request["lr"]``) from the common start ``request["start"]`` (flattened)
-        and sends its model, flattened, as a row; the server clusters the rows."""
+        """Phase 1 for any trainable model (the ``anchor-train`` step): each anchor trains
+        ``request["steps"]`` local steps (step size ``request["lr"]``) from the common start
+        ``request["start"]`` (flattened) and sends its model, flattened, as a row."""
         index = np.flatnonzero(self.is_anchor(data.client_ids))
         reference = self.initial_parameters()
         start, offset = {}, 0
@@ -219,28 +198,24 @@ class Workload(ABC):
         if len(index) == 0:
             return {"client-id": np.empty(0, np.int64), "estimate": np.empty((0, offset))}
         anchors = self.subset(data, index)
-        settings = TrainSettings(int(np.sum(request["steps"])), float(np.sum(request["lr"])))
+        settings = TrainSettings(local_steps=int(np.sum(request["steps"])), lr=float(np.sum(request["lr"])))
         trained = self.local_train(stack_params(start, len(index)), anchors, settings)
         rows = np.concatenate([np.asarray(trained[n], np.float64).reshape(len(index), -1) for n in reference], axis=1)
         return {"client-id": anchors.client_ids, "estimate": rows}
+
+    # ---- server side: metrics of the current models ----------------------------------------
 
     @property
     def num_clusters(self) -> int:
         """k for the k-model strategies (1: the workload has no cluster structure)."""
         return 1
 
-    def true_parameters(self) -> Params | None:
-        """The true models stacked on a model axis, when known (synthetic data)."""
-        return None
-
-    def central_metrics(
-        self, models: Params, confusion: np.ndarray | None = None
-    ) -> dict[str, float]:
+    def central_metrics(self, models: Params, confusion: np.ndarray | None = None) -> dict[str, float]:
         """Server-side metrics of the current model(s), stacked on a leading model axis.
 
         ``confusion`` (chosen cluster x true cluster x size bucket, client counts) comes from
-        clients that know their true cluster (synthetic data) and yields misclustering rates.
-        Empty when there is no ground truth.
+        clients that know their true cluster (``KnownClusters``) and yields misclustering
+        rates. Empty when there is no ground truth.
         """
         return {}
 
@@ -249,22 +224,138 @@ class Workload(ABC):
         error curve, a predicted field); empty by default."""
         return {}
 
-    # -- device data files (deployment): one client per file, see workloads.device_files --
-    device_format: ClassVar[str] = ""  # the file format, documented; "" when there is none
 
+# ---- opt-in capabilities: a workload declares one by inheriting it -------------------------
+
+
+class Stateful(ABC):
+    """Clients remember something between rounds (e.g. which samples are labeled): the
+    client app keeps the state per node and arm (Flower's ``context.state``)."""
+
+    @abstractmethod
+    def initial_state(self, data: CohortData) -> Params:
+        """The cohort's state before round 1, as arrays."""
+
+    @abstractmethod
+    def with_state(self, data: CohortData, state: Params) -> CohortData:
+        """The data the cohort trains and is evaluated on under ``state``."""
+
+    @abstractmethod
+    def update_state(
+        self, model: Params, data: CohortData, state: Params, round_: int, variant: str,
+        active: np.ndarray,
+    ) -> tuple[Params, dict[str, np.ndarray]]:
+        """At the start of a round, with the one model received: the new state and per-client
+        metric sums (shape (B,)); ``active`` marks the clients taking part this round."""
+
+
+class KnownClusters(ABC):
+    """Synthetic federations whose clients know their true cluster and whose true models are
+    known: the oracle strategy, misclustering rates and ARI. Data read from a device carry
+    no labels (``true_clusters`` returns None): the record then has no misclustering."""
+
+    @abstractmethod
+    def true_clusters(self, data: CohortData) -> np.ndarray | None:
+        """(B,) true cluster of each client of the cohort, or None when unknown."""
+
+    def true_parameters(self) -> Params | None:
+        """The true models stacked on a model axis, when known (``clustered.init = truth``)."""
+        return None
+
+
+class CoarseStatistics(ABC):
+    """Phase-1 steps of the clustered strategy beyond ``anchor-train`` (e.g. the moments of
+    linear models); the step and statistic names are in ``proto.wire``."""
+
+    coarse_steps: ClassVar[tuple[str, ...]]
+
+    @abstractmethod
+    def coarse_statistics(self, step: str, request: Params, data: CohortData) -> dict[str, np.ndarray]:
+        """Per-client arrays with a leading client axis, including ``client-id``; the step
+        decides whether they are summed over clients or sent as rows (anchors). Raw data
+        never leave the client."""
+
+
+class TrainsOnUploads(ABC):
+    """Server-side training on what clients upload (``data-union``): clients send small
+    datasets; the server checks them against ``upload_spec`` and trains on the union."""
+
+    upload_classes: ClassVar[int]
+
+    @abstractmethod
+    def upload_spec(self) -> dict[str, tuple[int, ...]]:
+        """The shapes of one client's upload: ``{"images": ..., "labels": ...}``."""
+
+    @abstractmethod
+    def server_train(self, images: np.ndarray, labels: np.ndarray, owners: np.ndarray,
+                     round_: int) -> tuple[Params, dict[str, Any]]:
+        """The global model trained on the union, and per defense the clients it flags."""
+
+
+class SimulatedAttacks(ABC):
+    """Simulated attackers (simulation only): the server scores each defense's flags
+    against them; strategies never see who attacks."""
+
+    @abstractmethod
+    def malicious_clients(self, variant: str) -> np.ndarray:
+        """Ids of the clients that attack in this arm."""
+
+    @abstractmethod
+    def evaluation_probe(self, data: CohortData, state: Params | None, variant: str) -> Params | None:
+        """What a simulated attacker reveals to the evaluator with its reply (e.g. its
+        trigger, to measure attack success); never aggregated. None: nothing."""
+
+    @abstractmethod
+    def observe_probes(self, probes: list[Params]) -> None:
+        """The server-side workload receives the round's probes before its central metrics."""
+
+
+class DeviceFiles(ABC):
+    """Deployment: one client's data in one file (``umbel data export`` writes them, a
+    SuperNode's ``data-path`` names them; see ``workloads.device_files``). Device files
+    carry no cluster labels."""
+
+    device_format: ClassVar[str]  # the file format, documented
+
+    @abstractmethod
     def device_files(self, data: CohortData) -> list[tuple[int, dict[str, np.ndarray]]]:
         """Each client of a cohort as (client id, the arrays of its device file)."""
-        raise NotImplementedError(f"the {self.name} workload has no device data format yet")
 
+    @abstractmethod
     def read_device_files(self, files: list[Any]) -> CohortData:
         """A device's cohort from its client files; raises ``DeviceDataError`` naming the
         file and the problem (missing, truncated, wrong shape, not this scenario's)."""
-        from workloads.device_files import DeviceDataError
-
-        raise DeviceDataError(f"the {self.name} workload has no device data format yet")
 
 
-ANCHOR_TRAIN = "anchor-train"  # the generic Phase-1 step (``Workload.anchor_models``)
+CAPABILITIES: tuple[type, ...] = (
+    Stateful, KnownClusters, CoarseStatistics, TrainsOnUploads, SimulatedAttacks, DeviceFiles,
+)
+CAPABILITY_ATTRIBUTES = {  # declared values a capability needs besides its methods
+    CoarseStatistics: ("coarse_steps",), TrainsOnUploads: ("upload_classes",), DeviceFiles: ("device_format",),
+}
+
+
+class WorkloadContractError(TypeError):
+    """A workload class that does not implement what it declares; the message names it."""
+
+
+def check_contract(cls: type) -> None:
+    """Raise ``WorkloadContractError`` naming every member a workload class lacks: the
+    core's abstract methods and class attributes, and each declared capability's."""
+    if not (isinstance(cls, type) and issubclass(cls, Workload)):
+        raise WorkloadContractError(f"{cls!r} is not a subclass of workloads.base.Workload")
+    missing: list[str] = []
+    owners = [Workload, *(c for c in CAPABILITIES if issubclass(cls, c))]
+    for owner in owners:
+        label = "core" if owner is Workload else owner.__name__
+        methods = sorted(m for m in getattr(cls, "__abstractmethods__", ()) if m in vars(owner))
+        attributes = ("name", "section", "schema", "key_metric") if owner is Workload else CAPABILITY_ATTRIBUTES.get(owner, ())
+        missing += [f"{label}: {m}()" for m in methods]
+        missing += [f"{label}: {a}" for a in attributes if not hasattr(cls, a)]
+    if missing:
+        raise WorkloadContractError(f"workload {cls.__module__}.{cls.__qualname__} does not implement "
+                                    + ", ".join(missing))
+
 
 # Client-size buckets for misclustering: 1, 2, 3-10 and over 10 points.
 SIZE_BUCKETS = ("n1", "n2", "n3_10", "n11plus")

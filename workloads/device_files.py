@@ -29,3 +29,50 @@ def read_npz(path: Path, required: dict[str, int]) -> dict[str, np.ndarray]:
                 f"{path}: {key!r} has shape {arrays[key].shape}; expected {ndim} dimension(s)"
             )
     return arrays
+
+
+def scalar_int(path: Path, arrays: dict[str, np.ndarray], key: str, low: int, high: int | None,
+               what: str = "") -> int:
+    """The integer scalar ``arrays[key]`` in ``[low, high)`` (``high`` None: no upper bound)."""
+    value = arrays[key]
+    if value.shape != () or not np.issubdtype(value.dtype, np.integer):
+        raise DeviceDataError(f"{path}: {key!r} must be an integer scalar, got shape {value.shape} "
+                              f"of {value.dtype}")
+    v = int(value)
+    if v < low or (high is not None and v >= high):
+        bound = f"[{low}, {high})" if high is not None else f">= {low}"
+        raise DeviceDataError(f"{path}: {key} {v} is outside {what or 'the expected range'} {bound}")
+    return v
+
+
+def client_id(path: Path, arrays: dict[str, np.ndarray], num_clients: int) -> int:
+    """The file's ``client_id``: an integer scalar in this scenario's ``[0, clients)``."""
+    return scalar_int(path, arrays, "client_id", 0, num_clients, "this scenario's")
+
+
+def optional_cluster(path: Path, arrays: dict[str, np.ndarray], k: int) -> int | None:
+    """The true cluster (``cluster``) of a file written by ``umbel data export --labels``;
+    None for a real device's file, which has none."""
+    if "cluster" not in arrays:
+        return None
+    return scalar_int(path, arrays, "cluster", 0, k, "the scenario's clusters")
+
+
+def check_shape(path: Path, key: str, array: np.ndarray, shape: tuple[int | None, ...]) -> None:
+    """``array`` has ``shape`` (None: any size on that axis) and holds finite numbers."""
+    if array.ndim != len(shape) or any(s is not None and a != s for a, s in zip(array.shape, shape)):
+        expected = "(" + ", ".join("n" if s is None else str(s) for s in shape) + ")"
+        raise DeviceDataError(f"{path}: {key!r} has shape {array.shape}; expected {expected}")
+    if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+        raise DeviceDataError(f"{path}: {key!r} holds {array.dtype}; expected numbers")
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        raise DeviceDataError(f"{path}: {key!r} holds NaN or infinite values")
+
+
+def distinct_ids(files: list[Path], ids: list[int]) -> None:
+    """A device's files hold different clients."""
+    seen: dict[int, Path] = {}
+    for path, cid in zip(files, ids):
+        if cid in seen:
+            raise DeviceDataError(f"{path}: client_id {cid} is also in {seen[cid]}")
+        seen[cid] = path

@@ -13,11 +13,13 @@ from typing import Any
 import numpy as np
 from scipy.special import ndtri, zeta
 
+from workloads import streams
+
 BLOCK = 2048  # clients per generation block; fixed so data never depend on the cohort size
 
 # Stream tags keep independent draws apart (sizes, labels, features...) for the same block.
-STREAM_TRUTH = 1
-STREAM_BLOCK = 2
+STREAM_TRUTH = streams.TRUTH
+STREAM_BLOCK = streams.BLOCK
 
 SIZE_LAWS = ("fixed", "uniform", "zipf")
 
@@ -78,9 +80,8 @@ def num_nodes(num_clients: int, cohort_size: int) -> int:
     return -(-num_clients // cohort_size)
 
 
-STREAM_PARTICIPATION = 3
-STREAM_DROPOUT = 4
-STREAM_INIT = 5
+STREAM_PARTICIPATION = streams.PARTICIPATION
+STREAM_DROPOUT = streams.DROPOUT
 _MASK64 = (1 << 64) - 1
 
 
@@ -108,9 +109,9 @@ def client_uniform(seed: int, stream: int, client_ids: np.ndarray, round_: int) 
 
 # ---- availability traces and stragglers (FedScale-style device behaviour) ------------------
 
-STREAM_AVAILABILITY = 6
-STREAM_PHASE = 7
-STREAM_LATENCY = 8
+STREAM_AVAILABILITY = streams.AVAILABILITY
+STREAM_PHASE = streams.PHASE
+STREAM_LATENCY = streams.LATENCY
 AVAILABILITY_TRACES = ("always", "bernoulli", "diurnal")
 OUTCOMES = ("unavailable", "not_sampled", "dropped_out", "late")  # why a client is not aggregated
 HOURS_PER_DAY = 24.0

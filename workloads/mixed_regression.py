@@ -22,9 +22,13 @@ from typing import Any, Iterator
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from proto.wire import ANCHOR_FIT, CLIENT_ID, ESTIMATE, N, SECOND_MOMENT, SECOND_MOMENT_PRODUCT, Y2, Y2XV, Y2XX
 from workloads.base import (
+    CoarseStatistics,
     CohortData,
     ConfigField,
+    DeviceFiles,
+    KnownClusters,
     Params,
     TrainSettings,
     Workload,
@@ -33,7 +37,7 @@ from workloads.base import (
     positive,
     size_bucket,
 )
-from workloads.device_files import DeviceDataError, read_npz
+from workloads.device_files import DeviceDataError, optional_cluster, read_npz
 from workloads.federation import BLOCK, STREAM_TRUTH, block_rng, draw_sizes, mean_size
 
 # Fixed costs, calibrated on benchmarks/scale.py (PSS of all processes: 0.85 GiB at 10^4
@@ -126,7 +130,7 @@ def client_products(a: np.ndarray, b: np.ndarray, starts: np.ndarray, num_exampl
     return out
 
 
-class MixedRegression(Workload):
+class MixedRegression(Workload, KnownClusters, CoarseStatistics, DeviceFiles):
     name = "mixed_regression"
     section = "mixed_regression"
     key_metric = "estimation_error"
@@ -198,10 +202,8 @@ class MixedRegression(Workload):
         return errors
 
     def __init__(self, scenario: dict[str, dict[str, Any]]) -> None:
+        super().__init__(scenario)
         fed, mr, anchors = scenario["federation"], scenario[self.section], scenario["anchors"]
-        self.federation = dict(fed)
-        self.seed = int(fed["seed"])
-        self.num_clients = int(fed["clients"])
         self.size_law = fed["size_law"]
         self.min_size, self.max_size = int(fed["min_size"]), int(fed["max_size"])
         self.zipf_exponent = float(fed["zipf_exponent"])
@@ -210,7 +212,7 @@ class MixedRegression(Workload):
         self.noise, self.separation = float(mr["noise"]), float(mr["separation"])
         weights = mr["cluster_weights"] or [1.0] * self.k
         self.cluster_weights = np.asarray(weights, dtype=float) / float(np.sum(weights))
-        self.anchor_count, self.anchor_size = int(anchors["count"]), int(anchors["size"])
+        self.anchor_size = int(anchors["size"])
         self.true_models = true_models(self.seed, self.k, self.dim, self.separation)
         self._blocks: dict[int, LinearCohort] = {}
         self._oracle: dict[str, Any] | None = None
@@ -258,8 +260,8 @@ class MixedRegression(Workload):
         )
 
     device_format = (
-        "one .npz per client: client_id (int scalar), x (n, dim) float, y (n,) float, and "
-        "optionally cluster (int scalar: the true cluster, known only in exported simulations)"
+        "one .npz per client: client_id (int scalar), x (n, dim) float, y (n,) float; "
+        "optionally cluster (int scalar: the true cluster, written only by `umbel data export --labels`)"
     )
 
     def device_files(self, data: LinearCohort) -> list[tuple[int, dict[str, np.ndarray]]]:
@@ -269,8 +271,7 @@ class MixedRegression(Workload):
             p1 = p0 + int(data.num_examples[i])
             out.append((int(cid), {
                 "client_id": np.int64(cid), "x": data.x[p0:p1], "y": data.y[p0:p1],
-                "cluster": np.int64(data.labels[i]),
-            }))
+            }))  # no true cluster: real devices have none (`umbel data export --labels` adds it)
         return out
 
     def read_device_files(self, files: list[Any]) -> LinearCohort:
@@ -289,7 +290,7 @@ class MixedRegression(Workload):
                 problem = "x or y holds NaN or infinite values"
             if problem:
                 raise DeviceDataError(f"{path}: {problem}")
-            label = int(f["cluster"]) if "cluster" in f else None
+            label = optional_cluster(path, f, self.k)  # only in `umbel data export --labels` files
             clients.append((cid, x.astype(np.float64), y.astype(np.float64), label))
         clients.sort(key=lambda c: c[0])
         ids = np.array([c[0] for c in clients], dtype=np.int64)
@@ -338,6 +339,9 @@ class MixedRegression(Workload):
 
     def initial_parameters(self) -> Params:
         return {"w": np.zeros(self.dim)}
+
+    def true_clusters(self, data: LinearCohort) -> np.ndarray | None:
+        return data.labels
 
     def true_parameters(self) -> Params:
         """The k true models, stacked (for truth-started references and tests)."""
@@ -398,6 +402,8 @@ class MixedRegression(Workload):
 
     # ---- Phase 1 statistics (anchors send statistics, never raw data) ----------------------
 
+    coarse_steps = (SECOND_MOMENT, SECOND_MOMENT_PRODUCT, ANCHOR_FIT)
+
     def coarse_statistics(self, step: str, request: Params, data: CohortData) -> dict[str, np.ndarray]:
         """Steps of the coarse estimate:
 
@@ -411,18 +417,18 @@ class MixedRegression(Workload):
         """
         assert isinstance(data, LinearCohort)
         is_anchor = data.client_ids < self.anchor_count
-        if step in ("second-moment", "second-moment-product"):
+        if step in (SECOND_MOMENT, SECOND_MOMENT_PRODUCT):
             if _scalar(request, "anchors-only"):  # only the anchors' moments: drop the rest first
                 data = self.subset(data, np.flatnonzero(is_anchor))
             y2 = data.y**2
-            out = {"y2": np.add.reduceat(y2, data.starts), "n": data.num_examples.astype(np.float64)}
+            out = {Y2: np.add.reduceat(y2, data.starts), N: data.num_examples.astype(np.float64)}
             z = data.x * np.abs(data.y)[:, None]  # y^2 x x' = z z'
-            other = z if step == "second-moment" else z @ request["basis"]  # (P, d) or (P, k)
-            name = "y2xx" if step == "second-moment" else "y2xv"
+            other = z if step == SECOND_MOMENT else z @ request["basis"]  # (P, d) or (P, k)
+            name = Y2XX if step == SECOND_MOMENT else Y2XV
             out[name] = client_products(z, other, data.starts, data.num_examples)
-            out["client-id"] = data.client_ids
+            out[CLIENT_ID] = data.client_ids
             return out
-        if step == "anchor-fit":
+        if step == ANCHOR_FIT:
             basis = request["basis"]
             steps = int(_scalar(request, "descent-steps"))
             estimates = []
@@ -439,8 +445,8 @@ class MixedRegression(Workload):
                         beta -= step_size * 2 * (gram @ beta - z.T @ y / len(y))
                 estimates.append(basis @ beta)
             ids = data.client_ids[is_anchor]
-            return {"client-id": ids, "estimate": np.array(estimates).reshape(len(ids), self.dim)}
-        return super().coarse_statistics(step, request, data)
+            return {CLIENT_ID: ids, ESTIMATE: np.array(estimates).reshape(len(ids), self.dim)}
+        raise ValueError(f"mixed regression has no coarse-estimate step {step!r}")
 
     # ---- central metrics ----------------------------------------------------------------
 

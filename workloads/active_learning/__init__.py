@@ -16,19 +16,23 @@ pool (in-process), the usual upper reference for federated active learning.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from workloads.active_learning import device
 from workloads.active_learning.data import SplitError, digits, split_federation
-from workloads.active_learning.model import DigitsCNN, initial_parameters, set_parameters, train_one
+from workloads.active_learning.model import DigitsCNN, initial_parameters, loss
 from workloads.active_learning.scoring import RULES, score_pool, top_k
-from workloads.base import ConfigField, Params, TrainSettings, Workload, non_negative, positive
+from workloads import streams, torch_train
+from workloads.base import ConfigField, Params, Stateful, TrainSettings, Workload, non_negative, positive
+from workloads.base import DeviceFiles
 
-STREAM_QUERY = 13  # the random rule's draws
-STREAM_TRAIN = 14  # minibatch order of local training
+STREAM_QUERY = streams.AL_QUERY
+STREAM_TRAIN = streams.AL_TRAIN
 
 
 def _rule_list(v: list) -> str | None:
@@ -74,13 +78,14 @@ def _offsets(counts: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
 
-class ActiveLearning(Workload):
+class ActiveLearning(Workload, Stateful, DeviceFiles):
     name = "active_learning"
     section = "active_learning"
     key_metric = "accuracy"
     higher_is_better = True
     curve_x = "labels used"
     single_model = True  # labeled sets are kept per arm, for one global model
+    warn_counts = {"clipped": "requested items clipped (clients' pools exhausted)"}
     schema = {
         "rules": ConfigField(list, list(RULES), "selection rules compared, each run by every strategy", _rule_list),
         "alpha": ConfigField(float, 0.5, "Dirichlet concentration of the label skew (smaller: more skew)", positive),
@@ -96,7 +101,7 @@ class ActiveLearning(Workload):
     @classmethod
     def check_scenario(cls, scenario: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
         al, fed, run = scenario[cls.section], scenario["federation"], scenario["run"]
-        problems = []
+        problems = torch_train.check_device(scenario)
         total = len(digits()[1])
         pool = total - al["test_size"]
         if pool < 1:
@@ -133,18 +138,18 @@ class ActiveLearning(Workload):
                                                "dropout": 0.0}}}
 
     def __init__(self, scenario: dict[str, dict[str, Any]]) -> None:
-        # One torch thread: tens of times faster for a model this small on a busy machine,
-        # and float sums then do not depend on the core count (the centralised baselines run
-        # in the launcher's process, the federated arms in Ray workers: same numbers).
-        torch.set_num_threads(1)
+        # On the CPU, one torch thread: tens of times faster for a model this small on a busy
+        # machine, and float sums then do not depend on the core count (the centralised
+        # baselines run in the launcher's process, the federated arms in Ray workers: same numbers).
+        self.torch_device = torch_train.select_device(scenario)
+        super().__init__(scenario)
         fed, al = scenario["federation"], scenario[self.section]
-        self.federation = dict(fed)
-        self.seed, self.num_clients = int(fed["seed"]), int(fed["clients"])
         self.rules = tuple(al["rules"])
         self.options = dict(al)
         self.split = split_federation(self.seed, self.num_clients, float(al["alpha"]),
                                       int(al["test_size"]), int(al["initial_labels"]), int(al["budget"]))
         self._model = DigitsCNN()
+        self._trainer = torch_train.on_device(self._model, self.torch_device)
         images, targets = digits()
         self._test = (torch.from_numpy(images[self.split.test]), torch.from_numpy(targets[self.split.test]))
 
@@ -159,6 +164,14 @@ class ActiveLearning(Workload):
         index = np.concatenate(pools)
         return DigitsCohort(ids, images[index], targets[index], _offsets([len(p) for p in pools]),
                             seed_set, self.split.budget[ids])
+
+    device_format = device.FORMAT
+
+    def device_files(self, data: DigitsCohort) -> list[tuple[int, dict[str, np.ndarray]]]:
+        return device.device_files(data)
+
+    def read_device_files(self, files: list[Any]) -> DigitsCohort:
+        return DigitsCohort(*device.read_device_files(files, self.num_clients))
 
     def variants(self) -> tuple[str, ...]:
         return self.rules
@@ -200,7 +213,7 @@ class ActiveLearning(Workload):
                     [self.seed, STREAM_QUERY, int(c), round_])).random(n)
                 for c, n in zip(data.client_ids, counts)])
         else:  # one batched pass over the cohort: every client scores with the same model
-            set_parameters(self._model, model)
+            torch_train.set_params(self._model, model)
             scores = score_pool(variant, self._model, torch.from_numpy(data.images[candidates]))
         for j in np.flatnonzero(active):
             mine = owner[candidates] == j
@@ -216,7 +229,7 @@ class ActiveLearning(Workload):
         return initial_parameters(self.seed)
 
     def _logits(self, params: Params, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-        set_parameters(self._model, params)
+        torch_train.set_params(self._model, params)
         self._model.eval()
         with torch.no_grad():
             return self._model(torch.as_tensor(images))
@@ -235,20 +248,21 @@ class ActiveLearning(Workload):
                 "accuracy": np.add.reduceat(correct, data.starts[:-1])}
 
     def local_train(self, start: Params, data: LabeledDigits, settings: TrainSettings) -> Params:
-        out = {n: np.empty_like(v, dtype=np.float32) for n, v in start.items()}
+        """``local_steps`` Adam steps per client on minibatches drawn epoch by epoch from a
+        shuffle seeded by (seed, client, round)."""
         images, targets = torch.from_numpy(data.images), torch.from_numpy(data.targets)
-        for j, client in enumerate(data.client_ids):
+        optimizer = partial(torch.optim.Adam, lr=settings.lr, weight_decay=float(self.options["weight_decay"]))
+
+        def train(j: int, model: torch.nn.Module) -> None:
             lo, hi = data.starts[j], data.starts[j + 1]
-            set_parameters(self._model, {n: v[j] for n, v in start.items()})
             rng = np.random.default_rng(np.random.SeedSequence(
-                [self.seed, STREAM_TRAIN, int(client), settings.server_round]))
-            train_one(self._model, images[lo:hi], targets[lo:hi], steps=settings.local_steps,
-                      lr=settings.lr, batch_size=int(self.options["batch_size"]),
-                      weight_decay=float(self.options["weight_decay"]),
-                      proximal_mu=settings.proximal_mu, rng=rng)
-            for name, p in self._model.named_parameters():
-                out[name][j] = p.detach().numpy()
-        return out
+                [self.seed, STREAM_TRAIN, int(data.client_ids[j]), settings.server_round]))
+            order = torch_train.numpy_epochs(int(hi - lo), int(self.options["batch_size"]), rng)
+            batches = torch_train.minibatches((images[lo:hi], targets[lo:hi]), order, self.torch_device)
+            torch_train.train_steps(model, loss, batches, steps=settings.local_steps, optimizer=optimizer,
+                                    proximal_mu=settings.proximal_mu)
+
+        return torch_train.train_clients(self._trainer, start, train)
 
     def subset(self, data: LabeledDigits, index: np.ndarray) -> LabeledDigits:
         pieces = [np.arange(data.starts[j], data.starts[j + 1]) for j in index]

@@ -13,20 +13,13 @@ from functools import lru_cache
 
 import numpy as np
 
-STREAM_SPLIT = 11  # test/pool split and the Dirichlet draws
-STREAM_SEED_SET = 12  # each client's initial labeled samples
+from workloads import streams
+from workloads.digits import digits  # noqa: F401  (re-exported: the workload's data)
+
+STREAM_SPLIT = streams.AL_SPLIT
+STREAM_SEED_SET = streams.AL_SEED_SET
 MIN_POOL = 2  # every client holds at least this many samples
 SPLIT_ATTEMPTS = 100
-
-
-@lru_cache(maxsize=1)
-def digits() -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's bundled 8x8 digits (1797 images, 10 classes): images in [0, 1]."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    images = (data.images / 16.0).astype(np.float32)[:, None]  # (N, 1, 8, 8)
-    return images, data.target.astype(np.int64)
 
 
 class SplitError(ValueError):

@@ -30,12 +30,15 @@ import torch
 import torch.nn.functional as F
 
 from workloads.backdoor import data as digits_data
-from workloads.backdoor import defenses
+from workloads.backdoor import defenses, device
 from workloads.backdoor.distill import ATTACKS, Attack, DCSettings, Distillation, initial_trigger, iterate, start
-from workloads.backdoor.model import (
-    NUM_CLASSES, ConvNetMini, accuracy, attack_success, fresh, get_parameters, set_parameters, train_full_batch,
+from workloads.backdoor.model import NUM_CLASSES, ConvNetMini, accuracy, attack_success, fresh, train_full_batch
+from workloads import streams, torch_train
+from workloads.base import (
+    ConfigField, Params, SimulatedAttacks, Stateful, TrainSettings, TrainsOnUploads, Workload, non_negative,
+    positive,
 )
-from workloads.base import ConfigField, Params, TrainSettings, Workload, non_negative, positive
+from workloads.base import DeviceFiles
 
 UPLOADS = ("synthetic", "weights")
 UPLOAD_DEFENSES = ("spectral", "activation-clustering")  # inspect uploaded synthetic sets
@@ -44,9 +47,9 @@ DEFENSES = UPLOAD_DEFENSES + MODEL_DEFENSES
 CLEAN = "clean"
 OWNER_FRACTION = 0.1  # a client is flagged when this share of its upload is flagged
 NC_IMAGES = 50  # Neural Cleanse's clean images: its cost grows with them (~3 s for 50)
-STREAM_NET = 34  # the fresh networks of DC iterations
-STREAM_INIT = 35  # the synthetic set's initial draw
-STREAM_SERVER = 36  # the server's victim model and its defenses
+STREAM_NET = streams.BACKDOOR_NET
+STREAM_SYNTHETIC_INIT = streams.BACKDOOR_INIT
+STREAM_SERVER = streams.BACKDOOR_SERVER
 
 
 def _client_list(v: list) -> str | None:
@@ -86,7 +89,7 @@ class Shards:
         return self.images[lo:hi], self.targets[lo:hi]
 
 
-class BackdoorDistillation(Workload):
+class BackdoorDistillation(Workload, Stateful, TrainsOnUploads, SimulatedAttacks, DeviceFiles):
     name = "backdoor_distillation"
     section = "backdoor"
     key_metric = "cta"
@@ -131,7 +134,7 @@ class BackdoorDistillation(Workload):
     @classmethod
     def check_scenario(cls, scenario: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
         bd, fed, run = scenario[cls.section], scenario["federation"], scenario["run"]
-        problems = []
+        problems = torch_train.check_device(scenario)
         outside = [c for c in bd["malicious"] if c >= fed["clients"]]
         if outside:
             problems.append(("backdoor.malicious", f"client {outside[0]} does not exist (federation.clients = "
@@ -154,10 +157,9 @@ class BackdoorDistillation(Workload):
         return problems
 
     def __init__(self, scenario: dict[str, dict[str, Any]]) -> None:
-        torch.set_num_threads(1)  # many small clients on few cores (see active_learning)
-        fed, bd = scenario["federation"], scenario[self.section]
-        self.federation = dict(fed)
-        self.seed, self.num_clients = int(fed["seed"]), int(fed["clients"])
+        self.torch_device = torch_train.select_device(scenario)  # on the CPU: one thread (many small clients)
+        super().__init__(scenario)
+        bd = scenario[self.section]
         self.options = dict(bd)
         self.data = digits_data.load(self.seed, int(bd["test_size"]))
         self.shards = digits_data.shards(len(self.data.y_train), self.num_clients, self.seed)
@@ -175,6 +177,7 @@ class BackdoorDistillation(Workload):
         # The evaluation trigger: the attacker's, once its probe arrives (NAIVE's white patch before).
         self.trigger = initial_trigger(replace(self.attack, kind="naive"), self.mask, self.bounds, None)
         self._model = ConvNetMini()
+        self._trainer = torch_train.on_device(self._model, self.torch_device)
 
     # ---- arms ----------------------------------------------------------------------------
 
@@ -204,6 +207,16 @@ class BackdoorDistillation(Workload):
         return Shards(ids, self.data.x_train[rows], self.data.y_train[rows], starts,
                       np.array([i in self.malicious for i in ids], dtype=bool))
 
+    device_format = device.FORMAT
+
+    def device_files(self, data: Shards) -> list[tuple[int, dict[str, np.ndarray]]]:
+        return device.device_files(data)
+
+    def read_device_files(self, files: list[Any]) -> Shards:
+        """A device's shards; which of its clients attack is the scenario's (simulated)."""
+        ids, images, targets, starts = device.read_device_files(files, self.num_clients, *self.bounds)
+        return Shards(ids, images, targets, starts, np.array([i in self.malicious for i in ids], dtype=bool))
+
     def initial_state(self, data: Shards) -> Params:
         """Nothing distilled yet (``iterations`` 0): the first round starts each client's
         distillation, poisoned or not by the arm it runs in."""
@@ -224,7 +237,7 @@ class BackdoorDistillation(Workload):
         poisoned = (digits_data.poison_index(len(y), attack.portion, self.seed, client)
                     if attack.kind != "none" else np.empty(0, np.int64))
         if state["iterations"][j] == 0:
-            rng = np.random.default_rng(np.random.SeedSequence([self.seed, STREAM_INIT, client]))
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed, STREAM_SYNTHETIC_INIT, client]))
             trigger = initial_trigger(attack, self.mask, self.bounds, rng) if attack.kind != "none" else self.mask * 0
             return start(x, y, poisoned, self.mask, trigger, attack, self.settings, self.bounds, rng), attack
         d = Distillation(x, y.copy(), poisoned, self.mask, state["trigger"][j].copy(), state["syn_images"][j].copy(),
@@ -274,11 +287,11 @@ class BackdoorDistillation(Workload):
     # ---- model ---------------------------------------------------------------------------
 
     def initial_parameters(self) -> Params:
-        return get_parameters(fresh(self.seed))
+        return torch_train.get_params(fresh(self.seed))
 
     def local_loss(self, params: Params, data: Shards) -> np.ndarray:
         """Mean cross-entropy of the model on each client's (clean) shard."""
-        set_parameters(self._model, params)
+        torch_train.set_params(self._model, params)
         self._model.eval()
         with torch.no_grad():
             ce = F.cross_entropy(self._model(torch.as_tensor(data.images)), torch.as_tensor(data.targets),
@@ -287,19 +300,18 @@ class BackdoorDistillation(Workload):
 
     def local_train(self, start_params: Params, data: Shards, settings: TrainSettings) -> Params:
         """``synthetic``: each client's synthetic set, as its upload. ``weights``: the model
-        received, trained on the client's synthetic set (``local_steps`` full-batch epochs)."""
+        received, trained on the client's synthetic set (``local_steps`` full-batch epochs,
+        plus FedProx's term when ``proximal_mu > 0``)."""
         if data.syn_images is None:
             raise ValueError("local_train needs the cohort's synthetic sets (with_state)")
         if self.options["upload"] == "synthetic":
             return {"images": data.syn_images.copy(), "labels": data.syn_labels.copy()}
-        out = {n: np.empty_like(v, dtype=np.float32) for n, v in start_params.items()}
-        for j in range(len(data.client_ids)):
-            set_parameters(self._model, {n: v[j] for n, v in start_params.items()})
-            train_full_batch(self._model, data.syn_images[j], data.syn_labels[j], settings.local_steps,
-                             settings.lr, decay_at=1.0)
-            for name, p in self._model.named_parameters():
-                out[name][j] = p.detach().numpy()
-        return out
+
+        def train(j: int, model: torch.nn.Module) -> None:
+            train_full_batch(model, data.syn_images[j], data.syn_labels[j], settings.local_steps, settings.lr,
+                             decay_at=1.0, proximal_mu=settings.proximal_mu)
+
+        return torch_train.train_clients(self._trainer, start_params, train)
 
     def subset(self, data: Shards, index: np.ndarray) -> Shards:
         pieces = [np.arange(data.starts[j], data.starts[j + 1]) for j in index]
@@ -320,8 +332,8 @@ class BackdoorDistillation(Workload):
         """``data-union``: the victim's model trained from scratch on the union of the
         uploads, and the upload-inspection defenses on its penultimate features."""
         seed = int(np.random.SeedSequence([self.seed, STREAM_SERVER, round_]).generate_state(1)[0])
-        net = train_full_batch(fresh(seed), images, labels, int(self.options["server_epochs"]),
-                               float(self.options["server_lr"]))
+        net = train_full_batch(fresh(seed).to(self.torch_device), images, labels,
+                               int(self.options["server_epochs"]), float(self.options["server_lr"])).cpu()
         flags: dict[str, list[int]] = {}
         chosen = [d for d in UPLOAD_DEFENSES if d in self.options["defenses"]]
         if chosen:
@@ -336,7 +348,7 @@ class BackdoorDistillation(Workload):
             if "activation-clustering" in chosen:
                 flags["activation-clustering"] = list(defenses.activation_clustering(
                     feats, labels, owners, seed=self.seed, min_silhouette=0.3, owner_fraction=OWNER_FRACTION).clients)
-        return get_parameters(net), flags
+        return torch_train.get_params(net), flags
 
     def triggered_test(self) -> np.ndarray:
         return digits_data.stamp(self.test[0], self.mask, self.trigger)
@@ -344,7 +356,7 @@ class BackdoorDistillation(Workload):
     def central_metrics(self, models: Params, confusion: np.ndarray | None = None) -> dict[str, float]:
         """CTA and ASR of the global model, and the model-level defenses."""
         params = {n: v[0] for n, v in models.items()}
-        net = set_parameters(self._model, params)
+        net = torch_train.set_params(self._model, params)
         x, y = self.test
         target = self.attack.target
         xt = self.triggered_test()
@@ -355,7 +367,7 @@ class BackdoorDistillation(Workload):
             out["nc_flagged_class"] = -1 if nc.flagged_class is None else int(nc.flagged_class)
         if "fine-pruning" in self.options["defenses"]:
             repaired, _ = defenses.fine_prune(params, *self.holdout, seed=self.seed)
-            net = set_parameters(self._model, repaired)
+            net = torch_train.set_params(self._model, repaired)
             out["cta_fine_pruning"] = accuracy(net, x, y)
             out["asr_fine_pruning"] = attack_success(net, xt, y, target)
         return out

@@ -13,13 +13,14 @@ from functools import lru_cache
 
 import numpy as np
 
-from workloads.active_learning.data import digits
+from workloads import streams
+from workloads.digits import digits
 
 NUM_CLASSES = 10
 SIDE = 8
-STREAM_SPLIT = 31  # train/test split and the shards
-STREAM_POISON = 32  # which of a malicious client's images are poisoned
-STREAM_TRIGGER = 33  # DOORPING's random initial trigger
+STREAM_SPLIT = streams.BACKDOOR_SPLIT
+STREAM_POISON = streams.BACKDOOR_POISON
+STREAM_TRIGGER = streams.BACKDOOR_TRIGGER
 
 
 @dataclass(frozen=True)

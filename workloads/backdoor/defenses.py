@@ -30,7 +30,8 @@ from sklearn.metrics import silhouette_score
 from threadpoolctl import threadpool_limits
 
 from workloads.backdoor.data import NUM_CLASSES
-from workloads.backdoor.model import Params, accuracy, from_parameters, get_parameters
+from workloads.backdoor.model import Params, accuracy, from_parameters
+from workloads.torch_train import get_params
 
 MAD_SCALE = 1.4826  # makes the MAD a consistent estimate of a Gaussian's standard deviation
 
@@ -306,4 +307,4 @@ def fine_prune(
         "accuracy_pruned": at_prune,
         "accuracy_after": accuracy(net, np.asarray(x_clean), y),
     }
-    return get_parameters(net), info
+    return get_params(net), info

@@ -1,4 +1,4 @@
-"""ConvNet-mini for 8x8 digits, its parameters as numpy arrays, and the victim's training.
+"""ConvNet-mini for 8x8 digits, its loss, and the victim's training recipe (``workloads.torch_train``).
 
 conv3x3(1->32)-ReLU-avgpool -> conv3x3(32->32)-ReLU-avgpool -> Linear(128->64)-ReLU ->
 Linear(64->10). ``hidden`` (the 128->64 Linear) is the penultimate weight layer that
@@ -8,10 +8,14 @@ server's defenses inspect. No normalisation layers (as the paper's ConvNet defau
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from workloads.torch_train import full_batch, minibatches, set_params, train_steps
 
 Params = dict[str, np.ndarray]
 NUM_CLASSES = 10
@@ -46,38 +50,30 @@ def fresh(seed: int) -> ConvNetMini:
         return ConvNetMini()
 
 
-def get_parameters(model: nn.Module) -> Params:
-    return {n: p.detach().numpy().astype(np.float32).copy() for n, p in model.named_parameters()}
-
-
-def set_parameters(model: nn.Module, params: Params) -> nn.Module:
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.as_tensor(np.asarray(params[name]), dtype=torch.float32))
-    return model
-
-
 def from_parameters(params: Params) -> ConvNetMini:
-    return set_parameters(ConvNetMini(), params)
+    return set_params(ConvNetMini(), params)
+
+
+def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the batch (here: the whole set)."""
+    return F.cross_entropy(model(x), y)
 
 
 def train_full_batch(
     model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, lr: float,
-    weight_decay: float = 5e-4, decay_at: float = 0.5,
+    weight_decay: float = 5e-4, decay_at: float = 0.5, proximal_mu: float = 0.0,
 ) -> nn.Module:
     """The paper's evaluation protocol on a small synthetic set: full-batch SGD (momentum
-    0.9, weight decay 5e-4), the step size divided by 10 after ``decay_at`` of the epochs."""
+    0.9, weight decay 5e-4), the step size divided by 10 after ``decay_at`` of the epochs;
+    FedProx's term when ``proximal_mu > 0``. Trains on the model's device."""
+    decay = int(epochs * decay_at)
     xt, yt = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.int64)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
-    model.train()
-    for epoch in range(epochs):
-        if epoch == int(epochs * decay_at):
-            for group in opt.param_groups:
-                group["lr"] = lr * 0.1
-        opt.zero_grad()
-        F.cross_entropy(model(xt), yt).backward()
-        opt.step()
-    return model
+    batches = minibatches((xt, yt), full_batch(), next(model.parameters()).device)
+    return train_steps(
+        model, loss, batches, steps=epochs, proximal_mu=proximal_mu,
+        optimizer=partial(torch.optim.SGD, lr=lr, momentum=0.9, weight_decay=weight_decay),
+        scheduler=partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=lambda epoch: 0.1 if epoch >= decay else 1.0),
+    )
 
 
 @torch.no_grad()

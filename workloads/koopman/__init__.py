@@ -19,17 +19,21 @@ and one predicted field per group against the solver's.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 
-from workloads.base import ConfigField, Params, TrainSettings, Workload, non_negative, positive
+from workloads import streams, torch_train
+from workloads.base import ConfigField, KnownClusters, Params, TrainSettings, Workload, non_negative, positive
+from workloads.base import DeviceFiles
+from workloads.koopman import device
 from workloads.koopman.data import STREAM_TRAIN_DATA, subsample, test_set, trajectories
-from workloads.koopman.model import MODELS, build, fit, relative_l2
+from workloads.koopman.model import MODELS, build, objective, relative_l2
 
-STREAM_TRAIN = 23  # minibatch order of local training
-STREAM_INIT = 24  # model initialisation
+STREAM_TRAIN = streams.KOOPMAN_TRAIN
+STREAM_MODEL_INIT = streams.KOOPMAN_INIT
 
 
 def _positive_list(v: list) -> str | None:
@@ -59,8 +63,8 @@ class BurgersCohort:
     ``snapshots`` fields on ``grids[j]`` points, flattened into ``fields`` from ``starts[j]``."""
 
     client_ids: np.ndarray  # (B,) int64
-    labels: np.ndarray  # (B,) viscosity group (the true cluster)
-    viscosity: np.ndarray  # (B,) float64
+    labels: np.ndarray | None  # (B,) viscosity group (the true cluster); None: unknown (a device's files)
+    viscosity: np.ndarray  # (B,) float64; NaN where unknown (a device without the ν channel)
     grids: np.ndarray  # (B,) int64
     counts: np.ndarray  # (B,) int64
     starts: np.ndarray  # (B + 1,) int64
@@ -77,7 +81,7 @@ class BurgersCohort:
         return np.asarray(self.fields[self.starts[j]:self.starts[j + 1]]).reshape(shape)
 
 
-def _pack(ids: np.ndarray, labels: np.ndarray, viscosity: np.ndarray, grids: np.ndarray,
+def _pack(ids: np.ndarray, labels: np.ndarray | None, viscosity: np.ndarray, grids: np.ndarray,
           counts: np.ndarray, parts: list[np.ndarray], snapshots: int) -> BurgersCohort:
     """A cohort from each client's flattened fields (concatenated, with offsets)."""
     starts = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
@@ -91,7 +95,7 @@ def _step_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> floa
         return relative_l2(model(x), y).double().mean().item()
 
 
-class KoopmanBurgers(Workload):
+class KoopmanBurgers(Workload, KnownClusters, DeviceFiles):
     name = "koopman_burgers"
     section = "koopman"
     key_metric = "rel_l2"
@@ -121,7 +125,7 @@ class KoopmanBurgers(Workload):
     @classmethod
     def check_scenario(cls, scenario: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
         kp, fed = scenario[cls.section], scenario["federation"]
-        groups, problems = len(kp["viscosities"]), []
+        groups, problems = len(kp["viscosities"]), torch_train.check_device(scenario)
         if fed["clients"] % groups:
             problems.append(("federation.clients", f"{fed['clients']} clients do not split evenly into "
                              f"{groups} viscosity groups"))
@@ -173,17 +177,16 @@ class KoopmanBurgers(Workload):
         return {name: runs[name] for name in kp["baselines"]}
 
     def __init__(self, scenario: dict[str, dict[str, Any]]) -> None:
-        torch.set_num_threads(1)  # small models on few cores; sums independent of the core count
-        fed, kp = scenario["federation"], scenario[self.section]
-        self.federation = dict(fed)
-        self.seed, self.num_clients = int(fed["seed"]), int(fed["clients"])
+        self.torch_device = torch_train.select_device(scenario)  # on the CPU: one thread (small models)
+        super().__init__(scenario)
+        kp = scenario[self.section]
         self.options = dict(kp)
         self.viscosities = tuple(float(v) for v in kp["viscosities"])
-        self.anchor_count = int(scenario.get("anchors", {}).get("count", 0))
         steps = int(kp["steps"])
         self.times = np.linspace(0.0, float(kp["horizon"]), steps + 1)
         self._model = self._new_model()
         self._names = list(self._model.state_dict())
+        self._trainer = torch_train.on_device(self._model, self.torch_device)
         self._tests: list[np.ndarray] | None = None  # the server's test fields, made on first use
 
     def _new_model(self) -> torch.nn.Module:
@@ -194,6 +197,9 @@ class KoopmanBurgers(Workload):
     @property
     def num_clusters(self) -> int:
         return len(self.viscosities)
+
+    def true_clusters(self, data: BurgersCohort) -> np.ndarray | None:
+        return data.labels
 
     # ---- data ----------------------------------------------------------------------------
 
@@ -220,8 +226,19 @@ class KoopmanBurgers(Workload):
 
     def subset(self, data: BurgersCohort, index: np.ndarray) -> BurgersCohort:
         parts = [np.asarray(data.fields[data.starts[j]:data.starts[j + 1]]) for j in index]
-        return _pack(data.client_ids[index], data.labels[index], data.viscosity[index],
+        labels = None if data.labels is None else data.labels[index]
+        return _pack(data.client_ids[index], labels, data.viscosity[index],
                      data.grids[index], data.counts[index], parts, int(data.snapshots))
+
+    device_format = device.FORMAT
+
+    def device_files(self, data: BurgersCohort) -> list[tuple[int, dict[str, np.ndarray]]]:
+        return device.device_files(data, bool(self.options["viscosity_channel"]))
+
+    def read_device_files(self, files: list[Any]) -> BurgersCohort:
+        return _pack(**device.read_device_files(
+            files, self.num_clients, len(self.times), int(self.options["modes"]), len(self.viscosities),
+            bool(self.options["viscosity_channel"])))
 
     def _inputs(self, fields: np.ndarray | torch.Tensor, nu: float) -> torch.Tensor:
         """(..., points) fields -> model inputs (..., points, channels)."""
@@ -240,7 +257,7 @@ class KoopmanBurgers(Workload):
     # ---- model ---------------------------------------------------------------------------
 
     def _load(self, params: Params) -> torch.nn.Module:
-        self._model.load_state_dict({n: torch.as_tensor(np.asarray(params[n], np.float32)) for n in self._names})
+        torch_train.set_params(self._model, params, by="state_dict")
         self._model.eval()
         return self._model
 
@@ -251,9 +268,9 @@ class KoopmanBurgers(Workload):
         """k independent draws of the model's own initialisation, stacked (IFCA's start)."""
         draws = []
         for j in range(k):
-            torch.manual_seed(int(np.random.SeedSequence([seed, STREAM_INIT, j]).generate_state(1)[0]))
+            torch.manual_seed(int(np.random.SeedSequence([seed, STREAM_MODEL_INIT, j]).generate_state(1)[0]))
             model = self._new_model()
-            draws.append({n: v.detach().numpy().copy() for n, v in model.state_dict().items()})
+            draws.append(torch_train.get_params(model, by="state_dict"))
         return {n: np.stack([d[n] for d in draws]) for n in self._names}
 
     def local_loss(self, params: Params, data: BurgersCohort) -> np.ndarray:
@@ -263,18 +280,20 @@ class KoopmanBurgers(Workload):
                          for j in range(len(data.client_ids))])
 
     def local_train(self, start: Params, data: BurgersCohort, settings: TrainSettings) -> Params:
-        out = {n: np.empty_like(v, dtype=np.float32) for n, v in start.items()}
-        for j, client in enumerate(data.client_ids):
-            model = self._load({n: v[j] for n, v in start.items()})
+        """``local_steps`` Adam steps per client on ``objective``, in epochs of batches shuffled
+        by a generator seeded by (seed, client, round)."""
+        optimizer = partial(torch.optim.Adam, lr=settings.lr, weight_decay=float(self.options["weight_decay"]))
+
+        def train(j: int, model: torch.nn.Module) -> None:
             x, y = self.pairs(data.client(j), float(data.viscosity[j]))
             generator = torch.Generator().manual_seed(int(np.random.SeedSequence(
-                [self.seed, STREAM_TRAIN, int(client), settings.server_round]).generate_state(1)[0]))
-            fit(model, x, y, steps=settings.local_steps, batch_size=int(self.options["batch_size"]),
-                lr=settings.lr, weight_decay=float(self.options["weight_decay"]), generator=generator,
-                proximal_mu=settings.proximal_mu)
-            for name, value in model.state_dict().items():
-                out[name][j] = value.numpy()
-        return out
+                [self.seed, STREAM_TRAIN, int(data.client_ids[j]), settings.server_round]).generate_state(1)[0]))
+            order = torch_train.torch_epochs(len(x), int(self.options["batch_size"]), generator)
+            batches = torch_train.minibatches((x, y), order, self.torch_device)
+            torch_train.train_steps(model, objective, batches, steps=settings.local_steps, optimizer=optimizer,
+                                    proximal_mu=settings.proximal_mu)
+
+        return torch_train.train_clients(self._trainer, start, train, by="state_dict")
 
     # ---- server-side metrics -------------------------------------------------------------
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 
 from workloads.koopman.data import STREAM_TEST_DATA, STREAM_TRAIN_DATA, subsample, trajectories
-from workloads.koopman.model import build, fit, relative_l2
+from workloads.koopman.model import build, objective, relative_l2
+from workloads.torch_train import minibatches, torch_epochs, train_steps
 
 
 @dataclass
@@ -46,8 +48,10 @@ def train_model(data: Dataset, *, step: int, epochs: int, grid: int = 256, model
     net = build(model, 1, 32, 16, 6)
     steps = epochs * -(-len(x) // batch_size)
     start = time.perf_counter()
-    fit(net, x, y, steps=steps, batch_size=batch_size, lr=lr, weight_decay=1e-4,
-        generator=torch.Generator().manual_seed(seed), one_cycle=True)
+    order = torch_epochs(len(x), batch_size, torch.Generator().manual_seed(seed))
+    train_steps(net, objective, minibatches((x, y), order), steps=steps,
+                optimizer=partial(torch.optim.Adam, lr=lr, weight_decay=1e-4),
+                scheduler=partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=lr, total_steps=steps))
     return net, time.perf_counter() - start
 
 

@@ -14,9 +14,10 @@ from functools import lru_cache
 
 import numpy as np
 
+from workloads import streams
 from workloads.koopman.burgers import random_initial, solve
 
-STREAM_TRAIN_DATA, STREAM_TEST_DATA = 21, 22
+STREAM_TRAIN_DATA, STREAM_TEST_DATA = streams.KOOPMAN_TRAIN_DATA, streams.KOOPMAN_TEST_DATA
 
 
 def initial_fields(seed: int, stream: int, group: int, indices: np.ndarray, points: int) -> np.ndarray:

@@ -143,34 +143,3 @@ def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tenso
 
 def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int, batch_size: int,
-        lr: float, weight_decay: float, generator: torch.Generator, one_cycle: bool = False,
-        proximal_mu: float = 0.0) -> None:
-    """``steps`` Adam minibatch steps on ``objective`` (epochs of shuffled batches).
-
-    ``one_cycle``: the one-cycle cosine schedule peaking at ``lr`` (centralised training);
-    otherwise a constant ``lr`` (a federated round). ``proximal_mu > 0`` adds FedProx's
-    (mu/2)||w - w_start||^2.
-    """
-    model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps) if one_cycle else None
-    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
-    n, step = len(x), 0
-    while step < steps:
-        for idx in torch.randperm(n, generator=generator).split(batch_size):
-            loss = objective(model, x[idx], y[idx])
-            if anchor is not None:
-                loss = loss + proximal_mu / 2 * sum(
-                    ((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if sched is not None:
-                sched.step()
-            step += 1
-            if step == steps:
-                break
-    model.eval()

@@ -1,6 +1,6 @@
 """Flower's SuperNode with two of its hard-coded timings made settable, and a rejoin loop.
 
-``python -m simulations.supernode [--poll S] [--heartbeat S] [--rejoin S] -- ARGS`` runs
+``python -m deployment.supernode [--poll S] [--heartbeat S] [--rejoin S] -- ARGS`` runs
 ``flower-supernode ARGS`` (the same code, in this process) with
 
 - ``--poll``: seconds between the node's requests for new messages. Flower 1.42 sleeps a
@@ -13,7 +13,8 @@
   SuperLink still holds its old session (Flower exits at once when refused). 0: off, so a
   node refused for good (unregistered key) fails fast.
 
-Only flwr 1.42.0 is patched (the version this was read from); others run unchanged.
+The timings are a patch of Flower internals (``server.flower_patches.supernode_timings``):
+only the Flower version it was made for is patched; others run unchanged, with a warning.
 """
 
 from __future__ import annotations
@@ -23,41 +24,11 @@ import subprocess
 import sys
 import time
 
-FLOWER_POLL_S = 3.0
-FLOWER_HEARTBEAT_S = 30.0
-
-
-class _PollClock:
-    """``time`` for Flower's SuperNode loop, with its idle wait replaced by ``poll``."""
-
-    def __init__(self, poll: float) -> None:
-        self.poll = poll
-
-    def __getattr__(self, name: str):
-        return getattr(time, name)
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(self.poll if seconds == FLOWER_POLL_S else seconds)
-
-
-def patch_flower(poll: float, heartbeat: float) -> bool:
-    """Apply the timings to Flower's SuperNode modules; False when this flwr is not 1.42.0."""
-    import flwr
-    from flwr.supercore import heartbeat as sender
-    from flwr.supernode import fleet_http_connection, start_client_internal
-
-    if flwr.__version__ != "1.42.0":
-        return False
-    if poll != FLOWER_POLL_S:
-        start_client_internal.time = _PollClock(poll)
-    # The interval announced to the SuperLink and the one the sender keeps must agree.
-    fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL = heartbeat
-    sender.HEARTBEAT_DEFAULT_INTERVAL = heartbeat
-    return True
+from server.flower_patches import FLOWER_HEARTBEAT_S, FLOWER_POLL_S, PATCHED_FLOWER, supernode_timings
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m simulations.supernode")
+    p = argparse.ArgumentParser(prog="python -m deployment.supernode")
     p.add_argument("--poll", type=float, default=FLOWER_POLL_S)
     p.add_argument("--heartbeat", type=float, default=FLOWER_HEARTBEAT_S)
     p.add_argument("--rejoin", type=float, default=0.0)
@@ -73,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 10 <= args.heartbeat <= 1800:
         raise SystemExit(f"--heartbeat {args.heartbeat}: Flower accepts [10, 1800] seconds")
     if args.rejoin > 0:  # a child per attempt: Flower's SuperNode exits the process when refused
-        child = [sys.executable, "-m", "simulations.supernode", "--poll", str(args.poll),
+        child = [sys.executable, "-m", "deployment.supernode", "--poll", str(args.poll),
                  "--heartbeat", str(args.heartbeat), "--", *flower]
         deadline = time.monotonic() + args.rejoin
         while True:
@@ -83,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"umbel: SuperNode exited ({code}); the SuperLink may still hold this node's "
                   "old session: retrying in 2 s", flush=True)
             time.sleep(2)
-    if not patch_flower(args.poll, args.heartbeat):
-        print("umbel: this flwr is not 1.42.0: --poll and --heartbeat are ignored", flush=True)
+    if not supernode_timings(args.poll, args.heartbeat):
+        print(f"umbel: this flwr is not {PATCHED_FLOWER}: --poll and --heartbeat are ignored", flush=True)
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     sys.argv = ["flower-supernode", *flower]

@@ -14,6 +14,7 @@ writes those of a simulated federation).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -30,9 +31,10 @@ import numpy as np
 import tomli_w
 
 from server.record import SCENARIO, _drop_none
-from simulations import certs as certs_mod
-from simulations.supernode import FLOWER_HEARTBEAT_S, FLOWER_POLL_S
+from deployment import certs as certs_mod
+from server.flower_patches import FLOWER_HEARTBEAT_S, FLOWER_POLL_S
 from workloads import workload_class
+from workloads.base import DeviceFiles, KnownClusters
 from workloads.federation import cohort_slice, num_nodes
 
 CONNECTION = "umbel"  # the flwr CLI's name for this deployment's SuperLink
@@ -240,14 +242,14 @@ def start_supernode(
     them), its state folder (default ``home/nodes/<name>/state``), its key (default
     ``home/certs/devices/<name>``) and the CA that signed the SuperLink (default
     ``home/certs/ca.crt``). ``port`` is the node's own local port: one per node on a host.
-    ``poll``, ``heartbeat`` and ``rejoin``: see ``simulations.supernode``."""
+    ``poll``, ``heartbeat`` and ``rejoin``: see ``deployment.supernode``."""
     data = Path(data).expanduser().resolve()
     if not data.exists():
         raise DeployError(f"--data {data}: no such file or folder")
     state = Path(state_dir).expanduser().resolve() if state_dir else home.node_dir(name) / "state"
     config = f"data-path={json.dumps(str(data))} state-dir={json.dumps(str(state))}"
     _executable("flower-supernode")  # a clear error when flwr is missing
-    argv = [sys.executable, "-m", "simulations.supernode", "--poll", str(poll),
+    argv = [sys.executable, "-m", "deployment.supernode", "--poll", str(poll),
             "--heartbeat", str(heartbeat), "--rejoin", str(rejoin), "--",
             "--superlink", superlink, "--port", str(port), "--node-config", config]
     if max_retries is not None:
@@ -309,15 +311,14 @@ def app_dir() -> Path:
     return root
 
 
-def run_config(scenario: dict[str, Any], out: Path, resume: Path | None = None) -> dict[str, Any]:
-    """The scenario as Flower's flat run config (lists as comma-separated strings)."""
-    flat: dict[str, Any] = {}
-    for section, fields in _drop_none(scenario).items():
-        for key, value in fields.items():
-            flat[f"{section}.{key}"] = ",".join(map(str, value)) if isinstance(value, list) else value
-    flat["run.out"] = str(out.resolve())
-    flat["run.resume"] = str(resume.resolve()) if resume else ""
-    return flat
+def run_config(scenario: dict[str, Any], out: Path, resume: Path | None = None) -> dict[str, str]:
+    """Flower's run config of a run: the whole resolved scenario as TOML text (its run
+    record under ``out``, made absolute) and the run directory to resume ("" for none);
+    the ServerApp reads both with ``server.run_config.scenario_from_run_config``."""
+    scenario = copy.deepcopy(scenario)
+    scenario["run"]["out"] = str(Path(out).resolve())
+    return {"scenario": tomli_w.dumps(_drop_none(scenario)),
+            "resume": str(Path(resume).resolve()) if resume else ""}
 
 
 def submit(home: Home, scenario: dict[str, Any], out: Path, resume: Path | None = None) -> int:
@@ -358,22 +359,39 @@ def find_run_dir(out: Path, name: str, since: float, timeout: float = 120.0) -> 
 
 # ---- device data ------------------------------------------------------------------------
 
-def export_device_data(scenario: dict[str, Any], folder: str | Path) -> list[Path]:
+def export_device_data(scenario: dict[str, Any], folder: str | Path, labels: bool = False) -> list[Path]:
     """Each simulated client's data in its own file (``client-<id>.npz``, the workload's
     device format), plus the resolved scenario, so a deployment can run on the exact data
-    of a simulation. Returns the client files."""
+    of a simulation. Returns the client files.
+
+    Device files carry no cluster labels, as on real devices. ``labels=True`` adds each
+    client's true cluster (``cluster``, an int scalar) for workloads that know it
+    (``KnownClusters``): only to compare a deployment with the labelled case in tests."""
     from server.run_config import client_view
 
+    name = scenario["run"]["workload"]
+    workload = workload_class(name)(client_view(scenario))
+    if not isinstance(workload, DeviceFiles):
+        raise DeployError(f"workload {name} has no device file format (workloads.base.DeviceFiles)")
+    if labels and not isinstance(workload, KnownClusters):
+        raise DeployError(f"--labels: workload {name} has no true clusters to write")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    workload = workload_class(scenario["run"]["workload"])(client_view(scenario))
     fed = scenario["federation"]
     parts = num_nodes(fed["clients"], fed["cohort_size"])
     width = len(str(fed["clients"] - 1))
     files = []
     for pid in range(parts):
         data = workload.client_data(cohort_slice(pid, parts, workload.num_clients))
+        truth = {}
+        if labels:
+            clusters = workload.true_clusters(data)
+            if clusters is None:
+                raise DeployError(f"--labels: workload {name} does not know its clients' clusters")
+            truth = dict(zip(np.asarray(data.client_ids).tolist(), np.asarray(clusters).tolist()))
         for cid, arrays in workload.device_files(data):
+            if labels:
+                arrays = {**arrays, "cluster": np.int64(truth[cid])}
             path = folder / f"client-{cid:0{width}d}.npz"
             np.savez(path, **arrays)
             files.append(path)

@@ -1,0 +1,97 @@
+"""The one round engine: an arm's rounds over a Flower ``Grid``.
+
+The same loop runs over Flower's grid (the simulation engine, a deployment) and, unchanged,
+over the in-process exchange (``server.local_grid.LocalGrid``, the reference). It calls the
+real strategy classes and knows nothing of workloads, records or checkpoints: those hang off
+it as ``ArmObserver``s, which see every round's ``RoundResult``.
+
+Each round is one train exchange: replies carry each client's loss under the models it
+received (the previous round's), so no evaluate exchange is needed until the last round,
+whose one evaluate exchange scores the final models.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+
+from strategies.result import ReportingStrategy, RoundResult
+
+
+@dataclass
+class Arm:
+    """One strategy's run: what the engine needs, and the models it threads through rounds.
+
+    ``arrays`` holds the models handed to the next round (Flower's form: one model, or k
+    stacked); ``first_round`` is 1, or the round after a checkpoint; ``lr(round)`` is the
+    local step size sent with each round."""
+
+    label: str
+    strategy: ReportingStrategy
+    arrays: ArrayRecord
+    config: ConfigRecord
+    rounds: int
+    timeout: float
+    lr: Callable[[int], float]
+    first_round: int = 1
+
+
+class ArmObserver:
+    """What hangs off the engine (history rows, checkpoints, ...); the default does nothing."""
+
+    def on_arm_start(self, arm: Arm) -> None: ...
+
+    def on_round(self, arm: Arm, round_: int, result: RoundResult, wall_time_s: float) -> None:
+        """After round ``round_``'s aggregation; ``arm.arrays`` already holds its models."""
+
+    def on_arm_end(self, arm: Arm, final: RoundResult) -> None:
+        """After the evaluate exchange that scored the final models (``final.sent``)."""
+
+
+def missing_nodes(messages: Iterable[Message], replies: Iterable[Message]) -> list[int]:
+    """Nodes sent a message that never replied (e.g. a device that went offline)."""
+    return sorted({m.metadata.dst_node_id for m in messages} - {r.metadata.src_node_id for r in replies})
+
+
+def train_round(grid: Grid, arm: Arm, round_: int) -> tuple[RoundResult, float]:
+    """One train exchange and its aggregation; returns the result and its wall time. When
+    nothing could be aggregated, the models the round sent go on to the next round."""
+    start = time.perf_counter()
+    arm.config["lr"] = arm.lr(round_)
+    messages = list(arm.strategy.configure_train(round_, arm.arrays, arm.config, grid))
+    replies = list(grid.send_and_receive(messages, timeout=arm.timeout))
+    result = arm.strategy.aggregate_round(round_, replies)
+    wall = time.perf_counter() - start
+    result.telemetry.missing_nodes = missing_nodes(messages, replies)
+    arm.arrays = result.arrays if result.arrays is not None else result.sent
+    return result, wall
+
+
+def evaluate_final(grid: Grid, arm: Arm) -> RoundResult:
+    """One evaluate exchange on the final models."""
+    strategy = arm.strategy
+    messages = list(strategy.configure_evaluate(arm.rounds, arm.arrays, ConfigRecord(dict(arm.config)), grid))
+    replies = list(grid.send_and_receive(messages, timeout=arm.timeout))
+    result = strategy.evaluate_round(arm.rounds, replies)
+    result.telemetry.missing_nodes = missing_nodes(messages, replies)
+    return result
+
+
+def run_arm(grid: Grid, arm: Arm, observers: Iterable[ArmObserver]) -> ArrayRecord:
+    """Rounds ``arm.first_round`` to ``arm.rounds``, then the final evaluation; returns the
+    final models."""
+    observers = list(observers)
+    for observer in observers:
+        observer.on_arm_start(arm)
+    for round_ in range(arm.first_round, arm.rounds + 1):
+        result, wall = train_round(grid, arm, round_)
+        for observer in observers:
+            observer.on_round(arm, round_, result, wall)
+    final = evaluate_final(grid, arm)
+    for observer in observers:
+        observer.on_arm_end(arm, final)
+    return arm.arrays

@@ -1,0 +1,43 @@
+"""Every random-stream tag of the platform, in one place.
+
+A draw is ``SeedSequence([seed, TAG, ...])``: the tag keeps independent draws apart for the
+same seed and client. Tags are never reused and never renumbered (a new value would change
+every result drawn from it); a new workload takes the next free block of ten.
+"""
+
+from __future__ import annotations
+
+# federation (workloads.federation) and the linear workloads' random models
+TRUTH = 1  # true cluster models of mixed regression
+BLOCK = 2  # per-block client draws (sizes, labels, features)
+PARTICIPATION = 3  # which clients a round samples
+DROPOUT = 4  # which sampled clients fail to reply
+LINEAR_INIT = 5  # Workload.random_models' default draw (IFCA's random start)
+AVAILABILITY = 6  # bernoulli availability trace
+PHASE = 7  # diurnal trace: each client's phase
+LATENCY = 8  # simulated client latency
+
+# active learning (workloads.active_learning)
+AL_SPLIT = 11  # test/pool split and the Dirichlet draws
+AL_SEED_SET = 12  # each client's initial labeled samples
+AL_QUERY = 13  # the random rule's draws
+AL_TRAIN = 14  # minibatch order of local training
+
+# Koopman neural operators (workloads.koopman)
+KOOPMAN_TRAIN_DATA = 21  # clients' trajectories
+KOOPMAN_TEST_DATA = 22  # the server's held-out trajectories
+KOOPMAN_TRAIN = 23  # minibatch order of local training
+KOOPMAN_INIT = 24  # model initialisation
+
+# backdoors through dataset distillation (workloads.backdoor)
+BACKDOOR_SPLIT = 31  # train/test split and the shards
+BACKDOOR_POISON = 32  # which of a malicious client's images are poisoned
+BACKDOOR_TRIGGER = 33  # DOORPING's random initial trigger
+BACKDOOR_NET = 34  # the fresh networks of DC iterations
+BACKDOOR_INIT = 35  # the synthetic set's initial draw
+BACKDOOR_SERVER = 36  # the server's victim model and its defenses
+
+
+def all_tags() -> dict[str, int]:
+    """Name -> tag of every stream (a test checks that no two share a value)."""
+    return {n: v for n, v in globals().items() if n.isupper() and isinstance(v, int)}
