@@ -24,24 +24,21 @@ import argparse
 import json
 import os
 import time
-from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from flwr.app import Message  # noqa: E402
 
-from server.flower_patches import allow_messages_outside_a_run  # noqa: E402
+from server.run_config import resolve  # noqa: E402
+from simulations.reference import Reference  # noqa: E402
 from simulations.scenarios import load_scenario  # noqa: E402
-from strategies import build_strategy  # noqa: E402
-from strategies.aggregation import ClientBatch  # noqa: E402
-from strategies.cohort_reply import encode_batch, params_to_record, record_to_params  # noqa: E402
 from workloads.backdoor import CLEAN, BackdoorDistillation  # noqa: E402
-from workloads.backdoor.experiment import Uploads, arms, distil, evaluate_arm, merge, with_attack  # noqa: E402
+from workloads.backdoor.experiment import (  # noqa: E402
+    Uploads, arms, distil, evaluate_arm, load_uploads, merge, save_uploads, with_attack,
+)
 from workloads.backdoor.model import accuracy, attack_success, fresh, train_full_batch  # noqa: E402
-from workloads.base import TrainSettings  # noqa: E402
 
 OUT = Path(__file__).parent / "results"
 AGGREGATORS = ("fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "fedavg-clip")
@@ -76,36 +73,31 @@ def single(seed: int, iterations: int) -> dict:
     return rows
 
 
-def weight_rounds(scenario: dict, uploads: Uploads, trigger: np.ndarray, malicious: set[int], rounds: int) -> dict:
-    """Clients train the global model on their synthetic sets; Flower's aggregators."""
+def weight_rounds(scenario: dict, saved: Path, arm: str, trigger: np.ndarray, rounds: int) -> dict:
+    """Clients train the global model on their (saved, fixed) synthetic sets for ``rounds``
+    rounds, aggregated by FedAvg and Flower's robust aggregators: the round engine over the
+    in-process exchange (``simulations.reference``), the same code as a Flower run."""
     # Only CTA and ASR are read here: no model-level defenses (Neural Cleanse costs seconds).
-    wl = BackdoorDistillation({**scenario, "backdoor": {**scenario["backdoor"], "upload": "weights", "defenses": []}})
-    wl.trigger = trigger * wl.mask
-    ids = np.array(sorted(uploads.images))
-    data = replace(wl.client_data(ids), syn_images=np.stack([uploads.images[c] for c in ids]),
-                   syn_labels=np.stack([uploads.labels[c] for c in ids]))
-    train = scenario["train"]
+    attack = "none" if arm == CLEAN else arm
+    ref = Reference(resolve({
+        **scenario,
+        "run": {**scenario["run"], "workload": "workloads.backdoor.experiment:FixedUploads", "rounds": rounds,
+                "strategies": list(AGGREGATORS), "monitor": ""},
+        "backdoor": {**scenario["backdoor"], "attack": attack, "compare_clean": False, "upload": "weights",
+                     "defenses": [], "uploads": str(saved), "uploads_arm": arm},
+    }))
+    ref.workload.trigger = trigger * ref.workload.mask  # the clean arm is scored with DOORPING's trigger
+    malicious = set(ref.workload.malicious_clients(CLEAN if arm == CLEAN else arm).tolist())
     rows = {}
     for name in AGGREGATORS:
-        strategy = build_strategy(name, 1, proximal_mu=0.0, robust=scenario["robust"])
-        model = wl.initial_parameters()
-        flags: dict[str, list[int]] = {}
-        for rnd in range(1, rounds + 1):
-            start = {n: np.repeat(v[None], len(ids), axis=0) for n, v in model.items()}
-            trained = wl.local_train(start, data, TrainSettings(train["local_steps"], train["lr"], 0.0, rnd))
-            batch = ClientBatch(ids, data.num_examples, trained, {"loss-before": np.zeros(len(ids))})
-            strategy._reference = params_to_record(model)
-            arrays, _ = strategy.aggregate_train(rnd, [Message(encode_batch(batch), dst_node_id=0, message_type="train")])
-            model = {n: v.astype(np.float32) for n, v in record_to_params(arrays).items()}
-            for defense, flagged in strategy.last_report.flags.items():
-                flags.setdefault(defense, []).append(flagged)
-        metrics = wl.central_metrics({n: v[None] for n, v in model.items()})
-        row = {"cta": metrics["cta"], "asr": metrics["asr"]}
-        for defense, per_round in flags.items():  # detection rates over all rounds
+        history = ref.run(name, variant=CLEAN if arm == CLEAN else arm, keep_models=False)
+        row = {"cta": history[-1]["cta"], "asr": history[-1]["asr"]}
+        for defense in history[1].get("flagged", {}):  # detection rates over all rounds
+            per_round = [r["flagged"][defense] for r in history[1:]]
             hits = sum(len(set(f) & malicious) for f in per_round)
             false = sum(len(set(f) - malicious) for f in per_round)
             row[f"tpr_{defense}"] = hits / (len(malicious) * rounds) if malicious else None
-            row[f"fpr_{defense}"] = false / ((len(ids) - len(malicious)) * rounds)
+            row[f"fpr_{defense}"] = false / ((history[1]["clients"] - len(malicious)) * rounds)
         rows[name] = row
     return rows
 
@@ -128,7 +120,7 @@ def federated(seed: int, trigger_sizes: list[int], weight_rounds_n: int, iterati
             for attack in ATTACKS:
                 wl = BackdoorDistillation(with_attack(sized, attack))
                 uploads[attack] = merge(honest, distil(wl, [0], attack, 1))
-        save_uploads(uploads, OUT / f"backdoor_uploads_seed{seed}_size{size}.npz")
+        save_uploads(uploads, saved)
         result = {}
         for arm in (CLEAN, *ATTACKS):
             wl = BackdoorDistillation(with_attack(sized, arm if arm != CLEAN else "doorping"))
@@ -137,33 +129,10 @@ def federated(seed: int, trigger_sizes: list[int], weight_rounds_n: int, iterati
             t0 = time.perf_counter()
             result[arm] = {"union": evaluate_arm(wl, uploads[arm], trigger, malicious, round_=4)}
             if size == 2:
-                arm_scenario = with_attack(sized, arm if arm != CLEAN else "none")
-                result[arm]["weights"] = weight_rounds(arm_scenario, uploads[arm], trigger, malicious, weight_rounds_n)
+                result[arm]["weights"] = weight_rounds(sized, saved, arm, trigger, weight_rounds_n)
             result[arm]["seconds"] = time.perf_counter() - t0
             print(f"seed {seed} size {size} {arm}: " + json.dumps(result[arm]["union"]["none"]), flush=True)
         out["sizes"][str(size)] = result
-    return out
-
-
-def save_uploads(uploads: dict[str, Uploads], path: Path) -> None:
-    """Every arm's final synthetic sets and trigger, to re-run the server side on them."""
-    path.parent.mkdir(exist_ok=True)
-    arrays = {f"{arm}/{kind}/{c}": v for arm, up in uploads.items()
-              for kind, per in (("images", up.images), ("labels", up.labels)) for c, v in per.items()}
-    arrays.update({f"{arm}/trigger": up.trigger for arm, up in uploads.items() if up.trigger is not None})
-    np.savez_compressed(path, **arrays)
-
-
-def load_uploads(path: Path) -> dict[str, Uploads]:
-    z = np.load(path)
-    out: dict[str, Uploads] = {}
-    for key in z.files:
-        arm, kind, *client = key.split("/")
-        up = out.setdefault(arm, Uploads())
-        if kind == "trigger":
-            up.trigger = z[key]
-        else:
-            getattr(up, kind)[int(client[0])] = z[key]
     return out
 
 
@@ -229,7 +198,6 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=12, help="federated DC iterations (4 rounds x 3)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    allow_messages_outside_a_run()  # Flower messages in-process
     seeds = [int(s) for s in args.seeds.split(",")]
     parts = args.parts.split(",")
     sizes = [int(s) for s in args.trigger_sizes.split(",")]

@@ -147,12 +147,17 @@ def load_state(context: Context, config: ConfigRecord) -> Params | None:
     return record_to_params(context.state[key]) if key in context.state else None
 
 
+def received(msg: Message, context: Context) -> tuple[Workload, CohortData, bool, ConfigRecord, Params]:
+    """A train or evaluate message unpacked: the workload, the cohort's data, whether this
+    call generated them, the config and the model(s) sent."""
+    workload, data, generated = cohort(msg, context)
+    return workload, data, generated, msg.content["config"], record_to_params(msg.content["arrays"])
+
+
 @app.train()
 @device_errors
 def train(msg: Message, context: Context) -> Message:
-    workload, data, generated = cohort(msg, context)
-    config = msg.content["config"]
-    params = record_to_params(msg.content["arrays"])
+    workload, data, generated, config, params = received(msg, context)
     k_models = "k-models" in config
     models = params if k_models else {n: v[None] for n, v in params.items()}
     round_ = int(config["server-round"])
@@ -189,9 +194,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 @device_errors
 def evaluate(msg: Message, context: Context) -> Message:
-    workload, data, _ = cohort(msg, context)
-    config = msg.content["config"]
-    params = record_to_params(msg.content["arrays"])
+    workload, data, _, config, params = received(msg, context)
     state = load_state(context, config)
     if state is not None:
         data = workload.with_state(data, state)

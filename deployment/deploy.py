@@ -334,6 +334,12 @@ def run_status(home: Home, run_id: int) -> dict[str, Any]:
     return runs[0] if runs else {}
 
 
+def stop_run(home: Home, run_id: int) -> None:
+    """Stop a run (Flower's ``flwr stop``); its record keeps its last checkpoint, from which
+    ``submit(..., resume=run_dir)`` continues it."""
+    _flwr(home, "stop", str(run_id), CONNECTION)
+
+
 def wait_run(home: Home, run_id: int, timeout: float = 3600.0, poll: float = 1.0) -> dict[str, Any]:
     """Poll the run until it finishes (``flwr run`` exits 0 whether or not the run fails)."""
     deadline = time.monotonic() + timeout

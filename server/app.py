@@ -116,17 +116,18 @@ def client_config(scenario: dict[str, Any], label: str = "", variant: str = "", 
 
 
 def new_arm(name: str, scenario: dict[str, Any], workload: Workload, nodes: int, variant: str = "",
-            data_cache: str = "", start: Params | None = None) -> tuple[Arm, Params]:
+            data_cache: str = "", start: Params | None = None, label: str | None = None) -> tuple[Arm, Params]:
     """An arm ready for round 1, and the models handed to it (stacked on a model axis).
 
     ``start`` overrides the models handed in (one model, or k stacked for a k-model
-    strategy); by default the workload's initial model, or ``clustered.init``'s k models."""
+    strategy); by default the workload's initial model, or ``clustered.init``'s k models.
+    ``label`` names the arm (default ``arm_label(name, variant)``)."""
     run, train, fed = scenario["run"], scenario["train"], scenario["federation"]
     k_model = name in K_MODEL
     if start is None:
         start = initial_models(workload, scenario["clustered"]["init"], fed["seed"]) if k_model \
             else workload.initial_parameters()
-    label = arm_label(name, variant)
+    label = label or arm_label(name, variant)
     arm = Arm(label, strategy_for(name, scenario, workload, nodes), params_to_record(start),
               client_config(scenario, label, variant, data_cache), run["rounds"], run["round_timeout"],
               lambda rnd: round_lr(train, rnd, run["rounds"]))
@@ -145,13 +146,15 @@ def run_strategy(
     record: RunRecord | None = None,
     resume: dict[str, Any] | None = None,
     start: Params | None = None,
+    label: str | None = None,
 ) -> list[dict[str, Any]]:
     """Run one strategy (on one of the workload's variants) for ``run.rounds`` rounds on the
-    round engine; returns its rows (``server.history``), recorded under ``arm_label(name, variant)``.
+    round engine; returns its rows (``server.history``), recorded under ``label`` (default
+    ``arm_label(name, variant)``).
 
     With a ``record``, a checkpoint is written after every round; ``resume`` (such a
     checkpoint) continues after its round, bit for bit."""
-    arm, handed_in = new_arm(name, scenario, workload, nodes, variant, data_cache, start)
+    arm, handed_in = new_arm(name, scenario, workload, nodes, variant, data_cache, start, label)
     rows = None
     if resume is not None:  # the checkpoint's state replaces the fresh one
         arm.strategy, arm.arrays, rows = resume["strategy"], resume["arrays"], resume["rows"]

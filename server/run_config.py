@@ -56,7 +56,8 @@ def _trim(v: float) -> str | None:
 CORE_SCHEMA: dict[str, dict[str, ConfigField]] = {
     "run": {
         "name": ConfigField(str, "scenario", "name of the run (the run directory's prefix)"),
-        "workload": ConfigField(str, "mixed_regression", "client workload", choices=tuple(WORKLOADS)),
+        "workload": ConfigField(str, "mixed_regression", "client workload: " + ", ".join(WORKLOADS)
+                                + ", or your own as package.module:Class"),
         "rounds": ConfigField(int, 20, "rounds per strategy", positive),
         "strategies": ConfigField(
             list, ["fedavg", "fedprox"], "strategies, run one after another", _strategy_list
@@ -199,10 +200,10 @@ def resolve(raw: dict[str, Any], source: str = "<scenario>") -> dict[str, dict[s
     """Validate a scenario and fill its defaults. Raises ``ScenarioError``."""
     problems: list[tuple[str, str]] = []
     workload = raw.get("run", {}).get("workload", CORE_SCHEMA["run"]["workload"].default)
-    if workload not in WORKLOADS:
-        raise ScenarioError(
-            source, [("run.workload", f"{workload!r} is not one of {sorted(WORKLOADS)}")]
-        )
+    try:
+        workload_class(workload)
+    except (ValueError, TypeError) as err:  # unknown, does not import, or breaks the contract
+        raise ScenarioError(source, [("run.workload", str(err))]) from None
     schema = schema_for(workload)
     for section in raw:
         if section not in schema:

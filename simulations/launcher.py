@@ -24,7 +24,7 @@ from server.record import RunObserver, RunRecord
 from server.run_config import client_view
 from simulations.report import write_report
 from workloads import workload_class
-from workloads.base import Workload
+from workloads.base import Stateful
 from workloads.federation import num_nodes
 
 
@@ -240,7 +240,7 @@ def check_resumable(run_dir: str | Path) -> dict[str, Any]:
         raise LaunchError(f"--resume {run_dir}: that run has finished; nothing to resume")
     scenario = load_scenario(str(run_dir / SCENARIO))
     workload = workload_class(scenario["run"]["workload"])
-    if workload.initial_state is not Workload.initial_state:
+    if issubclass(workload, Stateful):
         raise LaunchError(
             f"--resume {run_dir}: {workload.name} clients keep state between rounds (e.g. "
             "labelled pools) that a restarted simulation cannot restore; rerun it instead"
@@ -275,7 +275,4 @@ def run_baselines(scenario: dict[str, Any], observer: RunObserver, skip: set[str
             label = arm_label(baseline, variant)
             if label in skip:  # a resumed run finished it before the interruption
                 continue
-            observer.on_strategy_start(label, scenario["run"]["rounds"])
-            rows = ref.run(strategy, variant=variant, keep_models=False,
-                           on_row=lambda row, label=label: observer.on_round(label, row))
-            observer.on_strategy_end(label, rows)
+            ref.run(strategy, variant=variant, keep_models=False, observer=observer, label=label)

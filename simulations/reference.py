@@ -8,7 +8,10 @@ and benchmarks use it for speed, and the launcher's centralised baselines run on
 
 from __future__ import annotations
 
+import logging
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Callable
 
 import numpy as np
@@ -25,18 +28,40 @@ from workloads.base import CohortData, Params, Workload
 from workloads.federation import cohort_slice, num_nodes
 
 
-class RowCollector(RunObserver):
-    """Hands each row to ``on_row`` as it is first written, and keeps an arm's final models."""
+@contextmanager
+def quiet_flower() -> Iterator[None]:
+    """Flower's strategies log a line per exchange at INFO; in-process runs keep warnings
+    (dropped replies) and drop the rest."""
+    logger = logging.getLogger("flwr")
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
-    def __init__(self, on_row: Callable[[dict[str, Any]], None] | None) -> None:
-        self.on_row, self.models = on_row, None
+
+class RowCollector(RunObserver):
+    """Keeps an arm's final models, hands each row to ``on_row`` as it is first written, and
+    passes every event on to ``observer`` (e.g. the run record of the launcher's baselines)."""
+
+    def __init__(self, on_row: Callable[[dict[str, Any]], None] | None, observer: RunObserver | None) -> None:
+        self.on_row, self.observer, self.models = on_row, observer or RunObserver(), None
+
+    def on_strategy_start(self, strategy: str, rounds: int) -> None:
+        self.observer.on_strategy_start(strategy, rounds)
 
     def on_round(self, strategy: str, row: dict[str, Any]) -> None:
         if self.on_row is not None:
             self.on_row(row)
+        self.observer.on_round(strategy, row)
+
+    def on_strategy_end(self, strategy: str, rows: list[dict[str, Any]]) -> None:
+        self.observer.on_strategy_end(strategy, rows)
 
     def on_models(self, strategy: str, models: dict[str, np.ndarray]) -> None:
         self.models = models
+        self.observer.on_models(strategy, models)
 
 
 class Reference:
@@ -66,26 +91,29 @@ class Reference:
                                lr=s["train"]["lr"])
         strategy = ClusteredStrategy(wl.num_clusters, num_nodes=self.nodes, timeout=s["run"]["round_timeout"])
         dropped: list[str] = []
-        coarse = init.estimate(strategy.exchange(self.grid, client_config(s), dropped))
+        with quiet_flower():
+            coarse = init.estimate(strategy.exchange(self.grid, client_config(s), dropped))
         coarse.warnings.extend(dropped)
         return coarse
 
     def run(
         self, strategy: str, start: Params | None = None, reply: str | None = None,
         variant: str = "", on_row: Callable[[dict[str, Any]], None] | None = None,
-        keep_models: bool = True,
+        keep_models: bool = True, observer: RunObserver | None = None, label: str | None = None,
     ) -> list[dict[str, Any]]:
         """The run record's rows of one arm (``variant`` picks one of the workload's variants;
         ``start`` overrides the models handed in, ``reply`` the k-model reply form). With
         ``keep_models``, the last row holds the final models (``models``); ``on_row`` sees
-        each row when it is first written (a row's loss is filled in one round later)."""
+        each row when it is first written (a row's loss is filled in one round later);
+        ``observer`` gets the arm's events under ``label`` (default: strategy/variant)."""
         scenario = self.scenario
         if reply is not None:
             scenario = {**scenario, "clustered": {**scenario["clustered"], "reply": reply}}
-        collector = RowCollector(on_row)
+        collector = RowCollector(on_row, observer)
         random.seed(scenario["federation"]["seed"])  # as the ServerApp: Flower samples nodes with `random`
-        rows = run_strategy(self.grid, strategy, scenario, self.workload, self.nodes, collector,
-                            variant=variant, start=start)
+        with quiet_flower():
+            rows = run_strategy(self.grid, strategy, scenario, self.workload, self.nodes, collector,
+                                variant=variant, start=start, label=label)
         if keep_models:
             rows[-1]["models"] = collector.models
         return rows

@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 
 from server.flower_patches import allow_messages_outside_a_run
 from strategies import build_strategy
-from strategies.aggregation import ClientBatch, MalformedBatch, merge_batches, weighted_average
-from strategies.cohort_reply import decode_batch, encode_batch, params_to_record
+from proto.wire import ClientBatch, MalformedBatch, decode_batch, encode_batch, params_to_record
+from strategies.aggregation import merge_batches, weighted_average
 
 D = 3
 REF = {"w": np.zeros(D)}
@@ -80,61 +80,60 @@ def corrupt(kind):
 )
 def test_malformed_replies_are_dropped_named_and_the_round_goes_on(kind, reason):
     strategy = build_strategy("fedavg", num_nodes=3, proximal_mu=1.0)
-    strategy._reference = params_to_record(REF)
+    strategy.sent = params_to_record(REF)
     good = [batch([10, 11], seed=2), batch([20], seed=3)]
     replies = [reply(encode_batch(good[0]), 1), reply(corrupt(kind), 2), reply(encode_batch(good[1]), 3)]
-    arrays, metrics = strategy.aggregate_train(1, replies)
+    report = strategy.aggregate_round(1, replies)
     expected = weighted_average(merge_batches(good))["w"]
-    assert np.array_equal(arrays["w"].numpy(), expected)  # the bad reply changed nothing
-    report = strategy.last_report
+    assert np.array_equal(report.arrays["w"].numpy(), expected)  # the bad reply changed nothing
     assert report.clients == 3 and len(report.dropped) == 1
     assert report.dropped[0].startswith("node 2:") and reason in report.dropped[0]
 
 
 def test_error_replies_missing_records_and_double_claims():
     strategy = build_strategy("fedprox", num_nodes=3, proximal_mu=1.0)
-    strategy._reference = params_to_record(REF)
+    strategy.sent = params_to_record(REF)
     sent = Message(RecordDict(), dst_node_id=7, message_type="train")
     replies = [
         Message(Error(code=0, reason="ValueError: data file truncated"), reply_to=sent),
         reply(RecordDict({"config": ConfigRecord({"x": 1})}), 8),
         reply(encode_batch(batch([1, 2])), 9),
     ]
-    arrays, _ = strategy.aggregate_train(1, replies)
-    assert arrays is not None and strategy.last_report.clients == 2
-    assert any("data file truncated" in d for d in strategy.last_report.dropped)
-    assert any(d.startswith("node 8: missing or unreadable record") for d in strategy.last_report.dropped)
+    result = strategy.aggregate_round(1, replies)
+    assert result.arrays is not None and result.clients == 2
+    assert any("data file truncated" in d for d in result.dropped)
+    assert any(d.startswith("node 8: missing or unreadable record") for d in result.dropped)
     # two nodes claim client 1: the server cannot tell which is right, so it keeps neither
     replies = [reply(encode_batch(batch([1, 2])), 1), reply(encode_batch(batch([1])), 2)]
-    arrays, _ = strategy.aggregate_train(2, replies)
-    assert arrays is None and "reported by two nodes" in strategy.last_report.dropped[0]
+    result = strategy.aggregate_round(2, replies)
+    assert result.arrays is None and "reported by two nodes" in result.dropped[0]
+    assert result.models["w"].shape == (1, D)  # nothing aggregated: the round's model goes on
 
 
 def test_bad_telemetry_is_named_but_never_changes_the_aggregate():
     """Outcome counts and placement records are telemetry: unreadable ones are ignored and
     named; the clients' results still count, and empty cohort replies are not errors."""
-    from strategies.cohort_reply import CohortResult, encode_result
+    from proto.wire import CohortResult, encode_result
 
     good, odd = batch([1, 2], seed=1), batch([3], seed=2)
     clean = [reply(encode_batch(good), 1), reply(encode_batch(odd), 2)]
     strategy = build_strategy("fedavg", num_nodes=3, proximal_mu=0.0)
-    strategy._reference = params_to_record(REF)
-    expected, _ = strategy.aggregate_train(1, clean)
+    strategy.sent = params_to_record(REF)
+    expected, _ = strategy.aggregate_train(1, clean)  # Flower's interface, derived from aggregate_round
 
     bad = encode_batch(odd)
     bad["stats"] = params_to_record({"outcomes": np.array([-1.5, 2.0])})
     bad["node"] = ConfigRecord({"partition": "not a number", "generated": "yes"})
     empty = encode_result(CohortResult(None, None, None, np.array([3, 0, 0, 0])))
     empty["node"] = ConfigRecord({"partition": 4, "ray-node": "n1", "generated": True})
-    arrays, _ = strategy.aggregate_train(1, [clean[0], reply(bad, 2), reply(empty, 3)])
-    report = strategy.last_report
-    assert np.array_equal(arrays["w"].numpy(), expected["w"].numpy())
-    assert report.clients == 3 and report.outcomes.tolist() == [3, 0, 0, 0]
+    report = strategy.aggregate_round(1, [clean[0], reply(bad, 2), reply(empty, 3)])
+    assert np.array_equal(report.arrays["w"].numpy(), expected["w"].numpy())
+    assert report.clients == 3 and report.telemetry.outcomes.tolist() == [3, 0, 0, 0]
     assert len(report.dropped) == 1 and "node 2: outcome counts ignored" in report.dropped[0]
 
-    from server.app import placement_summary
+    from server.history import placement_summary
 
-    summary = placement_summary(report.placement)
+    summary = placement_summary(report.telemetry.placement)
     assert summary == {"cohort_nodes": {"n1": [4]}, "cohorts_generated": 1}
 
 
@@ -164,8 +163,7 @@ def test_any_reply_either_decodes_to_a_valid_batch_or_is_rejected_by_name(ids, c
 
 # ---- k-model (clustered) replies ---------------------------------------------------------
 
-from strategies.clustered import ClusterSums, cluster_sums  # noqa: E402
-from strategies.cohort_reply import CohortResult, encode_result  # noqa: E402
+from proto.wire import ClusterSums, CohortResult, cluster_sums, encode_result  # noqa: E402
 
 K = 3
 MODELS = {"w": np.zeros((K, D))}
@@ -175,7 +173,7 @@ def clustered_strategy():
     from strategies.clustered_fl import ClusteredStrategy
 
     s = ClusteredStrategy(K, num_nodes=3)
-    s.sent_models = MODELS
+    s.sent = params_to_record(MODELS)
     return s
 
 
@@ -202,12 +200,12 @@ def sums_reply(seed, **corrupt):
 def test_malformed_partial_sums_are_dropped_and_named(corrupt, reason):
     strategy = clustered_strategy()
     good = [sums_reply(1), sums_reply(2)]
-    arrays, _ = strategy.aggregate_train(1, [reply(good[0], 1), reply(sums_reply(3, **corrupt), 2), reply(good[1], 3)])
+    result = strategy.aggregate_round(1, [reply(good[0], 1), reply(sums_reply(3, **corrupt), 2), reply(good[1], 3)])
     alone = clustered_strategy()
     expected, _ = alone.aggregate_train(1, [reply(g, n) for g, n in zip(good, (1, 3))])
-    assert np.array_equal(arrays["w"].numpy(), expected["w"].numpy())
-    assert len(strategy.last_report.dropped) == 1 and reason in strategy.last_report.dropped[0]
-    assert strategy.last_report.dropped[0].startswith("node 2:")
+    assert np.array_equal(result.arrays["w"].numpy(), expected["w"].numpy())
+    assert len(result.dropped) == 1 and reason in result.dropped[0]
+    assert result.dropped[0].startswith("node 2:")
 
 
 @settings(max_examples=100, deadline=None)
@@ -229,3 +227,22 @@ def test_any_clustered_reply_is_aggregated_or_dropped_never_a_crash(examples, hi
     arrays, _ = strategy.aggregate_train(1, replies)
     assert arrays is not None and np.isfinite(arrays["w"].numpy()).all()  # the good reply landed
     assert arrays["w"].numpy().shape == (K, D)
+
+
+def test_replies_without_confusion_counts_are_aggregated_as_with_them():
+    """Device data carry no labels: a cohort then sends its outcome counts but no confusion
+    counts. The part is absent, not malformed: the same models, nothing dropped, and no
+    confusion in the result (so the record has no misclustering)."""
+
+    def clustered_reply(seed, confusion):
+        b = batch([10 * seed, 10 * seed + 1], seed=seed)
+        b.metrics["cluster"] = np.array([seed % K, 0], dtype=np.float64)
+        return encode_result(CohortResult(b, None, confusion, np.array([0, 1, 0, 0])))
+
+    labelled = clustered_strategy().aggregate_round(1, [reply(clustered_reply(s, np.ones((K, K, 4), np.int64)), s)
+                                                        for s in (1, 2)])
+    unlabelled = clustered_strategy().aggregate_round(1, [reply(clustered_reply(s, None), s) for s in (1, 2)])
+    assert unlabelled.dropped == [] and unlabelled.clients == 4
+    assert np.array_equal(unlabelled.arrays["w"].numpy(), labelled.arrays["w"].numpy())
+    assert unlabelled.telemetry.confusion is None and labelled.telemetry.confusion.sum() == 2 * K * K * 4
+    assert unlabelled.telemetry.outcomes.tolist() == [0, 2, 0, 0]

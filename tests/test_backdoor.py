@@ -9,10 +9,9 @@ import torch
 import torch.nn.functional as F
 from flwr.app import Message
 
-from server.app import detection_rates
-from strategies.aggregation import ClientBatch
-from strategies.cohort_reply import encode_batch, params_to_record
-from strategies.data_union import DataUnion, check_upload
+from proto.wire import ClientBatch, encode_batch, params_to_record
+from server.history import detection_rates
+from strategies.data_union import DataUnion, UploadTrainer, check_upload
 from strategies.robust import CohortFedAvgClip, CohortFedMedian, CohortKrum
 from workloads.backdoor import data as D
 from workloads.backdoor import distill as X
@@ -210,32 +209,34 @@ def test_data_union_trains_on_the_good_uploads_and_names_the_bad():
         calls.append((images.copy(), labels.copy(), owners.copy()))
         return {"w": np.ones(2)}, {"inspect": [3]}
 
-    strategy = DataUnion(trainer, ANNOUNCED, 10)
+    strategy = DataUnion(UploadTrainer(trainer, ANNOUNCED, 10))
+    strategy.sent = params_to_record({"w": np.zeros(2)})
     good = [cohort_reply([c], {"images": upload(fill=c)[0][None], "labels": upload()[1][None]}) for c in (3, 1)]
     bad_labels = cohort_reply([4], {"images": upload()[0][None], "labels": (upload()[1] + 20)[None]})
     nan = cohort_reply([5], {"images": upload(fill=np.inf)[0][None], "labels": upload()[1][None]})
     huge = cohort_reply([6], {"images": upload(n=2000)[0][None], "labels": np.zeros((1, 2000), np.int64)})
     missing = Message(encode_batch(ClientBatch(np.array([7]), np.array([20]), {}, {})), dst_node_id=1,
                       message_type="train")
-    arrays, _ = strategy.aggregate_train(1, [*good, bad_labels, nan, huge, missing])
-    report = strategy.last_report
+    report = strategy.aggregate_round(1, [*good, bad_labels, nan, huge, missing])
     images, labels, owners = calls[0]
     assert owners.tolist() == [1] * 20 + [3] * 20  # client-id order, whatever the reply order
     assert np.array_equal(images[:20], upload(fill=1)[0]) and len(labels) == 40
-    assert report.extra["rejected_uploads"] == 3 and report.clients == 2
+    assert report.counts["rejected_uploads"] == 3 and report.clients == 2
     text = "\n".join(report.dropped)
     assert "client 4: labels out of range" in text and "client 5: 1280 non-finite" in text
     assert "client 6: upload of 2000 images is larger than the 20 announced" in text
     assert "missing or unreadable upload: 'arrays'" in text
-    assert report.flags == {"inspect": [3]} and report.participants == [1, 3]
-    assert arrays is not None
+    assert report.defense.flags == {"inspect": [3]} and report.defense.participants == [1, 3]
+    assert report.arrays is not None
 
 
 def test_data_union_with_only_bad_uploads_keeps_the_model():
-    strategy = DataUnion(lambda *a: pytest.fail("trained on nothing"), ANNOUNCED, 10)
+    strategy = DataUnion(UploadTrainer(lambda *a: pytest.fail("trained on nothing"), ANNOUNCED, 10))
+    strategy.sent = params_to_record({"w": np.zeros(2)})
     bad = cohort_reply([0], {"images": upload(fill=np.nan)[0][None], "labels": upload()[1][None]})
-    assert strategy.aggregate_train(1, [bad]) == (None, None)
-    assert strategy.last_report.extra["rejected_uploads"] == 1
+    result = strategy.aggregate_round(1, [bad])
+    assert result.arrays is None and result.counts["rejected_uploads"] == 1
+    assert np.array_equal(result.models["w"], np.zeros((1, 2)))  # the model sent goes on
 
 
 def test_detection_rates():
@@ -248,12 +249,12 @@ def test_detection_rates():
 
 def weights_round(strategy, models, counts=None):
     reference = {"w": np.zeros(3, np.float32)}
-    strategy._reference = params_to_record(reference)
+    strategy.sent = params_to_record(reference)
     ids = list(range(len(models)))
     batch = ClientBatch(np.array(ids), np.array(counts or [10] * len(ids)), {"w": np.array(models, np.float32)},
                         {"loss-before": np.ones(len(ids))})
-    arrays, _ = strategy.aggregate_train(1, [Message(encode_batch(batch), dst_node_id=1, message_type="train")])
-    return arrays["w"].numpy(), strategy.last_report
+    result = strategy.aggregate_round(1, [Message(encode_batch(batch), dst_node_id=1, message_type="train")])
+    return result.arrays["w"].numpy(), result
 
 
 NODES = dict(min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1)
@@ -269,10 +270,10 @@ def test_krum_flags_the_outlier_and_clipping_bounds_it():
     rng = np.random.default_rng(0)
     models = (rng.normal(size=(6, 3)) * 0.1).tolist() + [[50.0, 50.0, 50.0]]
     out, report = weights_round(CohortKrum(num_malicious_nodes=1, **NODES), models)
-    assert 6 in report.flags["krum"] and len(report.flags["krum"]) == 6  # Krum keeps one update
+    assert 6 in report.defense.flags["krum"] and len(report.defense.flags["krum"]) == 6  # Krum keeps one update
     assert np.abs(out).max() < 1
     out, report = weights_round(CohortFedAvgClip(clipping_norm=1.0, **NODES), models)
-    assert report.flags["clipping"] == [6]
+    assert report.defense.flags["clipping"] == [6]
     assert np.abs(out).max() < 1.0 / 7 + 0.1  # the outlier moved the mean by at most norm / n
 
 

@@ -29,6 +29,24 @@ from workloads.device_files import DeviceDataError
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# ---- layering ------------------------------------------------------------------------
+
+def test_deployment_imports_server_client_and_workloads_never_simulations():
+    """Arrows: umbel -> simulations, deployment -> server, client -> strategies, workloads."""
+    import ast
+
+    for path in sorted((ROOT / "deployment").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.split(".")[0] in ("simulations", "umbel") for n in names), (path, names)
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, deployment.deploy, deployment.supernode, deployment.certs; "
+         "print(sorted({m.split('.')[0] for m in sys.modules}))"],
+        capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert "'simulations'" not in loaded and "'umbel'" not in loaded, loaded
+
+
 # ---- certificates --------------------------------------------------------------------
 
 def test_certs_make_a_ca_a_server_certificate_for_its_hosts_and_device_keys(tmp_path):
@@ -300,16 +318,9 @@ def test_the_run_config_carries_the_whole_scenario_and_flower_accepts_its_keys(n
     assert back["run"].pop("out") == str((tmp_path / "runs").resolve())
     scenario["run"].pop("out")
     assert back == scenario
-
-
-def test_the_pyproject_run_config_is_the_default_scenario_by_name():
-    """`flwr run .` reads [tool.flwr.app.config]: the built-in default, nothing to resume."""
-    import tomllib
-
-    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    assert declared == {"scenario": "default", "resume": ""}
-    assert scenario_from_run_config(declared) == (load_scenario("default"), None)
-    assert scenario_from_run_config({"scenario": "tiny"})[0] == load_scenario("tiny")
+    # `flwr run . -c 'scenario="tiny"'` (the README's line) names a built-in scenario
+    tiny = fuse_dicts(declared, parse_config_args(['scenario="tiny"']), check_keys=True)
+    assert scenario_from_run_config(tiny) == (load_scenario("tiny"), None)
 
 
 @pytest.mark.parametrize("config, field, message", [
@@ -399,17 +410,17 @@ def test_generated_monitor_modules_are_fresh(tmp_path):
 
 def test_checkpoints_carry_every_strategy_through_pickle():
     """The server's checkpoint pickles the strategy object: each one must survive it."""
-    from server.app import flatten
+    from server.app import flatten, upload_trainer
     from strategies import STRATEGIES, build_strategy
 
     scenario = load_scenario("tiny", ["anchors.count=4"])
     workload = workload_class("mixed_regression")(scenario)
     base = workload.initial_parameters()
     backdoor = load_scenario("backdoor-doorping")
-    server = workload_class("backdoor_distillation")(backdoor)  # data-union trains with it
+    uploads = upload_trainer(workload_class("backdoor_distillation")(backdoor))  # data-union trains with it
     for name in STRATEGIES:
         strategy = build_strategy(
             name, 3, proximal_mu=1.0, k=2, dim=5, seed=0, clustered=scenario["clustered"],
-            timeout=10.0, start=flatten(base), lr=0.1, robust=scenario["robust"], server=server)
+            timeout=10.0, start=flatten(base), lr=0.1, robust=scenario["robust"], uploads=uploads)
         clone = pickle.loads(pickle.dumps(strategy))
         assert type(clone) is type(strategy)

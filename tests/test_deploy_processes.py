@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -17,10 +18,10 @@ import numpy as np
 import pytest
 
 from server import monitor
-from server.record import load_history, load_models
+from server.record import CHECKPOINT, load_history, load_models
 from deployment import deploy
 from deployment.certs import make_certs
-from simulations.launcher import simulate
+from simulations.launcher import arm_labels, simulate
 from simulations.scenarios import load_scenario
 
 pytestmark = pytest.mark.slow
@@ -35,22 +36,28 @@ def _free_port() -> int:
 
 
 class Deployment:
-    """A SuperLink (TLS, device authentication) and three registered, running devices."""
+    """A SuperLink (TLS, device authentication) and registered, running devices, one per
+    exported client file of ``scenario`` (default: ``deploy-tiny``'s three, exported with
+    their true clusters, plus the keys "bad", "rogue" and "no-ca" the tests misuse)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, scenario: dict | None = None, devices: list[str] = DEVICES,
+                 spare: tuple[str, ...] = ("bad", "rogue", "no-ca"), labels: bool = True,
+                 data: Path | None = None) -> None:
         self.root = root
         self.home = deploy.Home(root / "deploy")
-        self.scenario = load_scenario("deploy-tiny")
-        self.data = root / "data"
-        self.files = deploy.export_device_data(self.scenario, self.data)
-        make_certs(self.home.certs, ["127.0.0.1"], [*DEVICES, "bad", "rogue", "no-ca"])
-        make_certs(root / "other-ca", ["127.0.0.1"])  # a CA the SuperLink does not use
+        self.scenario = scenario or load_scenario("deploy-tiny")
+        self.data = data or root / "data"
+        self.files = (deploy.export_device_data(self.scenario, self.data, labels=labels) if data is None
+                      else sorted(data.glob("client-*.npz")))
+        make_certs(self.home.certs, ["127.0.0.1"], [*devices, *spare])
+        if "no-ca" in spare:
+            make_certs(root / "other-ca", ["127.0.0.1"])  # a CA the SuperLink does not use
         self.link = f"127.0.0.1:{_free_port()}"
         deploy.start_superlink(self.home, port=int(self.link.rpartition(":")[2]))
-        for name in [*DEVICES, "bad", "no-ca"]:  # "rogue" stays unregistered
+        for name in [*devices, *(s for s in spare if s != "rogue")]:  # "rogue" stays unregistered
             deploy.register_device(self.home, self.home.certs / "devices" / f"{name}.pub")
         self.ports: dict[str, int] = {}
-        for i, name in enumerate(DEVICES):
+        for i, name in enumerate(devices):
             self.start(name, self.files[i])
 
     def start(self, name: str, data: Path, **kwargs) -> deploy.Started:
@@ -84,8 +91,15 @@ def deployment(tmp_path_factory):
         deploy.stop_all(d.home, timeout=1)
 
 
-def test_three_devices_with_tls_and_authentication_match_the_simulation(deployment, ray_cluster, tmp_path):
-    status, run_dir = deployment.run(deployment.scenario)
+@pytest.fixture(scope="module")
+def labelled_run(deployment) -> tuple[dict, Path]:
+    """``deploy-tiny`` on the three devices (files with their true clusters), run once."""
+    return deployment.run(deployment.scenario)
+
+
+def test_three_devices_with_tls_and_authentication_match_the_simulation(deployment, labelled_run, ray_cluster,
+                                                                       tmp_path):
+    status, run_dir = labelled_run
     assert status["status"] == "finished:completed", status
     simulated = simulate(deployment.scenario, out=tmp_path, ray_address=ray_cluster)
     deployed = load_models(run_dir, "clustered-fedavg")["w"]
@@ -199,3 +213,116 @@ def test_watch_streams_a_simulation_and_a_killed_server_resumes_to_the_same_mode
         np.testing.assert_allclose(load_models(killed_dir, arm)["w"], load_models(full_dir, arm)["w"],
                                    rtol=0, atol=1e-12)
         assert len(history["strategies"][arm]) == 9
+
+
+# ---- every workload with client data, on devices without cluster labels ---------------
+
+def _sets(overrides: list[str]) -> list[str]:
+    return [arg for item in overrides for arg in ("--set", item)]
+
+
+def _no_labels_no_drops(rows: list[dict], clients: int) -> None:
+    """Every round: all clients replied, nothing dropped or missing, no label-based metric."""
+    for row in rows[1:]:
+        assert row["clients"] == clients, row
+        assert row.get("dropped", 0) == 0 and "dropped_replies" not in row, row
+        assert not row.get("missing_nodes"), row
+    assert not [k for row in rows for k in row if k.startswith("misclustering") or k == "ari"]
+
+
+def test_devices_without_cluster_labels_train_the_labelled_models_checkpoint_and_resume(labelled_run, tmp_path):
+    """The default export (no cluster labels, as on real devices): the clustered strategy
+    trains with no dropped replies to the final models of the same deployment with labelled
+    files, its record has no misclustering or ARI, and the run, stopped once round 1 is
+    checkpointed, resumes with `umbel deploy run --resume`."""
+    names = ["plain-0", "plain-1", "plain-2"]
+    d = Deployment(tmp_path, devices=names, spare=(), labels=False)
+    try:
+        assert all("cluster" not in np.load(f).files for f in d.files)
+        since = time.time()
+        run_id = deploy.submit(d.home, d.scenario, tmp_path / "runs")
+        run_dir = deploy.find_run_dir(tmp_path / "runs", d.scenario["run"]["name"], since)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:  # stop the run once round 1 is checkpointed
+            path = run_dir / CHECKPOINT  # written atomically after every round
+            if path.is_file() and pickle.loads(path.read_bytes())["round"] >= 1:
+                break
+            assert deploy.run_status(d.home, run_id).get("status") not in deploy.FINISHED, (
+                deploy.run_status(d.home, run_id), load_history(run_dir).get("error"))
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"no checkpoint of round 1 within 180 s; history: {load_history(run_dir)}")
+        deploy.stop_run(d.home, run_id)
+        assert deploy.wait_run(d.home, run_id, timeout=60)["status"] == "finished:stopped"
+        assert load_history(run_dir)["status"] != "finished"
+        resumed = _umbel("deploy", "run", "--resume", str(run_dir), "--home", str(d.home.root),
+                         "--out", str(tmp_path / "runs"), "--timeout", "240")
+        out, _ = resumed.communicate(timeout=300)
+        assert resumed.returncode == 0, out
+    finally:
+        deploy.stop_all(d.home, timeout=1)
+    history = load_history(run_dir)
+    assert history["status"] == "finished", history.get("error")
+    rows = history["strategies"]["clustered-fedavg"]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    _no_labels_no_drops(rows, clients=3)
+    starts = [e.run_started for e in monitor.read_events(run_dir) if e.HasField("run_started")]
+    assert len(starts) == 2 and starts[1].resumed_from_round >= 1
+    assert (run_dir / CHECKPOINT).is_file()
+    labelled_status, labelled_dir = labelled_run
+    assert labelled_status["status"] == "finished:completed", labelled_status
+    np.testing.assert_allclose(load_models(run_dir, "clustered-fedavg")["w"],
+                               load_models(labelled_dir, "clustered-fedavg")["w"], rtol=0, atol=1e-12)
+
+
+def _deploy_with_the_cli(tmp_path: Path, scenario: str, overrides: list[str], devices: list[str]) -> Path:
+    """`umbel data export`, a SuperLink and a device per client file, `umbel deploy run`;
+    returns the run record (after stopping every process)."""
+    export = _umbel("data", "export", scenario, str(tmp_path / "data"), *_sets(overrides))
+    out, _ = export.communicate(timeout=120)
+    assert export.returncode == 0, out
+    d = Deployment(tmp_path, load_scenario(scenario, overrides), devices=devices, spare=(), data=tmp_path / "data")
+    assert len(d.files) == len(devices) and all("cluster" not in np.load(f).files for f in d.files)
+    try:
+        run = _umbel("deploy", "run", scenario, *_sets(overrides), "--home", str(d.home.root),
+                     "--out", str(tmp_path / "runs"), "--timeout", "300")
+        out, _ = run.communicate(timeout=360)
+        assert run.returncode == 0, out
+    finally:
+        deploy.stop_all(d.home, timeout=1)
+    return next((tmp_path / "runs").glob(f"{load_scenario(scenario, overrides)['run']['name']}-*"))
+
+
+def test_umbel_deploy_run_carries_active_learning_to_devices(tmp_path):
+    """Two devices, two selection rules (two arms), a label query in round 2."""
+    overrides = ["federation.clients=2", "federation.cohort_size=1", "run.rounds=2", "run.round_timeout=120.0",
+                 "active_learning.rules=['random', 'entropy']", "active_learning.rounds_per_cycle=1",
+                 "active_learning.initial_labels=8", "active_learning.budget=4",
+                 "active_learning.centralised=false", "train.local_steps=5"]
+    run_dir = _deploy_with_the_cli(tmp_path, "active-learning", overrides, ["al-0", "al-1"])
+    history = load_history(run_dir)
+    assert history["status"] == "finished"
+    assert sorted(history["strategies"]) == sorted(arm_labels(load_scenario("active-learning", overrides)))
+    for arm, rows in history["strategies"].items():
+        assert [r["round"] for r in rows] == [0, 1, 2], arm
+        assert all(np.isfinite(r["accuracy"]) and 0 <= r["accuracy"] <= 1 for r in rows), arm
+        assert rows[2]["queried"] == 4, arm  # the round-2 query: the federation's budget
+        _no_labels_no_drops(rows, clients=2)
+
+
+def test_umbel_deploy_run_carries_koopman_to_devices_without_viscosity_groups(tmp_path):
+    """Two devices of two viscosity groups on two grids; IFCA's two models, no labels."""
+    overrides = ["federation.clients=2", "koopman.viscosities=[0.01, 0.05]", "koopman.grids=[32, 64]",
+                 "koopman.train_per_client=2", "koopman.test_per_viscosity=2", "koopman.eval_grid=32",
+                 "koopman.solver_points=64", "koopman.modes=4", "koopman.width=8", "koopman.power=2",
+                 "koopman.batch_size=2", "koopman.rollout_horizons=1", "koopman.baselines=[]",
+                 "anchors.count=2", "run.strategies=['ifca']", "run.rounds=2", "run.round_timeout=120.0",
+                 "train.local_steps=2"]
+    run_dir = _deploy_with_the_cli(tmp_path, "koopman-burgers", overrides, ["kp-0", "kp-1"])
+    history = load_history(run_dir)
+    assert history["status"] == "finished"
+    assert list(history["strategies"]) == ["ifca"]
+    rows = history["strategies"]["ifca"]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert all(np.isfinite(r["rel_l2"]) for r in rows)
+    _no_labels_no_drops(rows, clients=2)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from server.app import adjusted_rand, flatten
+from server.app import flatten
+from server.history import adjusted_rand
 from server.run_config import ScenarioError, client_view
 from simulations.scenarios import load_scenario
 from strategies.coarse_init import AnchorModels, CoarseInitError
@@ -217,8 +218,7 @@ def test_every_workload_answers_the_anchor_train_step():
     _, wl = _workload("anchors.count=3")
     data = wl.client_data(np.arange(6))
     start = wl.initial_parameters()
-    stats = wl.coarse_statistics("anchor-train", {"start": flatten(start), "steps": np.array(2),
-                                                  "lr": np.array(1e-3)}, data)
+    stats = wl.anchor_models({"start": flatten(start), "steps": np.array(2), "lr": np.array(1e-3)}, data)
     assert stats["client-id"].tolist() == [0, 1, 2]
     assert stats["estimate"].shape == (3, 33_921)
     trained = wl.local_train(stack_params(start, 3), wl.subset(data, np.arange(3)),

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from server.run_config import resolve
-from strategies.aggregation import ClientBatch, weighted_average
+from proto.wire import ClientBatch
+from strategies.aggregation import weighted_average
 from workloads.base import TrainSettings, stack_params
 from workloads.mixed_regression import MixedRegression, estimation_error, true_models
 

@@ -3,7 +3,7 @@
 import pytest
 from typer.testing import CliRunner
 
-from server.run_config import ScenarioError, resolve, unflatten
+from server.run_config import ScenarioError, resolve, scenario_from_run_config
 from simulations.scenarios import builtin_scenarios, load_scenario, parse_override
 from umbel.cli import app
 
@@ -19,29 +19,14 @@ def test_builtins_resolve_and_default_is_the_documented_job():
 
 
 def test_pyproject_run_config_is_the_default_scenario():
-    """`flwr run .` reads [tool.flwr.app.config]; it must describe the same default job."""
+    """`flwr run .` reads [tool.flwr.app.config]: two keys, the built-in default scenario by
+    name and nothing to resume (`umbel deploy run` sends the resolved scenario as TOML text)."""
     import tomllib
     from pathlib import Path
 
-    flat = tomllib.loads(Path("pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    assert flat.pop("run.resume") == ""  # the ServerApp's own key: continue a run directory
-    from_flower = resolve(unflatten(flat))
-    from_file = load_scenario("default")
-    from_flower["run"].pop("out"), from_file["run"].pop("out")
-    assert from_flower == from_file
-
-
-def test_pyproject_run_config_names_every_key_a_deployment_may_override():
-    """Flower refuses run-config overrides of keys its app config lacks (`umbel deploy run`
-    sends the whole scenario)."""
-    import tomllib
-    from pathlib import Path
-
-    from server.run_config import schema_for
-
-    flat = tomllib.loads(Path("pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    keys = {f"{s}.{k}" for s, fields in schema_for("mixed_regression").items() for k in fields}
-    assert keys - set(flat) == {"mixed_regression.cluster_weights"}  # no default: TOML has no null
+    config = tomllib.loads(Path("pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert config == {"scenario": "default", "resume": ""}
+    assert scenario_from_run_config(config) == (load_scenario("default"), None)
 
 
 def test_overrides_and_seed():

@@ -166,3 +166,10 @@ def test_trains_on_cuda_and_returns_cpu_numpy():
     for n in on_cpu:
         assert isinstance(on_gpu[n], np.ndarray) and on_gpu[n].dtype == np.float32
         np.testing.assert_allclose(on_gpu[n], on_cpu[n], atol=1e-3)
+
+
+def test_ray_actors_get_the_scenarios_gpus():
+    from simulations.launcher import backend_config
+
+    assert backend_config(None, "/tmp/x")["client_resources"] == {"num_cpus": 1, "num_gpus": 0.0}
+    assert backend_config(None, "/tmp/x", client_gpus=0.25)["client_resources"]["num_gpus"] == 0.25

@@ -21,6 +21,7 @@ deterministic in their seeds.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -84,6 +85,33 @@ def _owners(
     return clients, {"owners": [int(o) for o in ids], "owner_flag_rate": rates, "owner_flagged_images": counts}
 
 
+def _per_class(
+    features: np.ndarray, labels: np.ndarray, owners: np.ndarray, columns: tuple[str, ...],
+    judge: Callable[[np.ndarray], tuple[np.ndarray, dict[str, Any]] | None],
+    *, owner_fraction: float, min_flagged: int, min_class_size: int,
+) -> Flags:
+    """The frame of the per-class defenses: ``judge(idx)`` sees the images ``idx`` of one
+    class (classes under ``min_class_size`` images are skipped) and returns which of them it
+    flags and the class's details (``columns``), or None to skip the class. Owners: see
+    ``_owners``."""
+    features, labels, owners = _check(features, labels, owners)
+    images = np.zeros(len(labels), bool)
+    per_class: dict[str, list] = {name: [] for name in ("class", "size", *columns)}
+    skipped = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        verdict = judge(idx) if len(idx) >= min_class_size else None
+        if verdict is None:
+            skipped.append(int(c))
+            continue
+        hit, detail = verdict
+        images[idx[hit]] = True
+        for name, value in {"class": int(c), "size": len(idx), **detail}.items():
+            per_class[name].append(value)
+    clients, owner_detail = _owners(images, owners, owner_fraction, min_flagged)
+    return Flags(clients, images, {**per_class, "skipped_classes": skipped, **owner_detail})
+
+
 # Tiny matrices: BLAS threads cost more (10x on a 2-core box) than they save.
 @threadpool_limits.wrap(limits=1, user_api="blas")
 def spectral_signatures(
@@ -99,15 +127,8 @@ def spectral_signatures(
     images (0.3% in theory; the top direction is fitted to the class's own extremes).
     Classes with fewer than ``min_class_size`` images are skipped. Owners: see ``_owners``.
     """
-    features, labels, owners = _check(features, labels, owners)
-    images = np.zeros(len(labels), bool)
-    per_class: dict[str, list] = {"class": [], "size": [], "max_score": [], "cutoff_score": [], "flagged": []}
-    skipped = []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        if len(idx) < min_class_size:
-            skipped.append(int(c))
-            continue
+
+    def judge(idx: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
         centred = features[idx] - features[idx].mean(0)
         v = np.linalg.svd(centred, full_matrices=False)[2][0]
         proj = centred @ v
@@ -116,17 +137,13 @@ def spectral_signatures(
             spread = float(proj.std())
         dev = np.abs(proj - np.median(proj))
         hit = dev > eps * spread if spread > 1e-12 else np.zeros(len(idx), bool)
-        images[idx[hit]] = True
         # The score cutoff that the rule amounts to, on Tran's squared-projection scale
         # (the larger side, as the median need not sit at the mean).
         cutoff = float(max(np.median(proj) + eps * spread, eps * spread - np.median(proj)) ** 2)
-        per_class["class"].append(int(c))
-        per_class["size"].append(len(idx))
-        per_class["max_score"].append(float((proj ** 2).max()))
-        per_class["cutoff_score"].append(cutoff)
-        per_class["flagged"].append(int(hit.sum()))
-    clients, owner_detail = _owners(images, owners, owner_fraction, min_flagged)
-    return Flags(clients, images, {**per_class, "skipped_classes": skipped, **owner_detail})
+        return hit, {"max_score": float((proj ** 2).max()), "cutoff_score": cutoff, "flagged": int(hit.sum())}
+
+    return _per_class(features, labels, owners, ("max_score", "cutoff_score", "flagged"), judge,
+                      owner_fraction=owner_fraction, min_flagged=min_flagged, min_class_size=min_class_size)
 
 
 @threadpool_limits.wrap(limits=1, user_api="blas")
@@ -142,37 +159,27 @@ def activation_clustering(
     one Gaussian blob of 50 images in 10-d scores up to ~0.14; a planted cluster ~0.4.
     The small cluster's images are flagged.
     Classes with fewer than ``min_class_size`` images are skipped. Owners: see ``_owners``."""
-    features, labels, owners = _check(features, labels, owners)
-    images = np.zeros(len(labels), bool)
-    per_class: dict[str, list] = {"class": [], "size": [], "share": [], "silhouette": [], "suspicious": []}
-    skipped = []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
+
+    def judge(idx: np.ndarray) -> tuple[np.ndarray, dict[str, Any]] | None:
         centred = features[idx] - features[idx].mean(0)
-        if len(idx) < min_class_size or len(np.unique(centred.round(9), axis=0)) < 2:
-            skipped.append(int(c))
-            continue
+        if len(np.unique(centred.round(9), axis=0)) < 2:
+            return None
         u, s, _ = np.linalg.svd(centred, full_matrices=False)
         k = min(components, len(idx) - 1, features.shape[1])
         reduced = u[:, :k] * s[:k]
         assign = KMeans(n_clusters=2, n_init=10, random_state=seed).fit_predict(reduced)
         sizes = np.bincount(assign, minlength=2)
         if sizes.min() == 0:
-            skipped.append(int(c))
-            continue
+            return None
         small = int(sizes.argmin())
         share = float(sizes[small] / len(idx))
         sil = float(silhouette_score(reduced, assign))
         suspicious = share < max_share and sil > min_silhouette
-        if suspicious:
-            images[idx[assign == small]] = True
-        per_class["class"].append(int(c))
-        per_class["size"].append(len(idx))
-        per_class["share"].append(share)
-        per_class["silhouette"].append(sil)
-        per_class["suspicious"].append(int(suspicious))
-    clients, owner_detail = _owners(images, owners, owner_fraction, min_flagged)
-    return Flags(clients, images, {**per_class, "skipped_classes": skipped, **owner_detail})
+        hit = (assign == small) & suspicious
+        return hit, {"share": share, "silhouette": sil, "suspicious": int(suspicious)}
+
+    return _per_class(features, labels, owners, ("share", "silhouette", "suspicious"), judge,
+                      owner_fraction=owner_fraction, min_flagged=min_flagged, min_class_size=min_class_size)
 
 
 def _frozen(params: Params) -> torch.nn.Module:

@@ -1,9 +1,10 @@
-"""The backdoor federation in one process, for benchmarks and statistical tests.
+"""The backdoor federation's server side, evaluated offline on the clients' final uploads.
 
-It runs the same workload code as the Flower run (``update_state`` distils, ``server_train``
-trains the victim, ``central_metrics`` scores it) without the message layer, and distils the
-honest clients once for all arms: they are the same in the clean, NAIVE and DOORPING arms of
-one seed, only the malicious clients differ. Rows compare, on the final synthetic sets:
+``distil`` advances the clients' own distillation (``update_state``, the workload code of the
+Flower run) with no server in between, so the honest clients are distilled once for all arms:
+they are the same in the clean, NAIVE and DOORPING arms of one seed, only the malicious
+clients differ. ``evaluate_arm`` then compares the server's options on the final synthetic
+sets (no round loop: the victim trains once on the union):
 
 - ``none``: the model trained on the union of all uploads;
 - ``spectral`` / ``activation-clustering``: the union without the clients the defense flags
@@ -16,12 +17,14 @@ one seed, only the malicious clients differ. Rows compare, on the final syntheti
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from workloads.backdoor import CLEAN, NC_IMAGES, BackdoorDistillation, defenses
+from workloads.backdoor import CLEAN, NC_IMAGES, BackdoorDistillation, Shards, defenses
 from workloads.backdoor.model import accuracy, attack_success, from_parameters
+from workloads.base import REQUIRED, ConfigField
 
 Params = dict[str, np.ndarray]
 
@@ -41,7 +44,8 @@ class Uploads:
 
 
 def distil(workload: BackdoorDistillation, clients: list[int], variant: str, rounds: int) -> Uploads:
-    """The clients' synthetic sets after ``rounds`` rounds (all clients take part)."""
+    """The clients' synthetic sets after ``rounds`` rounds of their own distillation (all
+    clients take part; synthetic uploads do not depend on the server's model)."""
     data = workload.client_data(np.asarray(clients))
     state = workload.initial_state(data)
     for rnd in range(1, rounds + 1):
@@ -112,3 +116,54 @@ def evaluate_arm(wl: BackdoorDistillation, uploads: Uploads, trigger: np.ndarray
     repaired, info = defenses.fine_prune(params, *wl.holdout, seed=wl.seed)
     rows["fine-pruning"] = {**score(repaired), **{k: v for k, v in info.items() if isinstance(v, (int, float))}}
     return rows
+
+
+def save_uploads(uploads: dict[str, Uploads], path: Path) -> None:
+    """Every arm's final synthetic sets and trigger, to re-run the server side on them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {f"{arm}/{kind}/{c}": v for arm, up in uploads.items()
+              for kind, per in (("images", up.images), ("labels", up.labels)) for c, v in per.items()}
+    arrays.update({f"{arm}/trigger": up.trigger for arm, up in uploads.items() if up.trigger is not None})
+    np.savez_compressed(path, **arrays)
+
+
+def load_uploads(path: Path) -> dict[str, Uploads]:
+    z = np.load(path)
+    out: dict[str, Uploads] = {}
+    for key in z.files:
+        arm, kind, *client = key.split("/")
+        up = out.setdefault(arm, Uploads())
+        if kind == "trigger":
+            up.trigger = z[key]
+        else:
+            getattr(up, kind)[int(client[0])] = z[key]
+    return out
+
+
+class FixedUploads(BackdoorDistillation):
+    """The backdoor workload with each client holding a saved synthetic set (``save_uploads``)
+    that it does not distil further: weight uploads trained on fixed synthetic data, run
+    through the round engine like any workload (``run.workload =
+    "workloads.backdoor.experiment:FixedUploads"``)."""
+
+    schema = {
+        **BackdoorDistillation.schema,
+        "uploads": ConfigField(str, REQUIRED, "an .npz of every arm's synthetic sets (save_uploads)"),
+        "uploads_arm": ConfigField(str, REQUIRED, "the arm whose synthetic sets the clients hold"),
+    }
+
+    def __init__(self, scenario: dict[str, dict[str, Any]]) -> None:
+        super().__init__(scenario)
+        self.saved = load_uploads(Path(self.options["uploads"]))[self.options["uploads_arm"]]
+
+    def initial_state(self, data: Shards) -> dict[str, np.ndarray]:
+        state = super().initial_state(data)
+        for j, client in enumerate(data.client_ids.tolist()):
+            state["syn_images"][j], state["syn_labels"][j] = self.saved.images[client], self.saved.labels[client]
+            if client in self.malicious and self.saved.trigger is not None:
+                state["trigger"][j] = self.saved.trigger
+        return state
+
+    def update_state(self, model: dict[str, np.ndarray], data: Shards, state: dict[str, np.ndarray],
+                     round_: int, variant: str, active: np.ndarray) -> tuple[dict, dict[str, np.ndarray]]:
+        return state, {"trigger_updates": np.zeros(len(data.client_ids))}
