@@ -4,8 +4,11 @@ For each federation size, the same FedAvg round (every client scores the model i
 then takes ``local_steps`` gradient steps; the server averages) is timed
 - through Flower: ``umbel``'s launcher on the Ray backend, steady rounds after start-up
   (the round's wall time as the server measures it: send, client work, replies, aggregation);
+- through the in-process reference: the same round engine, strategy and ClientApp over a
+  ``LocalGrid`` (messages, encoding and decoding, no transport), the same wall time;
 - in one process: the workload's vectorised kernels over the whole federation as a single
-  cohort plus the same aggregation, one thread (the limit Flower's path is measured against).
+  cohort plus the same aggregation, one thread (the limit Flower's path is measured against;
+  deliberately no platform code at all).
 
 Usage: python benchmarks/sim_throughput.py [--rounds 10] [--out benchmarks/results]
 Prints a table and writes ``sim_throughput.json``.
@@ -28,8 +31,10 @@ import numpy as np  # noqa: E402
 from server.record import load_history  # noqa: E402
 from server.run_config import client_view  # noqa: E402
 from simulations.launcher import simulate  # noqa: E402
+from simulations.reference import Reference  # noqa: E402
 from simulations.scenarios import load_scenario  # noqa: E402
-from strategies.aggregation import ClientBatch, weighted_average  # noqa: E402
+from proto.wire import ClientBatch  # noqa: E402
+from strategies.aggregation import weighted_average  # noqa: E402
 from workloads.base import TrainSettings, stack_params  # noqa: E402
 from workloads.mixed_regression import MixedRegression  # noqa: E402
 
@@ -64,6 +69,12 @@ def numpy_limit(scenario: dict, rounds: int) -> float:
     return statistics.median(times[1:])
 
 
+def reference_round(scenario: dict) -> float:
+    """Steady seconds per round of the in-process reference (the round engine over a LocalGrid)."""
+    rows = Reference(scenario).run("fedavg", keep_models=False)
+    return statistics.median([r["wall_time_s"] for r in rows if r["round"] >= 2])
+
+
 def flower_round(scenario: dict, out: Path) -> tuple[float, float]:
     """(steady seconds per round, start-up seconds) through Flower."""
     t = time.perf_counter()
@@ -84,6 +95,7 @@ def main() -> None:
     for clients, cohort in CASES:
         scenario = scenario_for(clients, cohort, args.rounds)
         limit = numpy_limit(scenario, args.rounds)
+        reference = reference_round(scenario)
         flower, startup = flower_round(scenario, args.out / "runs")
         row = {
             "clients": clients,
@@ -91,6 +103,7 @@ def main() -> None:
             "nodes": -(-clients // cohort),
             "flower_s_per_round": flower,
             "numpy_s_per_round": limit,
+            "reference_s_per_round": reference,
             "flower_client_rounds_per_s": clients / flower,
             "numpy_client_rounds_per_s": clients / limit,
             "ratio": limit / flower,
@@ -100,12 +113,14 @@ def main() -> None:
         print(json.dumps(row))
     (args.out / "sim_throughput.json").write_text(json.dumps(results, indent=1))
     print()
-    print("| clients | cohort | nodes | Flower client-rounds/s | numpy limit | ratio | Flower s/round | start-up s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| clients | cohort | nodes | Flower client-rounds/s | numpy limit | ratio | Flower s/round | "
+          "reference s/round | numpy s/round | start-up s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['clients']:,} | {r['cohort_size']} | {r['nodes']} | "
               f"{r['flower_client_rounds_per_s']:,.0f} | {r['numpy_client_rounds_per_s']:,.0f} | "
-              f"{r['ratio']:.2g} | {r['flower_s_per_round']:.3f} | {r['startup_s']:.1f} |")
+              f"{r['ratio']:.2g} | {r['flower_s_per_round']:.3f} | {r['reference_s_per_round']:.4f} | "
+              f"{r['numpy_s_per_round']:.4f} | {r['startup_s']:.1f} |")
 
 
 if __name__ == "__main__":

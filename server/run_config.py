@@ -15,9 +15,12 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from strategies import PHASE1, SINGLE_MODEL, STRATEGIES
+from proto.wire import ANCHOR_TRAIN
+from strategies import PHASE1, SINGLE_MODEL, STRATEGIES, runs_phase1
 from workloads import WORKLOADS, workload_class
-from workloads.base import REQUIRED, ConfigField, non_negative, positive
+from workloads.base import (
+    REQUIRED, CoarseStatistics, ConfigField, TrainsOnUploads, Workload, non_negative, positive,
+)
 from workloads.federation import AVAILABILITY_TRACES, SIZE_LAWS
 from workloads.federation import PARTICIPATION_DEFAULTS as DEFAULTS
 
@@ -239,17 +242,46 @@ def resolve(raw: dict[str, Any], source: str = "<scenario>") -> dict[str, dict[s
 
 
 def _cross_checks(s: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
-    fed = s["federation"]
+    fed, strategies = s["federation"], s["run"]["strategies"]
+    cls = workload_class(s["run"]["workload"])
     problems = []
-    others = [name for name in s["run"]["strategies"] if name not in SINGLE_MODEL]
-    if workload_class(s["run"]["workload"]).single_model and others:
+    others = [name for name in strategies if name not in SINGLE_MODEL]
+    if cls.single_model and others:
         problems.append(("run.strategies", f"{s['run']['workload']} trains one global model; "
                          f"{others[0]!r} is not one of {list(SINGLE_MODEL)}"))
     if fed["max_size"] < fed["min_size"]:
         problems.append(
             ("federation.max_size", f"{fed['max_size']} is below min_size {fed['min_size']}")
         )
+    problems += _upload_checks(cls, s)
+    if any(runs_phase1(name) for name in strategies):
+        problems += _phase1_checks(cls, s)
     return problems
+
+
+def _upload_checks(cls: type[Workload], s: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+    """``data-union`` trains on uploaded data; every other strategy on uploaded models."""
+    uploads = issubclass(cls, TrainsOnUploads) and cls.uploads_data(s)
+    wrong = [name for name in s["run"]["strategies"] if (name == "data-union") != uploads]
+    if not wrong:
+        return []
+    if uploads:
+        return [("run.strategies", f"{wrong[0]!r} aggregates models, but the clients of this "
+                 f"{cls.name} scenario upload data; use data-union")]
+    return [("run.strategies", f"'data-union' trains on uploaded data, but the clients of this "
+             f"{cls.name} scenario upload models; use a model aggregator (fedavg, krum, ...)")]
+
+
+def _phase1_checks(cls: type[Workload], s: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+    """Phase 1's routine sends steps the workload must answer; then the workload's own needs."""
+    routine = PHASE1[s["clustered"]["phase1"]]
+    answered = {ANCHOR_TRAIN, *(cls.coarse_steps if issubclass(cls, CoarseStatistics) else ())}
+    missing = [step for step in routine.steps if step not in answered]
+    if missing:
+        usable = [name for name, r in PHASE1.items() if set(r.steps) <= answered]
+        return [("clustered.phase1", f"{routine.name!r} needs the step(s) {missing}, which {cls.name} "
+                 f"does not answer; use one of {usable}")]
+    return cls.check_phase1(s)
 
 
 RUN_CONFIG_SOURCE = "run config"

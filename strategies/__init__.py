@@ -30,6 +30,11 @@ STRATEGIES = SINGLE_MODEL + K_MODEL
 PHASE1 = {init.name: init for init in (SubspaceKMeans, MomentDescent, AnchorModels)}
 
 
+def runs_phase1(name: str) -> bool:
+    """Whether the strategy starts with Phase 1 (coarse estimates from anchors)."""
+    return name.startswith("clustered-")
+
+
 def k_model_roles(name: str, proximal_mu: float) -> tuple[str, float]:
     """(how clients pick their model, the FedProx weight of the refinement; 0 = FedAvg)."""
     selection = "true-label" if name == "oracle" else "min-loss"
@@ -43,7 +48,7 @@ def coarse_init_for(
     """Phase 1 of a k-model strategy (None for IFCA and the oracle); ``phase1`` overrides
     ``clustered.phase1``. ``start`` (the flattened initial model) and ``lr`` (the local step
     size) serve ``anchor-models``."""
-    if not name.startswith("clustered-"):
+    if not runs_phase1(name):
         return None
     init_cls = PHASE1[phase1 or clustered.get("phase1", "subspace-kmeans")]
     if init_cls is AnchorModels:

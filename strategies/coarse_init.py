@@ -63,6 +63,7 @@ class CoarseInit(ABC):
     """A Phase-1 routine: k coarse models from the federation, through ``exchange``."""
 
     name: str
+    steps: tuple[str, ...]  # the workload steps it sends (``proto.wire``)
 
     def __init__(self, k: int, dim: int, seed: int, restarts: int = 10) -> None:
         if k > dim:
@@ -111,6 +112,7 @@ class MomentInit(CoarseInit):
 
 class SubspaceKMeans(MomentInit):
     name = "subspace-kmeans"
+    steps = (SECOND_MOMENT, ANCHOR_FIT)
 
     def subspace(self, exchange: Exchange) -> np.ndarray:
         stats = exchange(SECOND_MOMENT, self._moment_matrix_request(), REDUCE_SUM)
@@ -119,6 +121,7 @@ class SubspaceKMeans(MomentInit):
 
 class MomentDescent(MomentInit):
     name = "moment-descent"
+    steps = (SECOND_MOMENT_PRODUCT, ANCHOR_FIT)
 
     def __init__(self, k: int, dim: int, seed: int, restarts: int = 10,
                  anchors_only: bool = False, iterations: int = 50, descent_steps: int = 200):
@@ -149,6 +152,7 @@ class AnchorModels(CoarseInit):
     directions; each coarse model is the mean of its group's anchor models."""
 
     name = "anchor-models"
+    steps = (ANCHOR_TRAIN,)
 
     def __init__(self, k: int, dim: int, seed: int, restarts: int = 10, *,
                  start: np.ndarray, steps: int, lr: float) -> None:

@@ -338,7 +338,7 @@ def test_bad_backdoor_scenarios_name_the_field():
 
     cases = [
         (["backdoor.malicious=[12]"], "backdoor.malicious", "client 12 does not exist"),
-        (["backdoor.upload=weights"], "run.strategies", "'data-union' does not fit backdoor.upload = 'weights'"),
+        (["backdoor.upload=weights"], "run.strategies", "'data-union' trains on uploaded data, but the clients"),
         (["backdoor.target=10"], "backdoor.target", "not a digit class"),
         (["backdoor.trigger_size=7"], "backdoor.trigger_size", "must be in 1..6"),
         (["backdoor.defenses=['strip']"], "backdoor.defenses", "unknown defense 'strip'"),

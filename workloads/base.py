@@ -115,6 +115,13 @@ class Workload(ABC):
         return []
 
     @classmethod
+    def check_phase1(cls, scenario: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+        """What the clustered strategies' Phase 1 needs of this scenario (e.g. anchors per
+        cluster); the platform calls it only when a strategy with Phase 1 runs, after
+        checking that the workload answers the steps of ``clustered.phase1``."""
+        return []
+
+    @classmethod
     def baselines(cls, scenario: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
         """Reference runs outside the federation, as scenario overrides by name (e.g. one
         client holding all data); the launcher runs them in-process after the simulation."""
@@ -281,6 +288,12 @@ class TrainsOnUploads(ABC):
     datasets; the server checks them against ``upload_spec`` and trains on the union."""
 
     upload_classes: ClassVar[int]
+
+    @classmethod
+    def uploads_data(cls, scenario: dict[str, dict[str, Any]]) -> bool:
+        """Whether this scenario's clients upload data (only ``data-union`` trains on it)
+        rather than models (the weight aggregators); validation checks the strategies."""
+        return True
 
     @abstractmethod
     def upload_spec(self) -> dict[str, tuple[int, ...]]:

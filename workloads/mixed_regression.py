@@ -173,31 +173,37 @@ class MixedRegression(Workload, KnownClusters, CoarseStatistics, DeviceFiles):
                 errors.append(
                     ("mixed_regression.cluster_weights", "expected positive numbers")
                 )
-        uses_phase1 = any(s.startswith("clustered-") for s in scenario["run"]["strategies"])
-        if uses_phase1 and k > mr["dim"]:
-            errors.append(
-                ("mixed_regression.clusters",
-                 f"{k} clusters exceed dim {mr['dim']}: the k models span at most dim directions")
-            )
-        if uses_phase1 and anchors["count"] < k:
-            errors.append(
-                ("anchors.count",
-                 f"{anchors['count']} anchors cannot cover {k} clusters: Phase 1 of the clustered "
-                 f"strategies needs at least one anchor per cluster (set anchors.count >= {k})")
-            )
-        if uses_phase1 and anchors["size"] < k:
-            errors.append(
-                ("anchors.size",
-                 f"{anchors['size']} points per anchor cannot fit a {k}-dimensional model; "
-                 f"expected >= {k} (recommended >= 10 k ln(k+1) = "
-                 f"{int(np.ceil(10 * k * np.log(k + 1)))})")
-            )
         if anchors["count"] > fed["clients"]:
             errors.append(
                 (
                     "anchors.count",
                     f"{anchors['count']} anchors but only {fed['clients']} clients",
                 )
+            )
+        return errors
+
+    @classmethod
+    def check_phase1(cls, scenario: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+        """Phase 1 fits each anchor inside a k-dimensional subspace of the d features."""
+        mr, anchors = scenario[cls.section], scenario["anchors"]
+        k, errors = mr["clusters"], []
+        if k > mr["dim"]:
+            errors.append(
+                ("mixed_regression.clusters",
+                 f"{k} clusters exceed dim {mr['dim']}: the k models span at most dim directions")
+            )
+        if anchors["count"] < k:
+            errors.append(
+                ("anchors.count",
+                 f"{anchors['count']} anchors cannot cover {k} clusters: Phase 1 of the clustered "
+                 f"strategies needs at least one anchor per cluster (set anchors.count >= {k})")
+            )
+        if anchors["size"] < k:
+            errors.append(
+                ("anchors.size",
+                 f"{anchors['size']} points per anchor cannot fit a {k}-dimensional model; "
+                 f"expected >= {k} (recommended >= 10 k ln(k+1) = "
+                 f"{int(np.ceil(10 * k * np.log(k + 1)))})")
             )
         return errors
 

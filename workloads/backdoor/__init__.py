@@ -133,7 +133,7 @@ class BackdoorDistillation(Workload, Stateful, TrainsOnUploads, SimulatedAttacks
 
     @classmethod
     def check_scenario(cls, scenario: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
-        bd, fed, run = scenario[cls.section], scenario["federation"], scenario["run"]
+        bd, fed = scenario[cls.section], scenario["federation"]
         problems = torch_train.check_device(scenario)
         outside = [c for c in bd["malicious"] if c >= fed["clients"]]
         if outside:
@@ -144,12 +144,6 @@ class BackdoorDistillation(Workload, Stateful, TrainsOnUploads, SimulatedAttacks
         if bd["server_holdout"] >= bd["test_size"]:
             problems.append(("backdoor.server_holdout", f"{bd['server_holdout']} leaves no test images of "
                              f"test_size = {bd['test_size']}"))
-        synthetic = bd["upload"] == "synthetic"
-        wrong = [s for s in run["strategies"] if (s == "data-union") != synthetic]
-        if wrong:
-            expected = "data-union" if synthetic else "a weight aggregator (fedavg, krum, ...)"
-            problems.append(("run.strategies", f"{wrong[0]!r} does not fit backdoor.upload = "
-                             f"{bd['upload']!r}; use {expected}"))
         try:
             digits_data.patch_mask(bd["trigger_size"])
         except ValueError as err:
@@ -322,6 +316,10 @@ class BackdoorDistillation(Workload, Stateful, TrainsOnUploads, SimulatedAttacks
                       data.malicious[index], pick(data.syn_images), pick(data.syn_labels))
 
     # ---- the server ----------------------------------------------------------------------
+
+    @classmethod
+    def uploads_data(cls, scenario: dict[str, dict[str, Any]]) -> bool:
+        return scenario[cls.section]["upload"] == "synthetic"
 
     def upload_spec(self) -> dict[str, tuple[int, ...]]:
         """The announced shape of one client's upload (``data-union``)."""

@@ -138,15 +138,15 @@ class KoopmanBurgers(Workload, KnownClusters, DeviceFiles):
         if kp["solver_dt"] * kmax * 3.0 > 2.8:  # RK4 on advection, |u| <= 3 for this prior
             problems.append(("koopman.solver_dt", f"{kp['solver_dt']} breaks the CFL limit of "
                              f"{2.8 / (3.0 * kmax):.2g} at {kp['solver_points']} points"))
-        strategies = scenario["run"]["strategies"]
-        if any(s.startswith("clustered-") for s in strategies):
-            anchors = scenario["anchors"]["count"]
-            if anchors < groups:
-                problems.append(("anchors.count", f"{anchors} anchors cannot cover {groups} viscosity "
-                                 f"groups: Phase 1 needs at least one per group (anchors are ids 0..count-1)"))
-            if scenario["clustered"]["phase1"] != "anchor-models":
-                problems.append(("clustered.phase1", "a neural workload needs phase1 = 'anchor-models'"))
         return problems
+
+    @classmethod
+    def check_phase1(cls, scenario: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+        anchors, groups = scenario["anchors"]["count"], len(scenario[cls.section]["viscosities"])
+        if anchors < groups:
+            return [("anchors.count", f"{anchors} anchors cannot cover {groups} viscosity groups: Phase 1 "
+                     "needs at least one per group (anchors are ids 0..count-1)")]
+        return []
 
     @classmethod
     def baselines(cls, scenario: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
