@@ -24,7 +24,7 @@ from flwr.common.logger import log
 from proto.wire import CLUSTER, LOSS_BEFORE, Params
 from server.engine import Arm, ArmObserver
 from server.record import RunObserver, RunRecord
-from strategies.result import RoundResult
+from strategies.result import RoundResult, fresh
 from workloads.base import SimulatedAttacks, Workload
 from workloads.federation import OUTCOMES
 
@@ -206,5 +206,5 @@ class Checkpointer(ArmObserver):
 
     def on_round(self, arm: Arm, round_: int, result: RoundResult, wall_time_s: float) -> None:
         self.record.save_checkpoint({"arm": arm.label, "round": round_, "strategy": arm.strategy,
-                                     "arrays": arm.arrays, "rows": self.history.rows,
+                                     "arrays": fresh(arm.arrays), "rows": self.history.rows,
                                      "random": random.getstate()})

@@ -25,7 +25,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp.strategy import Strategy
 
-from proto.wire import Params, record_to_params
+from proto.wire import Params, params_to_record, record_to_params
 
 
 @dataclass
@@ -91,8 +91,18 @@ class RoundResult:
             log(WARNING, "dropped reply from %s", reason)
 
 
+def fresh(arrays: ArrayRecord) -> ArrayRecord:
+    """The same arrays in a new record: once Flower's network grid has sent a record, its
+    arrays cache pieces holding memoryviews, which cannot be pickled (checkpoints)."""
+    return params_to_record(record_to_params(arrays))
+
+
 class ReportingStrategy(Strategy):
-    """A Flower strategy that reports each round as a ``RoundResult``."""
+    """A Flower strategy that reports each round as a ``RoundResult``. It pickles (the
+    round's checkpoint) with every ``ArrayRecord`` it holds re-made fresh."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: fresh(v) if isinstance(v, ArrayRecord) else v for k, v in self.__dict__.items()}
 
     @abstractmethod
     def aggregate_round(self, server_round: int, replies: Iterable[Message]) -> RoundResult:

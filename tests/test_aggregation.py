@@ -246,3 +246,23 @@ def test_replies_without_confusion_counts_are_aggregated_as_with_them():
     assert np.array_equal(unlabelled.arrays["w"].numpy(), labelled.arrays["w"].numpy())
     assert unlabelled.telemetry.confusion is None and labelled.telemetry.confusion.sum() == 2 * K * K * 4
     assert unlabelled.telemetry.outcomes.tolist() == [0, 2, 0, 0]
+
+
+def test_strategies_and_models_that_went_over_the_network_still_checkpoint():
+    """Flower's network grid leaves memoryviews cached in the arrays it sent (a deployment's
+    checkpoint once died on `cannot pickle memoryview objects`): they pickle fresh."""
+    import pickle
+
+    from flwr.app import Array, ArrayRecord
+
+    from strategies.result import fresh
+
+    sent = ArrayRecord({"w": Array(np.arange(6.0).reshape(2, 3))})
+    _ = sent["w"].children  # what serialising for the network leaves behind
+    with pytest.raises(TypeError, match="memoryview"):
+        pickle.dumps(sent)
+    strategy = clustered_strategy()
+    strategy.sent = sent
+    clone = pickle.loads(pickle.dumps(strategy))
+    assert np.array_equal(clone.sent["w"].numpy(), sent["w"].numpy())
+    assert np.array_equal(pickle.loads(pickle.dumps(fresh(sent)))["w"].numpy(), sent["w"].numpy())

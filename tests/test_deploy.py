@@ -29,24 +29,6 @@ from workloads.device_files import DeviceDataError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# ---- layering ------------------------------------------------------------------------
-
-def test_deployment_imports_server_client_and_workloads_never_simulations():
-    """Arrows: umbel -> simulations, deployment -> server, client -> strategies, workloads."""
-    import ast
-
-    for path in sorted((ROOT / "deployment").glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            assert not any(n.split(".")[0] in ("simulations", "umbel") for n in names), (path, names)
-    loaded = subprocess.run(
-        [sys.executable, "-c", "import sys, deployment.deploy, deployment.supernode, deployment.certs; "
-         "print(sorted({m.split('.')[0] for m in sys.modules}))"],
-        capture_output=True, text=True, check=True, cwd=ROOT).stdout
-    assert "'simulations'" not in loaded and "'umbel'" not in loaded, loaded
-
-
 # ---- certificates --------------------------------------------------------------------
 
 def test_certs_make_a_ca_a_server_certificate_for_its_hosts_and_device_keys(tmp_path):
