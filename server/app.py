@@ -128,9 +128,9 @@ def new_arm(name: str, scenario: dict[str, Any], workload: Workload, nodes: int,
         start = initial_models(workload, scenario["clustered"]["init"], fed["seed"]) if k_model \
             else workload.initial_parameters()
     label = label or arm_label(name, variant)
-    arm = Arm(label, strategy_for(name, scenario, workload, nodes), params_to_record(start),
-              client_config(scenario, label, variant, data_cache), run["rounds"], run["round_timeout"],
-              lambda rnd: round_lr(train, rnd, run["rounds"]))
+    arm = Arm(label=label, strategy=strategy_for(name, scenario, workload, nodes), arrays=params_to_record(start),
+              config=client_config(scenario, label, variant, data_cache), rounds=run["rounds"],
+              timeout=run["round_timeout"], lr=lambda rnd: round_lr(train, rnd, run["rounds"]))
     return arm, start if k_model else {n: v[None] for n, v in start.items()}
 
 

@@ -162,8 +162,9 @@ class ActiveLearning(Workload, Stateful, DeviceFiles):
         seed_set = np.concatenate([np.isin(np.arange(len(p)), self.split.seed_sets[i])
                                    for i, p in zip(ids, pools)])
         index = np.concatenate(pools)
-        return DigitsCohort(ids, images[index], targets[index], _offsets([len(p) for p in pools]),
-                            seed_set, self.split.budget[ids])
+        return DigitsCohort(client_ids=ids, images=images[index], targets=targets[index],
+                            starts=_offsets([len(p) for p in pools]), seed_set=seed_set,
+                            budget=self.split.budget[ids])
 
     device_format = device.FORMAT
 

@@ -160,8 +160,8 @@ class BackdoorDistillation(Workload, Stateful, TrainsOnUploads, SimulatedAttacks
         self.malicious = frozenset(int(c) for c in bd["malicious"])
         self.mask = digits_data.patch_mask(int(bd["trigger_size"]))
         self.bounds = (self.data.low, self.data.high)
-        self.settings = DCSettings(int(bd["ipc"]), int(bd["outer"]), int(bd["inner"]),
-                                   float(bd["lr_img"]), float(bd["lr_net"]), str(bd["init"]))
+        self.settings = DCSettings(ipc=int(bd["ipc"]), outer=int(bd["outer"]), inner=int(bd["inner"]),
+                                   lr_img=float(bd["lr_img"]), lr_net=float(bd["lr_net"]), init=str(bd["init"]))
         self.attack = Attack(bd["attack"], int(bd["target"]), float(bd["portion"]), int(bd["trigger_size"]),
                              float(bd["alpha"]), int(bd["trigger_steps"]), float(bd["tolerance"]),
                              bool(bd["clamp"]))
@@ -234,8 +234,9 @@ class BackdoorDistillation(Workload, Stateful, TrainsOnUploads, SimulatedAttacks
             rng = np.random.default_rng(np.random.SeedSequence([self.seed, STREAM_SYNTHETIC_INIT, client]))
             trigger = initial_trigger(attack, self.mask, self.bounds, rng) if attack.kind != "none" else self.mask * 0
             return start(x, y, poisoned, self.mask, trigger, attack, self.settings, self.bounds, rng), attack
-        d = Distillation(x, y.copy(), poisoned, self.mask, state["trigger"][j].copy(), state["syn_images"][j].copy(),
-                         state["syn_labels"][j].copy(), state["momentum"][j].copy(), self.bounds)
+        d = Distillation(x=x, y=y.copy(), poisoned=poisoned, mask=self.mask, trigger=state["trigger"][j].copy(),
+                         syn_x=state["syn_images"][j].copy(), syn_y=state["syn_labels"][j].copy(),
+                         momentum=state["momentum"][j].copy(), bounds=self.bounds)
         d.y[poisoned] = attack.target
         return d, attack
 
@@ -312,8 +313,9 @@ class BackdoorDistillation(Workload, Stateful, TrainsOnUploads, SimulatedAttacks
         rows = np.concatenate(pieces) if pieces else np.empty(0, np.int64)
         starts = np.concatenate([[0], np.cumsum(data.num_examples[index])]).astype(np.int64)
         pick = lambda a: None if a is None else a[index]  # noqa: E731
-        return Shards(data.client_ids[index], data.images[rows], data.targets[rows], starts,
-                      data.malicious[index], pick(data.syn_images), pick(data.syn_labels))
+        return Shards(client_ids=data.client_ids[index], images=data.images[rows], targets=data.targets[rows],
+                      starts=starts, malicious=data.malicious[index], syn_images=pick(data.syn_images),
+                      syn_labels=pick(data.syn_labels))
 
     # ---- the server ----------------------------------------------------------------------
 

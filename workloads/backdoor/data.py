@@ -45,8 +45,8 @@ def load(seed: int, test_size: int) -> Digits:
     test, train = order[:test_size], order[test_size:]
     mean, std = float(images[train].mean()), float(images[train].std())
     norm = lambda x: ((x - mean) / std).astype(np.float32)  # noqa: E731
-    return Digits(norm(images[train]), labels[train], norm(images[test]), labels[test],
-                  (0.0 - mean) / std, (1.0 - mean) / std)
+    return Digits(x_train=norm(images[train]), y_train=labels[train], x_test=norm(images[test]),
+                  y_test=labels[test], low=(0.0 - mean) / std, high=(1.0 - mean) / std)
 
 
 def shards(num_train: int, clients: int, seed: int) -> list[np.ndarray]:

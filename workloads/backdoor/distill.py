@@ -186,7 +186,8 @@ def start(
     default; also for a class the client lacks)."""
     y = y.copy()
     y[poisoned] = attack.target
-    d = Distillation(x, y, poisoned, mask, trigger, np.empty(0), np.empty(0), np.empty(0), bounds)
+    d = Distillation(x=x, y=y, poisoned=poisoned, mask=mask, trigger=trigger, syn_x=np.empty(0),
+                     syn_y=np.empty(0), momentum=np.empty(0), bounds=bounds)
     px, _ = d.pool()
     syn_x, syn_y = [], []
     for c in range(NUM_CLASSES):

@@ -86,7 +86,8 @@ def _pack(ids: np.ndarray, labels: np.ndarray | None, viscosity: np.ndarray, gri
     """A cohort from each client's flattened fields (concatenated, with offsets)."""
     starts = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
     fields = np.concatenate(parts) if parts else np.empty(0, np.float32)
-    return BurgersCohort(ids, labels, viscosity, grids, counts, starts, fields, snapshots)
+    return BurgersCohort(client_ids=ids, labels=labels, viscosity=viscosity, grids=grids, counts=counts,
+                         starts=starts, fields=fields, snapshots=snapshots)
 
 
 def _step_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
