@@ -286,7 +286,7 @@ def decode_outcomes(content: RecordDict) -> np.ndarray | None:
     """A cohort's counts of clients left out of the round, by reason (telemetry)."""
     if "stats" not in content or "outcomes" not in content["stats"]:
         return None
-    outcomes = record_to_params(content["stats"])["outcomes"]
+    outcomes = content["stats"]["outcomes"].numpy()  # only this part: telemetry of every reply
     if outcomes.ndim != 1 or not np.issubdtype(outcomes.dtype, np.integer) or (outcomes < 0).any():
         raise MalformedBatch(f"unreadable outcome counts {outcomes!r}")
     return outcomes
@@ -297,7 +297,7 @@ def decode_confusion(content: RecordDict, shape: tuple[int, ...] | None) -> np.n
     if "stats" not in content or "confusion" not in content["stats"]:
         return None
     try:
-        confusion = record_to_params(content["stats"])["confusion"]
+        confusion = content["stats"]["confusion"].numpy()
     except (TypeError, ValueError) as err:
         raise MalformedBatch(f"unreadable confusion counts: {err}") from None
     if shape is not None and confusion.shape != shape:

@@ -12,6 +12,7 @@ import logging
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cached_property
 from typing import Any, Callable
 
 import numpy as np
@@ -75,7 +76,7 @@ class Reference:
         self.grid = LocalGrid(client_app, [{"partition-id": p, "num-partitions": self.nodes}
                                            for p in range(self.nodes)])
 
-    @property
+    @cached_property
     def cohorts(self) -> list[CohortData]:
         """Every cohort's data, as its node generates them (for tests)."""
         clients = self.scenario["federation"]["clients"]

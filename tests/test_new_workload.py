@@ -76,15 +76,19 @@ class ToyRegression(Workload):
 # ---- end of the workload ------------------------------------------------------------------------
 
 
-def toy_scenario(strategies, outlier=-1, rounds=8):
-    return resolve({
+def toy_table(strategies, outlier=-1, rounds=8):
+    return {
         "run": {"name": "toy", "workload": TOY, "rounds": rounds, "strategies": strategies, "monitor": ""},
         "federation": {"clients": 12, "cohort_size": 4, "seed": 0},
         "anchors": {"count": 4},
         "clustered": {"phase1": "anchor-models", "anchor_steps": 20},
         "train": {"local_steps": 5, "lr": 0.1, "proximal_mu": 1.0},
         "toy": {"outlier": outlier},
-    })
+    }
+
+
+def toy_scenario(strategies, outlier=-1, rounds=8):
+    return resolve(toy_table(strategies, outlier, rounds))
 
 
 def final_models(rows):
@@ -94,13 +98,25 @@ def final_models(rows):
 @pytest.mark.slow
 def test_a_toy_workload_defined_in_a_test_runs_under_fedavg_and_the_clustered_strategy_through_flower(
         ray_cluster, tmp_path):
-    from server.record import load_history
-    from simulations.launcher import simulate
+    """As a user runs their own workload: a scenario file naming it by import path, `umbel run`."""
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    scenario = toy_scenario(["fedavg", "clustered-fedavg"])
-    run_dir = simulate(scenario, out=tmp_path, ray_address=ray_cluster)
+    import tomli_w
+
+    from server.record import load_history
+    from simulations.scenarios import load_scenario
+
+    path = tmp_path / "toy.toml"
+    path.write_text(tomli_w.dumps(toy_table(["fedavg", "clustered-fedavg"])))
+    umbel = str(Path(sys.executable).parent / "umbel")
+    proc = subprocess.run([umbel, "run", str(path), "--out", str(tmp_path / "runs"), "--ray-address", ray_cluster],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
     flower = load_history(run_dir)["strategies"]
-    ref = Reference(scenario)
+    ref = Reference(load_scenario(str(path)))
     for arm in ("fedavg", "clustered-fedavg"):
         rows = ref.run(arm)
         assert [r["model_error"] for r in flower[arm]] == [r["model_error"] for r in rows]

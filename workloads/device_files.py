@@ -69,6 +69,24 @@ def check_shape(path: Path, key: str, array: np.ndarray, shape: tuple[int | None
         raise DeviceDataError(f"{path}: {key!r} holds NaN or infinite values")
 
 
+def check_classes(path: Path, key: str, values: np.ndarray, classes: int) -> None:
+    """``values`` are integer class labels in ``[0, classes)``."""
+    if not np.issubdtype(values.dtype, np.integer) or values.min() < 0 or values.max() >= classes:
+        raise DeviceDataError(f"{path}: {key!r} must be classes 0-{classes - 1} (integers)")
+
+
+def by_client(files: list[Path], clients: list[tuple]) -> list[tuple]:
+    """One device's clients (tuples starting with the client id, read from ``files``),
+    checked to be distinct and sorted by id."""
+    distinct_ids(files, [c[0] for c in clients])
+    return sorted(clients, key=lambda c: c[0])
+
+
+def offsets(sizes: list[int]) -> np.ndarray:
+    """Where each client's rows start in the concatenation, and the end."""
+    return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+
 def distinct_ids(files: list[Path], ids: list[int]) -> None:
     """A device's files hold different clients."""
     seen: dict[int, Path] = {}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -37,7 +38,7 @@ from workloads.base import (
     positive,
     size_bucket,
 )
-from workloads.device_files import DeviceDataError, optional_cluster, read_npz
+from workloads.device_files import DeviceDataError, by_client, check_shape, client_id, optional_cluster, read_npz
 from workloads.federation import BLOCK, STREAM_TRUTH, block_rng, draw_sizes, mean_size
 
 # Fixed costs, calibrated on benchmarks/scale.py (PSS of all processes: 0.85 GiB at 10^4
@@ -284,24 +285,18 @@ class MixedRegression(Workload, KnownClusters, CoarseStatistics, DeviceFiles):
         clients = []
         for path in files:
             f = read_npz(path, {"client_id": 0, "x": 2, "y": 1})
-            cid, x, y = int(f["client_id"]), f["x"], f["y"]
-            problem = None
-            if not 0 <= cid < self.num_clients:
-                problem = f"client_id {cid} is outside this scenario's [0, {self.num_clients})"
-            elif x.shape[1] != self.dim:
-                problem = f"x has {x.shape[1]} columns; this scenario's dim is {self.dim}"
-            elif len(x) == 0 or len(y) != len(x):
-                problem = f"x has {len(x)} rows and y {len(y)}; need the same number, at least one"
-            elif not (np.isfinite(x).all() and np.isfinite(y).all()):
-                problem = "x or y holds NaN or infinite values"
-            if problem:
-                raise DeviceDataError(f"{path}: {problem}")
+            cid, x, y = client_id(path, f, self.num_clients), f["x"], f["y"]
+            if x.shape[1] != self.dim:
+                raise DeviceDataError(f"{path}: x has {x.shape[1]} columns; this scenario's dim is {self.dim}")
+            check_shape(path, "x", x, (None, self.dim))
+            if len(x) == 0 or len(y) != len(x):
+                raise DeviceDataError(f"{path}: x has {len(x)} rows and y {len(y)}; need the same number, "
+                                      "at least one")
+            check_shape(path, "y", y, (len(x),))
             label = optional_cluster(path, f, self.k)  # only in `umbel data export --labels` files
             clients.append((cid, x.astype(np.float64), y.astype(np.float64), label))
-        clients.sort(key=lambda c: c[0])
+        clients = by_client([Path(p) for p in files], clients)
         ids = np.array([c[0] for c in clients], dtype=np.int64)
-        if (np.diff(ids) == 0).any():
-            raise DeviceDataError(f"{files[0].parent}: two files hold the same client_id")
         labels = [c[3] for c in clients]
         return LinearCohort(
             ids, np.array([len(c[1]) for c in clients], dtype=np.int64),

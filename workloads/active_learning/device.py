@@ -19,7 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from workloads.device_files import DeviceDataError, check_shape, client_id, distinct_ids, read_npz, scalar_int
+from workloads.device_files import (
+    DeviceDataError, by_client, check_classes, check_shape, client_id, offsets, read_npz, scalar_int,
+)
 
 FORMAT = ("one .npz per client: client_id (int scalar), images (n, 1, 8, 8) float32 in [0, 1], targets (n,) "
           "int 0-9 (the device's oracle), labeled (n,) bool (the seed set), budget (int scalar: labels per "
@@ -54,8 +56,7 @@ def read_client(path: Path, num_clients: int) -> tuple[int, np.ndarray, np.ndarr
     if images.min() < 0 or images.max() > 1:
         raise DeviceDataError(f"{path}: 'images' pixels lie in [{images.min():g}, {images.max():g}]; "
                               "expected [0, 1] (the digits divided by 16)")
-    if not np.issubdtype(targets.dtype, np.integer) or targets.min() < 0 or targets.max() >= CLASSES:
-        raise DeviceDataError(f"{path}: 'targets' must be classes 0-{CLASSES - 1} (integers)")
+    check_classes(path, "targets", targets, CLASSES)
     if labeled.dtype != bool:
         raise DeviceDataError(f"{path}: 'labeled' holds {labeled.dtype}; expected bool")
     if not labeled.any():
@@ -67,10 +68,8 @@ def read_client(path: Path, num_clients: int) -> tuple[int, np.ndarray, np.ndarr
 def read_device_files(files: list[Path], num_clients: int) -> tuple[np.ndarray, ...]:
     """A device's clients, sorted by id: (client ids, images, targets, pool offsets, seed
     set, budgets), the fields of a ``DigitsCohort``."""
-    clients = [read_client(Path(p), num_clients) for p in files]
-    distinct_ids([Path(p) for p in files], [c[0] for c in clients])
-    clients.sort(key=lambda c: c[0])
-    sizes = [len(c[1]) for c in clients]
+    paths = [Path(p) for p in files]
+    clients = by_client(paths, [read_client(p, num_clients) for p in paths])
     return (np.array([c[0] for c in clients], np.int64), np.concatenate([c[1] for c in clients]),
-            np.concatenate([c[2] for c in clients]), np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
+            np.concatenate([c[2] for c in clients]), offsets([len(c[1]) for c in clients]),
             np.concatenate([c[3] for c in clients]), np.array([c[4] for c in clients], np.int64))

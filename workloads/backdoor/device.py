@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from workloads.device_files import DeviceDataError, check_shape, client_id, distinct_ids, read_npz
+from workloads.device_files import DeviceDataError, by_client, check_classes, check_shape, client_id, offsets, read_npz
 
 FORMAT = ("one .npz per client: client_id (int scalar), images (n, 1, 8, 8) float32 normalised as the "
           "scenario's training split, targets (n,) int 0-9")
@@ -47,16 +47,13 @@ def read_client(path: Path, num_clients: int, low: float, high: float) -> tuple[
     if images.min() < low - SLACK or images.max() > high + SLACK:
         raise DeviceDataError(f"{path}: 'images' values lie in [{images.min():g}, {images.max():g}]; normalised "
                               f"pixels lie in [{low:g}, {high:g}] (raw pixels? normalise them as the scenario does)")
-    if not np.issubdtype(targets.dtype, np.integer) or targets.min() < 0 or targets.max() >= CLASSES:
-        raise DeviceDataError(f"{path}: 'targets' must be classes 0-{CLASSES - 1} (integers)")
+    check_classes(path, "targets", targets, CLASSES)
     return cid, images.astype(np.float32), targets.astype(np.int64)
 
 
 def read_device_files(files: list[Path], num_clients: int, low: float, high: float) -> tuple[np.ndarray, ...]:
     """A device's clients, sorted by id: (client ids, images, targets, shard offsets)."""
-    clients = [read_client(Path(p), num_clients, low, high) for p in files]
-    distinct_ids([Path(p) for p in files], [c[0] for c in clients])
-    clients.sort(key=lambda c: c[0])
-    sizes = [len(c[1]) for c in clients]
+    paths = [Path(p) for p in files]
+    clients = by_client(paths, [read_client(p, num_clients, low, high) for p in paths])
     return (np.array([c[0] for c in clients], np.int64), np.concatenate([c[1] for c in clients]),
-            np.concatenate([c[2] for c in clients]), np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64))
+            np.concatenate([c[2] for c in clients]), offsets([len(c[1]) for c in clients]))

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from workloads.device_files import (
-    DeviceDataError, check_shape, client_id, distinct_ids, optional_cluster, read_npz,
+    DeviceDataError, by_client, check_shape, client_id, optional_cluster, read_npz,
 )
 
 FORMAT = ("one .npz per client: client_id (int scalar), fields (n, steps + 1, grid) float32 (trajectories "
@@ -71,9 +71,9 @@ def read_device_files(files: list[Path], num_clients: int, snapshots: int, modes
                       viscosity_channel: bool) -> dict[str, Any]:
     """A device's clients, sorted by id, as the arguments of ``koopman._pack``: ids, labels
     (None unless every file has ``cluster``), viscosities, grids, counts, flat fields."""
-    clients = [read_client(Path(p), num_clients, snapshots, modes, groups, viscosity_channel) for p in files]
-    distinct_ids([Path(p) for p in files], [c[0] for c in clients])
-    clients.sort(key=lambda c: c[0])
+    paths = [Path(p) for p in files]
+    clients = by_client(paths, [read_client(p, num_clients, snapshots, modes, groups, viscosity_channel)
+                                for p in paths])
     labels = [c[3] for c in clients]
     return {
         "ids": np.array([c[0] for c in clients], np.int64),
