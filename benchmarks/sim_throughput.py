@@ -56,7 +56,7 @@ def numpy_limit(scenario: dict, rounds: int) -> float:
     wl = MixedRegression(client_view(scenario))
     data = wl.client_data(np.arange(wl.num_clients))
     _ = data.lambda_max  # cached per cohort in the Flower path too
-    settings = TrainSettings(scenario["train"]["local_steps"], scenario["train"]["lr"])
+    settings = TrainSettings(local_steps=scenario["train"]["local_steps"], lr=scenario["train"]["lr"])
     w = wl.initial_parameters()
     times = []
     for _ in range(rounds):

@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 from strategies.result import ReportingStrategy, RoundResult
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Arm:
     """One strategy's run: what the engine needs, and the models it threads through rounds.
 

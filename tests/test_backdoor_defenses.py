@@ -12,8 +12,10 @@ import torch
 from workloads.backdoor import data, model
 from workloads.backdoor.defenses import (
     activation_clustering,
+    clip_to_range,
     fine_prune,
     neural_cleanse,
+    out_of_range,
     spectral_signatures,
 )
 from workloads.torch_train import get_params
@@ -48,6 +50,27 @@ DETECTORS = {
     "spectral": lambda f, y, o, seed: spectral_signatures(f, y, o),
     "clustering": lambda f, y, o, seed: activation_clustering(f, y, o, seed=seed),
 }
+
+
+def test_range_check_flags_only_the_client_beyond_the_margin():
+    """Bounds (-1, 2): width 3, margin 0.5 allows pixels in [-2.5, 3.5]."""
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 2, (30, 1, 8, 8)).astype(np.float32)
+    owners = np.repeat([0, 1, 2], 10)
+    images[3, 0, 6, 6] = 3.4  # client 0: inside the margin, like honest distilled images
+    images[15, 0, 5, 5] = 40.0  # client 1: one image far above the range
+    images[27, 0, 0, 0] = -2.6  # client 2: just below the margin
+    flags = out_of_range(images, owners, (-1.0, 2.0), margin=0.5)
+    assert flags.clients == (1, 2)
+    assert np.flatnonzero(flags.images).tolist() == [15, 27]
+    assert flags.detail["owner_max_excess"][1] == pytest.approx(38 / 3)
+    assert out_of_range(images, owners, (-1.0, 2.0), margin=13.0).clients == ()
+    clipped = clip_to_range(images, (-1.0, 2.0))
+    assert clipped.dtype == images.dtype and clipped.min() == -1.0 and clipped.max() == 2.0
+    inside = (images >= -1) & (images <= 2)
+    assert np.array_equal(clipped[inside], images[inside])
+    with pytest.raises(ValueError, match="one owner per image"):
+        out_of_range(images, owners[:5], (-1.0, 2.0), margin=0.5)
 
 
 @pytest.mark.parametrize("name", DETECTORS)

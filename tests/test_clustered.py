@@ -173,7 +173,7 @@ def test_partial_participation_trains_a_sampled_fraction():
 
     models = {"w": ref.workload.true_models}
     counts = [sum(len(r.batch) for r in [train_cohort(ref.workload, c, models, selection="min-loss",
-              reply="clients", settings=TrainSettings(1, 0.05), round_=rnd,
+              reply="clients", settings=TrainSettings(local_steps=1, lr=0.05), round_=rnd,
               federation=ref.scenario["federation"]) for c in ref.cohorts]) for rnd in (1, 2)]
     assert all(430 < c < 570 for c in counts) and counts[0] != counts[1]
 

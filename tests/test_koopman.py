@@ -222,7 +222,7 @@ def test_every_workload_answers_the_anchor_train_step():
     assert stats["client-id"].tolist() == [0, 1, 2]
     assert stats["estimate"].shape == (3, 33_921)
     trained = wl.local_train(stack_params(start, 3), wl.subset(data, np.arange(3)),
-                             TrainSettings(2, 1e-3))
+                             TrainSettings(local_steps=2, lr=1e-3))
     assert np.allclose(stats["estimate"], np.concatenate(
         [trained[n].reshape(3, -1) for n in start], axis=1))
 

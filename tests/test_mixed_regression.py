@@ -89,7 +89,7 @@ def test_fedavg_one_cluster_full_participation_is_centralised_gd():
     assert (lr < 0.5 / data.lambda_max).all()
     w_fed = w_gd = np.zeros(wl.dim)
     for _ in range(25):
-        trained = wl.local_train(stack_params({"w": w_fed}, 200), data, TrainSettings(1, lr))
+        trained = wl.local_train(stack_params({"w": w_fed}, 200), data, TrainSettings(local_steps=1, lr=lr))
         w_fed = weighted_average(ClientBatch(data.client_ids, data.num_examples, trained, {}))["w"]
         grad = 2 * data.x.T @ (data.x @ w_gd - data.y) / len(data.y)
         w_gd = w_gd - lr * grad
@@ -103,7 +103,7 @@ def test_fedprox_closed_form_minimises_the_proximal_objective():
     rng = np.random.default_rng(0)
     start = {"w": rng.standard_normal((50, wl.dim))}
     mu = 0.7
-    w = wl.local_train(start, data, TrainSettings(5, 0.3, proximal_mu=mu))["w"]
+    w = wl.local_train(start, data, TrainSettings(local_steps=5, lr=0.3, proximal_mu=mu))["w"]
     for i in range(50):
         sl = slice(data.starts[i], data.starts[i] + data.num_examples[i])
         x, y, n = data.x[sl], data.y[sl], data.num_examples[i]
@@ -115,7 +115,7 @@ def test_step_cap_keeps_one_point_clients_stable():
     wl = make(federation={"clients": 400, "size_law": "fixed", "min_size": 1, "max_size": 1})
     data = wl.client_data(np.arange(400))
     start = stack_params({"w": np.zeros(wl.dim)}, 400)
-    w = wl.local_train(start, data, TrainSettings(50, lr=10.0))["w"]
+    w = wl.local_train(start, data, TrainSettings(local_steps=50, lr=10.0))["w"]
     assert np.isfinite(w).all()
     # each client's loss went down, never up
     before = data.y**2

@@ -129,7 +129,7 @@ def test_kernels_do_not_depend_on_the_chunking(monkeypatch):
     data = wl.client_data(np.arange(500))
     models = {"w": np.random.default_rng(0).standard_normal((4, 20))}
     start = {"w": models["w"][np.arange(500) % 4]}
-    settings = [TrainSettings(3, 0.05), TrainSettings(1, 0.05, proximal_mu=2.0)]
+    settings = [TrainSettings(local_steps=3, lr=0.05), TrainSettings(local_steps=1, lr=0.05, proximal_mu=2.0)]
     big = [wl.local_losses(models, data)] + [wl.local_train(start, data, s)["w"] for s in settings]
     monkeypatch.setattr(mr, "CHUNK_POINTS", 37)
     data = wl.client_data(np.arange(500))

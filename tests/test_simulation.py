@@ -63,7 +63,7 @@ def test_ten_nodes_one_client_each_matches_the_numpy_reference(ray_cluster, tmp_
     wl = MixedRegression(client_view(scenario))
     data = wl.client_data(np.arange(10))
     w = np.zeros(wl.dim)
-    settings = TrainSettings(scenario["train"]["local_steps"], scenario["train"]["lr"])
+    settings = TrainSettings(local_steps=scenario["train"]["local_steps"], lr=scenario["train"]["lr"])
     for r in range(1, 4):
         trained = wl.local_train(stack_params({"w": w}, 10), data, settings)["w"]
         w = data.num_examples @ trained / data.num_examples.sum()

@@ -55,7 +55,7 @@ class CohortData(Protocol):
     num_examples: np.ndarray  # (B,) int64, every entry >= 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)  # built from scenario tables: keywords only
 class TrainSettings:
     """Local-training knobs sent by the server each round.
 

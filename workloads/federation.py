@@ -161,7 +161,7 @@ def latency(federation: dict[str, Any], client_ids: np.ndarray, round_: int) -> 
     return float(_setting(federation, "latency_median_s")) * np.exp(sigma * (device + jitter) / np.sqrt(2))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)  # built from scenario tables: keywords only
 class Participation:
     """Who takes part in a round (``active``) and, for the others, why not."""
 

@@ -9,11 +9,14 @@
 - Neural Cleanse (Wang et al., IEEE S&P 2019): for every class, the smallest mask (with its
   pattern) that sends clean images to that class; an infected class needs a far smaller mask
   than the others, which a MAD-based anomaly index reveals.
+- The range check: a pixel of a real image lies in the data's valid range; an uploaded
+  synthetic image far outside it is suspect (reject its client), or every upload is clipped
+  into the range (repair). Cheap, and aimed at attacks whose triggers leave the range.
 - Fine-pruning (Liu et al., RAID 2018): units of the penultimate layer that stay dormant on
   clean data tend to carry the backdoor; prune them while clean accuracy holds, then
   fine-tune on clean data.
 
-The first two flag images, then the clients (owners) that uploaded many flagged images; the
+The first three flag images, then the clients (owners) that uploaded many flagged images; the
 last two take a model's parameters. All are numpy in, numpy out (torch inside) and
 deterministic in their seeds.
 """
@@ -180,6 +183,32 @@ def activation_clustering(
 
     return _per_class(features, labels, owners, ("share", "silhouette", "suspicious"), judge,
                       owner_fraction=owner_fraction, min_flagged=min_flagged, min_class_size=min_class_size)
+
+
+def out_of_range(
+    images: np.ndarray, owners: np.ndarray, bounds: tuple[float, float], *, margin: float,
+) -> Flags:
+    """The range check: an uploaded image is flagged when one of its pixels lies more than
+    ``margin`` (in units of the valid range's width) outside the data's valid pixel range
+    ``bounds``; a client is flagged when any of its images is. Distilled images are not
+    clamped (DC moves them freely), so honest uploads leave the range a little: the margin
+    is calibrated on honest uploads."""
+    images, owners = np.asarray(images), np.asarray(owners).astype(np.int64)
+    if len(images) != len(owners):
+        raise ValueError(f"need one owner per image; got {len(images)} images and {len(owners)} owners")
+    low, high = bounds
+    slack = margin * (high - low)
+    flat = images.reshape(len(images), -1)
+    excess = np.maximum(flat.max(1) - high, low - flat.min(1)) if len(images) else np.zeros(0)
+    hit = excess > slack
+    clients, detail = _owners(hit, owners, owner_fraction=0.0, min_flagged=1)
+    worst = [float(excess[owners == o].max()) / (high - low) for o in detail["owners"]]
+    return Flags(clients, hit, {**detail, "owner_max_excess": worst, "margin": margin})
+
+
+def clip_to_range(images: np.ndarray, bounds: tuple[float, float]) -> np.ndarray:
+    """The range repair: every uploaded pixel clipped into the data's valid range."""
+    return np.clip(images, *bounds).astype(np.asarray(images).dtype)
 
 
 def _frozen(params: Params) -> torch.nn.Module:

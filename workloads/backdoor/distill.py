@@ -36,7 +36,7 @@ from workloads.backdoor.model import ConvNetMini, fresh
 ATTACKS = ("none", "naive", "doorping")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)  # built from scenario tables: keywords only
 class DCSettings:
     ipc: int = 10  # synthetic images per class
     outer: int = 10  # synthetic-data updates per iteration (one fresh network each iteration)
@@ -46,7 +46,7 @@ class DCSettings:
     init: str = "real"  # the synthetic set's start: real images of each class, or noise
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)  # built from scenario tables: keywords only
 class Attack:
     kind: str = "none"  # one of ATTACKS
     target: int = 0

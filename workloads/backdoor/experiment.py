@@ -7,11 +7,17 @@ clients differ. ``evaluate_arm`` then compares the server's options on the final
 sets (no round loop: the victim trains once on the union):
 
 - ``none``: the model trained on the union of all uploads;
-- ``spectral`` / ``activation-clustering``: the union without the clients the defense flags
-  (their true and false positive rates);
+- ``spectral`` / ``activation-clustering`` / ``range-check``: the union without the clients
+  the defense flags (their true and false positive rates);
+- ``range-clip``: the union with every pixel clipped into the data's valid range;
 - ``neural-cleanse``: the anomaly index of the undefended model and whether it names the
   target class;
 - ``fine-pruning``: the undefended model pruned and fine-tuned on the server's clean images.
+
+Besides the clean arm and the two attacks, two arms answer whether DOORPING works because its
+trigger is optimised or because it is large (its unclamped trigger ends far outside the pixel
+range): ``doorping-clamped`` keeps the trigger in the valid range, and ``naive-large`` is
+NAIVEATTACK with DOORPING's final trigger fixed from the start (magnitude-matched control).
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ from typing import Any
 import numpy as np
 
 from workloads.backdoor import CLEAN, NC_IMAGES, BackdoorDistillation, Shards, defenses
-from workloads.backdoor.model import accuracy, attack_success, from_parameters
+from workloads.backdoor.data import stamp
+from workloads.backdoor.distill import Attack
+from workloads.backdoor.model import accuracy, attack_success, attack_success_all, fresh, from_parameters, train_full_batch
 from workloads.base import REQUIRED, ConfigField
 
 Params = dict[str, np.ndarray]
@@ -67,19 +75,95 @@ def merge(*parts: Uploads) -> Uploads:
     return out
 
 
-def with_attack(scenario: dict[str, Any], attack: str) -> dict[str, Any]:
-    return {**scenario, "backdoor": {**scenario["backdoor"], "attack": attack}}
+def with_attack(scenario: dict[str, Any], attack: str, **options: Any) -> dict[str, Any]:
+    return {**scenario, "backdoor": {**scenario["backdoor"], "attack": attack, **options}}
 
 
-def arms(scenario: dict[str, Any], rounds: int, attacks: tuple[str, ...] = ("naive", "doorping")) -> dict[str, Uploads]:
-    """Uploads of the clean arm and of each attack, the honest clients distilled once."""
+CLAMPED = "doorping-clamped"  # DOORPING with its trigger kept in the valid pixel range
+LARGE = "naive-large"  # NAIVEATTACK with DOORPING's final trigger, fixed from the start
+ATTACK_ARMS = ("naive", "doorping", CLAMPED, LARGE)  # in an order that has DOORPING before LARGE
+
+
+class PresetTrigger(BackdoorDistillation):
+    """The workload whose attackers start from a given trigger (and, under NAIVEATTACK,
+    keep it): the magnitude-matched control of DOORPING."""
+
+    def __init__(self, scenario: dict[str, dict[str, Any]], trigger: np.ndarray) -> None:
+        super().__init__(scenario)
+        self.preset = np.asarray(trigger, np.float32) * self.mask
+
+    def first_trigger(self, attack: Attack, rng: np.random.Generator) -> np.ndarray:
+        return self.preset.copy() if attack.kind != "none" else super().first_trigger(attack, rng)
+
+
+def attacker(scenario: dict[str, Any], arm: str, doorping_trigger: np.ndarray | None = None) -> BackdoorDistillation:
+    """The workload an arm's malicious clients run (``arm`` in ``ATTACK_ARMS``)."""
+    if arm == CLAMPED:
+        return BackdoorDistillation(with_attack(scenario, "doorping", clamp=True))
+    if arm == LARGE:
+        if doorping_trigger is None:
+            raise ValueError(f"arm {LARGE!r} needs DOORPING's final trigger")
+        return PresetTrigger(with_attack(scenario, "naive"), doorping_trigger)
+    return BackdoorDistillation(with_attack(scenario, arm))
+
+
+def arms(scenario: dict[str, Any], rounds: int, attacks: tuple[str, ...] = ("naive", "doorping"),
+         honest: Uploads | None = None) -> dict[str, Uploads]:
+    """Uploads of the clean arm and of each attack arm, the honest clients distilled once
+    (or given: only the attackers' distillation depends on the attack)."""
+    unknown = [a for a in attacks if a not in ATTACK_ARMS]
+    if unknown:
+        raise ValueError(f"unknown arm {unknown[0]!r}; expected some of {list(ATTACK_ARMS)}")
     base = BackdoorDistillation(scenario)
     bad = sorted(base.malicious)
-    honest = distil(base, [c for c in range(base.num_clients) if c not in base.malicious], CLEAN, rounds)
+    if honest is None:
+        others = [c for c in range(base.num_clients) if c not in base.malicious]
+        honest = distil(base, others, CLEAN, rounds) if others else Uploads()
     out = {CLEAN: merge(honest, distil(base, bad, CLEAN, rounds))}
-    for attack in attacks:
-        out[attack] = merge(honest, distil(BackdoorDistillation(with_attack(scenario, attack)), bad, attack, rounds))
+    for arm in sorted(attacks, key=ATTACK_ARMS.index):
+        doorping = out.get("doorping")
+        if arm == LARGE and doorping is None:
+            raise ValueError(f"arm {LARGE!r} needs the 'doorping' arm too")
+        workload = attacker(scenario, arm, None if doorping is None else doorping.trigger)
+        out[arm] = merge(honest, distil(workload, bad, arm, rounds))
     return out
+
+
+def honest_part(uploads: Uploads, malicious: set[int]) -> Uploads:
+    """The honest clients' uploads of an arm."""
+    keep = [c for c in uploads.images if c not in malicious]
+    return Uploads({c: uploads.images[c] for c in keep}, {c: uploads.labels[c] for c in keep})
+
+
+def one_distiller(seed: int, iterations: int = 20) -> dict[str, Any]:
+    """The paper's threat model as a scenario: one distiller holds the whole training split
+    (2% poisoned, ipc 10, as the spec's pilot) and the victim trains on its synthetic set
+    alone; ``arms(one_distiller(seed), 1, ...)`` distils it."""
+    from simulations.scenarios import load_scenario
+
+    return load_scenario("backdoor-doorping", [
+        "federation.clients=1", "backdoor.ipc=10", "backdoor.portion=0.02", "backdoor.server_epochs=300",
+        "backdoor.server_lr=0.01", f"backdoor.iterations_per_round={iterations}"], seed=seed)
+
+
+def victims(wl: BackdoorDistillation, images: np.ndarray, labels: np.ndarray, trigger: np.ndarray,
+            inits: int = 3) -> dict[str, float]:
+    """The paper's evaluation: victims of ``inits`` initialisations trained from scratch on a
+    synthetic set (the workload's ``server_epochs`` / ``server_lr``); their mean CTA, ASR (the
+    paper's and the code's) and ASR under the trigger clipped into the valid pixel range."""
+    x, y = wl.test
+    target = wl.attack.target
+    triggered = stamp(x, wl.mask, trigger * wl.mask)
+    in_range = stamp(x, wl.mask, defenses.clip_to_range(trigger * wl.mask, wl.bounds))
+    scores = []
+    for init in range(inits):
+        net = train_full_batch(fresh(1000 + init), images, labels, int(wl.options["server_epochs"]),
+                               float(wl.options["server_lr"]))
+        scores.append((accuracy(net, x, y), attack_success(net, triggered, y, target),
+                       attack_success_all(net, triggered, target), attack_success(net, in_range, y, target)))
+    mean = np.mean(scores, axis=0)
+    return {"cta": float(mean[0]), "asr": float(mean[1]), "asr_all": float(mean[2]),
+            "asr_trigger_in_range": float(mean[3])}
 
 
 def evaluate_arm(wl: BackdoorDistillation, uploads: Uploads, trigger: np.ndarray, malicious: set[int],
@@ -90,9 +174,13 @@ def evaluate_arm(wl: BackdoorDistillation, uploads: Uploads, trigger: np.ndarray
     xt = wl.triggered_test()
     target = wl.attack.target
 
+    in_range = stamp(x_test, wl.mask, defenses.clip_to_range(wl.trigger, wl.bounds))  # what an image can carry
+
     def score(params: Params) -> dict[str, float]:
         net = from_parameters(params)
-        return {"cta": accuracy(net, x_test, y_test), "asr": attack_success(net, xt, y_test, target)}
+        return {"cta": accuracy(net, x_test, y_test), "asr": attack_success(net, xt, y_test, target),
+                "asr_all": attack_success_all(net, xt, target),
+                "asr_trigger_in_range": attack_success(net, in_range, y_test, target)}
 
     def rates(flagged: list[int]) -> dict[str, float | None]:
         clients = set(uploads.images)
@@ -109,6 +197,8 @@ def evaluate_arm(wl: BackdoorDistillation, uploads: Uploads, trigger: np.ndarray
             continue
         retrained, _ = wl.server_train(*uploads.union(frozenset(flagged)), round_)
         rows[name] = {**score(retrained), **rates(flagged)}
+    clipped, _ = wl.server_train(defenses.clip_to_range(images, wl.bounds), labels, owners, round_)
+    rows["range-clip"] = score(clipped)
     nc = defenses.neural_cleanse(params, wl.holdout[0][:NC_IMAGES], seed=wl.seed)
     rows["neural-cleanse"] = {**rows["none"], "anomaly": float(max(nc.anomaly)),
                               "flagged_class": nc.flagged_class,
