@@ -46,22 +46,25 @@ from simulations.reference import Reference  # noqa: E402
 from simulations.scenarios import load_scenario  # noqa: E402
 from workloads.backdoor import CLEAN, RANGE_MARGIN, BackdoorDistillation, defenses  # noqa: E402
 from workloads.backdoor.experiment import (  # noqa: E402
-    ATTACK_ARMS, Uploads, arms, evaluate_arm, honest_part, load_uploads, one_distiller, save_uploads, victims,
+    ATTACK_ARMS, ONE_DISTILLER, Uploads, arms, evaluate_arm, honest_part, load_uploads, save_uploads, victims,
 )
 
 OUT = Path(__file__).parent / "results"
 AGGREGATORS = ("fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "fedavg-clip")
 ARMS = (CLEAN, *ATTACK_ARMS)
 WEIGHT_ARMS = (CLEAN, "naive", "doorping")  # weight uploads: the attacks as the workload runs them
+PARTS = ("single", "federated", "trigger_alone")
 VICTIMS = 3  # the paper's protocol: several victim initialisations per synthetic set
 
 
 def single(seed: int, iterations: int) -> dict:
     """The paper's setting: one distiller, the victim trains on its synthetic set alone."""
     start = time.perf_counter()
-    uploads = arms(one_distiller(seed, iterations), 1, ATTACK_ARMS)
+    scenario = load_scenario("backdoor-doorping", [*ONE_DISTILLER, f"backdoor.iterations_per_round={iterations}"],
+                             seed=seed)
+    uploads = arms(scenario, 1, ATTACK_ARMS)
     distil_s = time.perf_counter() - start
-    wl = BackdoorDistillation(one_distiller(seed, iterations))
+    wl = BackdoorDistillation(scenario)
     low, high = wl.bounds
     rows = {}
     for arm in ARMS:
@@ -135,6 +138,24 @@ def federated(seed: int, trigger_sizes: list[int], weight_rounds_n: int, iterati
     return out
 
 
+def trigger_alone(seed: int, trigger_sizes: list[int], iterations: int) -> dict:
+    """Each arm's trigger on the clean federation's model (from the uploads ``federated``
+    saved): a trigger far outside the pixel range can drive a model that never saw it to the
+    target class by its size alone, so an arm's ASR is a backdoor only where this stays low."""
+    scenario = load_scenario("backdoor-doorping", [f"backdoor.iterations_per_round={iterations}"], seed=seed)
+    out = {}
+    for size in trigger_sizes:
+        sized = {**scenario, "backdoor": {**scenario["backdoor"], "trigger_size": size, "defenses": []}}
+        uploads = load_uploads(OUT / f"backdoor_uploads_seed{seed}_size{size}.npz")
+        wl = BackdoorDistillation(sized)
+        params, _ = wl.server_train(*uploads[CLEAN].union(), 4)  # the same model as the clean arm's "none"
+        out[str(size)] = {}
+        for arm in ATTACK_ARMS:
+            wl.trigger = uploads[arm].trigger * wl.mask
+            out[str(size)][arm] = wl.central_metrics({n: v[None] for n, v in params.items()})["asr"]
+    return out
+
+
 def spread(values: list, fmt: str = ".2f") -> str:
     values = [v for v in values if v is not None]
     if not values:
@@ -166,7 +187,8 @@ def tables(results: dict) -> str:
             lines += [f"### Ten clients, one malicious, synthetic uploads (data-union), trigger {size}x{size} "
                       f"(seeds {', '.join(seeds)})", "",
                       "| arm | defense | CTA | ASR (paper) | ASR (code) | ASR, trigger clipped to range "
-                      "| backdoor planted (ASR ≥ 0.5) | TPR | FPR | detail |", "|---|---|---|---|---|---|---|---|---|---|"]
+                      "| ASR of the trigger on the clean model | backdoor planted | TPR | FPR | detail |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|"]
             for arm in ARMS:
                 per = [results["federated"][s]["sizes"][size][arm]["union"] for s in seeds]
                 for defense in per[0]:
@@ -175,11 +197,13 @@ def tables(results: dict) -> str:
                     if defense == "neural-cleanse":
                         detail = (f"anomaly {spread([x['anomaly'] for x in r])}; target named "
                                   f"{sum(bool(x['detected']) for x in r)}/{len(r)}")
-                    planted = [x["asr"] for x in r if x["asr"] is not None]
+                    alone = [results.get("trigger_alone", {}).get(s, {}).get(size, {}).get(arm) for s in seeds]
+                    planted = [a >= 0.5 and (c is None or c < 0.5) for a, c in zip([x["asr"] for x in r], alone)
+                               if a is not None]
                     lines.append(f"| {arm} | {defense} | {spread([x['cta'] for x in r])} | "
                                  f"{spread([x['asr'] for x in r])} | {spread([x.get('asr_all') for x in r])} | "
                                  f"{spread([x.get('asr_trigger_in_range') for x in r])} | "
-                                 f"{sum(a >= 0.5 for a in planted)}/{len(planted)} | "
+                                 f"{spread(alone)} | {sum(planted)}/{len(planted)} | "
                                  f"{spread([x.get('tpr') for x in r])} | {spread([x.get('fpr') for x in r])} | "
                                  f"{detail} |")
             lines.append("")
@@ -209,7 +233,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0,1,2,3,4", help="seeds of the federated part")
     parser.add_argument("--single-seeds", default="0,1,2", help="seeds of the one-distiller part")
-    parser.add_argument("--parts", default="single,federated")
+    parser.add_argument("--parts", default=",".join(PARTS))
     parser.add_argument("--trigger-sizes", default="2,4")
     parser.add_argument("--single-iterations", type=int, default=20)
     parser.add_argument("--weight-rounds", type=int, default=5)
@@ -234,11 +258,13 @@ def main() -> None:
         results: dict = {}
         for part, seed, future in futures:
             results.setdefault(part, {})[seed] = future.result()
+    if "trigger_alone" in parts:  # cheap, and only once "federated" has saved the uploads it reads
+        results["trigger_alone"] = {s: trigger_alone(int(s), sizes, args.iterations) for s in args.seeds.split(",")}
     results["seconds"] = time.perf_counter() - start
     path = OUT / "backdoor.json"
     if path.is_file():  # keep the parts not re-run this time
         earlier = json.loads(path.read_text())
-        results = {**{k: v for k, v in earlier.items() if k in ("single", "federated")}, **results}
+        results = {**{k: v for k, v in earlier.items() if k in PARTS}, **results}
     path.write_text(json.dumps(results, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else None))
     print(tables(results))
     print(f"total {results['seconds']:.0f} s")

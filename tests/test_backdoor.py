@@ -497,11 +497,13 @@ def one_distiller_outcome(seed: int) -> dict[str, dict[str, float]]:
     """The paper's setting (one distiller, 2% poisoned, ipc 10, 20 DC iterations): the mean
     of three victims trained on each arm's synthetic set; the clean arm is scored with
     DOORPING's trigger."""
+    from simulations.scenarios import load_scenario
     from workloads.backdoor import BackdoorDistillation
-    from workloads.backdoor.experiment import arms, one_distiller, victims
+    from workloads.backdoor.experiment import ONE_DISTILLER, arms, victims
 
-    uploads = arms(one_distiller(seed), 1, ("naive", "doorping"))
-    wl = BackdoorDistillation(one_distiller(seed))
+    scenario = load_scenario("backdoor-doorping", list(ONE_DISTILLER), seed=seed)
+    uploads = arms(scenario, 1, ("naive", "doorping"))
+    wl = BackdoorDistillation(scenario)
     return {arm: victims(wl, *up.union()[:2], (up.trigger if arm != "clean" else uploads["doorping"].trigger))
             for arm, up in uploads.items()}
 

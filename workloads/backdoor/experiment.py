@@ -135,15 +135,11 @@ def honest_part(uploads: Uploads, malicious: set[int]) -> Uploads:
     return Uploads({c: uploads.images[c] for c in keep}, {c: uploads.labels[c] for c in keep})
 
 
-def one_distiller(seed: int, iterations: int = 20) -> dict[str, Any]:
-    """The paper's threat model as a scenario: one distiller holds the whole training split
-    (2% poisoned, ipc 10, as the spec's pilot) and the victim trains on its synthetic set
-    alone; ``arms(one_distiller(seed), 1, ...)`` distils it."""
-    from simulations.scenarios import load_scenario
-
-    return load_scenario("backdoor-doorping", [
-        "federation.clients=1", "backdoor.ipc=10", "backdoor.portion=0.02", "backdoor.server_epochs=300",
-        "backdoor.server_lr=0.01", f"backdoor.iterations_per_round={iterations}"], seed=seed)
+# The paper's threat model as overrides of the backdoor-doorping scenario: one distiller holds
+# the whole training split (2% poisoned, ipc 10, as the spec's pilot) and the victim trains on
+# its synthetic set alone; ``arms(scenario, 1, ...)`` distils it.
+ONE_DISTILLER = ("federation.clients=1", "backdoor.ipc=10", "backdoor.portion=0.02", "backdoor.server_epochs=300",
+                 "backdoor.server_lr=0.01", "backdoor.iterations_per_round=20")
 
 
 def victims(wl: BackdoorDistillation, images: np.ndarray, labels: np.ndarray, trigger: np.ndarray,
