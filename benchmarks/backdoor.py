@@ -21,8 +21,8 @@ Arms: clean, NAIVEATTACK, DOORPING, DOORPING with its trigger clamped to the val
 test images of the other classes sent to the target) and ``asr_all``, the paper's code's (all
 triggered test images, the target class's own included).
 
-Usage: python benchmarks/backdoor.py [--seeds 0,1,2,3,4] [--single-seeds 0,1,2] [--parts single,federated]
-       [--trigger-sizes 2,4] [--workers 2]
+Usage: python benchmarks/backdoor.py [--seeds 0,1,2,3,4] [--single-seeds 0,1,2] [--workers 2]
+       [--parts single,federated,trigger_alone] [--trigger-sizes 2,4] [--tables]
 Writes ``benchmarks/results/backdoor.json``; prints Markdown tables (mean and range over seeds).
 """
 
@@ -199,28 +199,34 @@ def tables(results: dict) -> str:
                                   f"{sum(bool(x['detected']) for x in r)}/{len(r)}")
                     alone = [results.get("trigger_alone", {}).get(s, {}).get(size, {}).get(arm) for s in seeds]
                     planted = [a >= 0.5 and (c is None or c < 0.5) for a, c in zip([x["asr"] for x in r], alone)
-                               if a is not None]
+                               if a is not None and arm != CLEAN]  # the clean arm: the trigger alone
                     lines.append(f"| {arm} | {defense} | {spread([x['cta'] for x in r])} | "
                                  f"{spread([x['asr'] for x in r])} | {spread([x.get('asr_all') for x in r])} | "
                                  f"{spread([x.get('asr_trigger_in_range') for x in r])} | "
-                                 f"{spread(alone)} | {sum(planted)}/{len(planted)} | "
+                                 f"{spread(alone)} | {f'{sum(planted)}/{len(planted)}' if planted else '–'} | "
                                  f"{spread([x.get('tpr') for x in r])} | {spread([x.get('fpr') for x in r])} | "
                                  f"{detail} |")
             lines.append("")
         if "weights" in first["sizes"].get("2", {}).get(CLEAN, {}):
             lines += [f"### Ten clients, one malicious, weight uploads (trigger 2x2; seeds {', '.join(seeds)})", "",
-                      "| arm | aggregator | CTA | ASR (paper) | ASR (code) | TPR | FPR |",
-                      "|---|---|---|---|---|---|---|"]
+                      "| arm | aggregator | CTA | ASR (paper) | ASR (code) | backdoor planted | TPR | FPR |",
+                      "|---|---|---|---|---|---|---|---|"]
             for arm in WEIGHT_ARMS:
                 per = [results["federated"][s]["sizes"]["2"][arm]["weights"] for s in seeds]
+                clean = [results["federated"][s]["sizes"]["2"][CLEAN]["weights"] for s in seeds]
                 for agg in per[0]:
                     r = [p[agg] for p in per]
+                    # DOORPING's trigger alone: the clean arm's model under it (NAIVE's white patch
+                    # stays in range and moves no clean model: the synthetic-upload table)
+                    alone = [c[agg]["asr"] if arm == "doorping" else 0.0 for c in clean]
+                    planted = (f"{sum(x['asr'] >= 0.5 and a < 0.5 for x, a in zip(r, alone))}/{len(r)}"
+                               if arm != CLEAN else "–")
                     key = "krum" if "krum" in agg else "clipping" if agg == "fedavg-clip" else None
                     tpr = spread([x.get(f"tpr_{key}") for x in r]) if key else "–"
                     fpr = spread([x.get(f"fpr_{key}") for x in r]) if key else "–"
                     lines.append(f"| {arm} | {agg} | {spread([x['cta'] for x in r])} | "
                                  f"{spread([x['asr'] for x in r])} | {spread([x.get('asr_all') for x in r])} | "
-                                 f"{tpr} | {fpr} |")
+                                 f"{planted} | {tpr} | {fpr} |")
             lines.append("")
     return "\n".join(lines)
 
@@ -238,11 +244,16 @@ def main() -> None:
     parser.add_argument("--single-iterations", type=int, default=20)
     parser.add_argument("--weight-rounds", type=int, default=5)
     parser.add_argument("--workers", type=int, default=1, help="seeds run in this many processes")
+    parser.add_argument("--tables", action="store_true", help="print the tables of the saved results and stop")
     parser.add_argument("--reuse-uploads", action="store_true",
                         help="re-run only the server side on the uploads a previous run saved")
     parser.add_argument("--iterations", type=int, default=12, help="federated DC iterations (4 rounds x 3)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    path = OUT / "backdoor.json"
+    if args.tables:
+        print(tables(json.loads(path.read_text())))
+        return
     parts = args.parts.split(",")
     sizes = [int(s) for s in args.trigger_sizes.split(",")]
     start = time.perf_counter()
@@ -261,7 +272,6 @@ def main() -> None:
     if "trigger_alone" in parts:  # cheap, and only once "federated" has saved the uploads it reads
         results["trigger_alone"] = {s: trigger_alone(int(s), sizes, args.iterations) for s in args.seeds.split(",")}
     results["seconds"] = time.perf_counter() - start
-    path = OUT / "backdoor.json"
     if path.is_file():  # keep the parts not re-run this time
         earlier = json.loads(path.read_text())
         results = {**{k: v for k, v in earlier.items() if k in PARTS}, **results}
