@@ -33,7 +33,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/scale.py
 	$(BIN)/python benchmarks/koopman.py
 	$(BIN)/python benchmarks/deploy_latency.py
-	$(BIN)/python benchmarks/backdoor.py
+	$(BIN)/python benchmarks/backdoor.py --workers 2
+	$(BIN)/python benchmarks/ccgc.py --flower
 
 clean:
 	rm -rf runs .pytest_cache benchmarks/results

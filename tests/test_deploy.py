@@ -149,6 +149,9 @@ SMALL = {
         "koopman.solver_points=64", "koopman.modes=4", "koopman.width=8", "koopman.power=2",
         "koopman.baselines=[]", "anchors.count=2", "run.rounds=2"]),
     "backdoor_distillation": ("backdoor-naive", ["federation.clients=3"]),
+    "ccgc_clustering": ("ccgc-clustering", [
+        "federation.clients=3", "ccgc.nodes=120", "ccgc.degree=20", "ccgc.feature_dim=16", "ccgc.dims=8",
+        "ccgc.init_sample=60", "ccgc.baselines=[]", "run.rounds=2"]),
 }
 
 
@@ -177,7 +180,7 @@ def test_every_workload_exports_device_files_that_read_back_as_the_simulated_cli
                             (workload.read_device_files([files[1]]), workload.client_data(np.array([1])))]:
         for field, value in _fields(simulated).items():
             got = _fields(read)[field]
-            if field == "labels":  # Koopman's viscosity group: unknown on a device
+            if field == "labels":  # Koopman's viscosity group, CCGC's node classes: unknown on a device
                 assert got is None, field
             elif field == "viscosity":  # not in the files unless the model reads it
                 assert np.isnan(got).all(), field
@@ -217,6 +220,22 @@ def _bad_cases(workload_name: str, good: Path, folder: Path) -> dict[str, tuple[
             "nan": ({"fields": np.where(fields > 0, np.nan, fields)}, "NaN"),
             "bad-viscosity": ({"viscosity": np.float64(-1.0)}, "'viscosity' must be a positive number"),
         }
+    elif workload_name == "ccgc_clustering":
+        features, edges, nodes = arrays["features"], arrays["edges"], arrays["node_ids"]
+        changes |= {
+            "no-edges": ({"edges": None}, "missing array 'edges'"),
+            "flat-edges": ({"edges": edges.ravel()}, "'edges' has shape"),
+            "edge-triples": ({"edges": np.concatenate([edges, edges[:1]])}, "expected (2, n)"),
+            "global-edge-ids": ({"edges": nodes[edges]}, "local node indices 0.."),
+            "float-edges": ({"edges": edges.astype(np.float64)}, "'edges' holds float64"),
+            "other-dim": ({"features": features[:, :3]}, "3 columns; this scenario's feature dimension is 16"),
+            "no-nodes": ({"features": features[:0], "node_ids": nodes[:0], "edges": edges[:, :0]},
+                         "holds no nodes"),
+            "short-node-ids": ({"node_ids": nodes[:-1]}, "'node_ids' has shape"),
+            "node-twice": ({"node_ids": np.concatenate([nodes[:1], nodes[:-1]])}, "names a node twice"),
+            "foreign-node": ({"node_ids": nodes + 120}, "must lie in the graph's 0..119"),
+            "nan": ({"features": np.where(features > 1, np.nan, features)}, "NaN"),
+        }
     else:
         images = arrays["images"]
         changes |= {
@@ -231,6 +250,11 @@ def _bad_cases(workload_name: str, good: Path, folder: Path) -> dict[str, tuple[
         path = folder / f"{case}.npz"
         np.savez(path, **{k: v for k, v in {**arrays, **change}.items() if v is not None})
         cases[case] = (path, message)
+    if workload_name == "ccgc_clustering":  # a device folder: another client holding the same nodes
+        (folder / "shared").mkdir()
+        np.savez(folder / "shared" / "a.npz", **arrays)
+        np.savez(folder / "shared" / "b.npz", **{**arrays, "client_id": np.int64(2)})
+        cases["node-in-two-files"] = (folder / "shared", f"node {arrays['node_ids'][0]} is also in")
     truncated = folder / "truncated.npz"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     cases["truncated"] = (truncated, "not a readable .npz")

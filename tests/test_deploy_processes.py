@@ -22,6 +22,7 @@ from server.record import CHECKPOINT, load_history, load_models
 from deployment import deploy
 from deployment.certs import make_certs
 from simulations.launcher import arm_labels, simulate
+from simulations.reference import Reference
 from simulations.scenarios import load_scenario
 
 pytestmark = pytest.mark.slow
@@ -326,3 +327,30 @@ def test_umbel_deploy_run_carries_koopman_to_devices_without_viscosity_groups(tm
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert all(np.isfinite(r["rel_l2"]) for r in rows)
     _no_labels_no_drops(rows, clients=2)
+
+
+def test_umbel_deploy_run_carries_ccgc_to_devices_and_matches_the_simulation(tmp_path):
+    """Two devices, each smoothing its own subgraph from its file (no node classes); FedAvg
+    through a warm-up round and a cluster-guided one ends with the in-process simulation's
+    encoders and centres, and the server's evaluator scores every round alike."""
+    overrides = ["federation.clients=2", "federation.cohort_size=1", "run.rounds=2", "run.round_timeout=120.0",
+                 "ccgc.nodes=200", "ccgc.degree=20", "ccgc.feature_dim=16", "ccgc.dims=16",
+                 "ccgc.init_sample=100", "ccgc.warmup_rounds=1", "ccgc.baselines=[]", "train.local_steps=3"]
+    run_dir = _deploy_with_the_cli(tmp_path, "ccgc-clustering", overrides, ["cg-0", "cg-1"])
+    assert all(sorted(np.load(f).files) == ["client_id", "edges", "features", "node_ids"]
+               for f in (tmp_path / "data").glob("client-*.npz"))
+    history = load_history(run_dir)
+    assert history["status"] == "finished"
+    assert list(history["strategies"]) == ["fedavg"]
+    rows = history["strategies"]["fedavg"]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    _no_labels_no_drops(rows, clients=2)
+    simulated = Reference(load_scenario("ccgc-clustering", overrides)).run("fedavg")
+    deployed = load_models(run_dir, "fedavg")
+    assert sorted(deployed) == sorted(simulated[-1]["models"])
+    for name, value in simulated[-1]["models"].items():
+        np.testing.assert_allclose(deployed[name], value, rtol=0, atol=1e-9, err_msg=name)
+    assert len(simulated) == len(rows)
+    for row, ref in zip(rows, simulated):
+        for metric in ("nmi", "acc", "node_ari", "f1", "refit_nmi", "cluster_loss"):
+            assert row[metric] == pytest.approx(ref[metric], abs=1e-9), (row["round"], metric)

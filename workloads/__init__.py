@@ -19,6 +19,7 @@ WORKLOADS: dict[str, str] = {
     "active_learning": "workloads.active_learning:ActiveLearning",
     "koopman_burgers": "workloads.koopman:KoopmanBurgers",
     "backdoor_distillation": "workloads.backdoor:BackdoorDistillation",
+    "ccgc_clustering": "workloads.ccgc:CCGCClustering",
 }
 
 _checked: dict[str, type[Workload]] = {}

@@ -37,6 +37,13 @@ BACKDOOR_NET = 34  # the fresh networks of DC iterations
 BACKDOOR_INIT = 35  # the synthetic set's initial draw
 BACKDOOR_SERVER = 36  # the server's victim model and its defenses
 
+# cluster-guided contrastive graph clustering (workloads.ccgc)
+CCGC_GRAPH = 41  # the contextual SBM
+CCGC_SPLIT = 42  # who holds which nodes
+CCGC_INIT = 43  # the encoders' initialisation
+CCGC_CENTRES = 44  # the initial centres' node sample and k-means++
+CCGC_SAMPLE = 45  # the positive pairs' sampling in local training
+
 
 def all_tags() -> dict[str, int]:
     """Name -> tag of every stream (a test checks that no two share a value)."""
