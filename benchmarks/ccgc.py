@@ -33,10 +33,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from simulations.launcher import with_overrides  # noqa: E402
+from simulations.launcher import baseline_runs  # noqa: E402
 from simulations.reference import Reference  # noqa: E402
 from simulations.scenarios import load_scenario  # noqa: E402
-from workloads.ccgc import BASELINES, CCGCClustering  # noqa: E402
+from workloads.ccgc import BASELINES  # noqa: E402
 
 OUT = Path(__file__).parent / "results"
 SETTINGS = {
@@ -51,8 +51,7 @@ def one_seed(setting: str, seed: int) -> dict:
     scenario = load_scenario("ccgc-clustering", [*SETTINGS[setting], f"ccgc.baselines={list(BASELINES)}"],
                              seed=seed)
     runs = {"federated CCGC": (scenario, "fedavg")}
-    for name, overrides in CCGCClustering.baselines(scenario).items():
-        runs[name] = (with_overrides(scenario, overrides), overrides["run"]["strategies"][0])
+    runs.update(baseline_runs(scenario))
     out = {}
     for name, (sc, strategy) in runs.items():
         start = time.perf_counter()

@@ -33,10 +33,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from simulations.launcher import with_overrides  # noqa: E402
+from simulations.launcher import baseline_runs  # noqa: E402
 from simulations.reference import Reference  # noqa: E402
 from simulations.scenarios import load_scenario  # noqa: E402
-from workloads.koopman import BASELINES, KoopmanBurgers  # noqa: E402
+from workloads.koopman import BASELINES  # noqa: E402
 from workloads.koopman.burgers import cole_hopf_sine, random_initial, solve  # noqa: E402
 from workloads.koopman.centralised import (  # noqa: E402
     baseline_errors, blind_floor, dataset, rollout_errors, train_model,
@@ -109,8 +109,7 @@ def rollout(epochs: int, direct_epochs: int) -> dict:
 def federated() -> dict:
     scenario = load_scenario("koopman-burgers", [f"koopman.baselines={list(BASELINES)}"])
     runs = {name: (scenario, name) for name in [*scenario["run"]["strategies"], "oracle"]}
-    for name, overrides in KoopmanBurgers.baselines(scenario).items():
-        runs[name] = (with_overrides(scenario, overrides), overrides["run"]["strategies"][0])
+    runs.update(baseline_runs(scenario))
     out = {}
     for name, (sc, strategy) in runs.items():
         start = time.perf_counter()

@@ -261,16 +261,22 @@ def with_overrides(scenario: dict[str, Any], overrides: dict[str, dict[str, Any]
     return out
 
 
+def baseline_runs(scenario: dict[str, Any]) -> dict[str, tuple[dict[str, Any], str]]:
+    """The workload's reference runs as (their scenario, the strategy they run): the first of
+    the overrides' ``run.strategies`` (default: FedAvg)."""
+    cls = workload_class(scenario["run"]["workload"])
+    return {name: (with_overrides(scenario, overrides), overrides.get("run", {}).get("strategies", ["fedavg"])[0])
+            for name, overrides in cls.baselines(scenario).items()}
+
+
 def run_baselines(scenario: dict[str, Any], observer: RunObserver, skip: set[str] = frozenset()) -> None:
     """The workload's reference runs outside the federation (e.g. one client holding all
     data), in this process, recorded as ``<baseline>/<variant>``. Each runs the first strategy
     of its overrides' ``run.strategies`` (default: FedAvg)."""
     from simulations.reference import Reference  # torch-heavy for some workloads
 
-    cls = workload_class(scenario["run"]["workload"])
-    for baseline, overrides in cls.baselines(scenario).items():
-        ref = Reference(with_overrides(scenario, overrides))
-        strategy = overrides.get("run", {}).get("strategies", ["fedavg"])[0]
+    for baseline, (baseline_scenario, strategy) in baseline_runs(scenario).items():
+        ref = Reference(baseline_scenario)
         for variant in ref.workload.variants():
             label = arm_label(baseline, variant)
             if label in skip:  # a resumed run finished it before the interruption

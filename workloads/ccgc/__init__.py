@@ -305,9 +305,9 @@ class CCGCClustering(Workload, DeviceFiles):
         index = np.asarray(index, dtype=np.int64)
         pieces = [np.arange(data.starts[j], data.starts[j + 1]) for j in index]
         rows = np.concatenate(pieces) if pieces else np.empty(0, np.int64)
-        return GraphCohort(data.client_ids[index], _offsets(data.num_examples[index]), data.node_ids[rows],
-                           data.features[rows], data.smoothed[rows],
-                           None if data.labels is None else data.labels[rows])
+        return GraphCohort(client_ids=data.client_ids[index], starts=_offsets(data.num_examples[index]),
+                           node_ids=data.node_ids[rows], features=data.features[rows], smoothed=data.smoothed[rows],
+                           labels=None if data.labels is None else data.labels[rows])
 
     @cached_property
     def federation_data(self) -> GraphCohort:
