@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 import tomli_w
 
-from server.record import SCENARIO, _drop_none
+from server.lock import read_lock
+from server.record import SCENARIO, NotWritable, _drop_none, writable_folder
 from deployment import certs as certs_mod
 from server.flower_patches import FLOWER_HEARTBEAT_S, FLOWER_POLL_S
 from workloads import workload_class
@@ -97,6 +98,12 @@ def _executable(name: str) -> str:
 
 
 def _start(home: Home, name: str, argv: list[str], cwd: Path, env: dict[str, str] | None = None) -> Started:
+    """Start a process of this home; its pid file is its lock: one live ``name`` per home."""
+    pid_file = home.pids / f"{name}.pid"
+    holder = read_lock(pid_file)
+    if holder is not None and is_running(holder["pid"]):
+        raise DeployError(f"{name} of {home.root} is already running (process {holder['pid']}); stop it "
+                          f"first with `umbel deploy stop {name} --home {home.root}`")
     log = home.logs / f"{name}.log"
     with open(log, "ab") as out:
         out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
@@ -136,9 +143,26 @@ def _reap(pid: int) -> None:
         pass
 
 
+# What Flower's log says when a process is refused, and what to do about it.
+LOG_HINTS = {
+    "Failed to activate SuperNode": "the SuperLink refused this device's key: it is not registered "
+    "(run `umbel deploy register NAME` where the SuperLink runs) or the device started with another key",
+    "CERTIFICATE_VERIFY_FAILED": "the SuperLink's certificate is not signed by the CA this device was given "
+    "(--ca): copy the deployment's certs/ca.crt to the device",
+    "address already in use": "its port is taken by another process: stop that one or choose another --port",
+}
+
+
+def diagnose(log: Path) -> str:
+    """The fixes for the refusals Flower's log records (empty when none is known)."""
+    tail = log_tail(log, 60)
+    return "".join(f"\n  -> {hint}" for says, hint in LOG_HINTS.items() if says in tail)
+
+
 def _check_alive(started: Started) -> None:
     if not is_running(started.pid):
-        raise DeployError(f"{started.name} exited; its log ({started.log}):\n" + log_tail(started.log))
+        raise DeployError(f"{started.name} exited{diagnose(started.log)}\nits log ({started.log}):\n"
+                          + log_tail(started.log))
 
 
 def still_running(started: Started, grace: float) -> None:
@@ -187,10 +211,22 @@ def start_superlink(
         argv += ["--ssl-certfile", str(need[0]), "--ssl-keyfile", str(need[1]),
                  "--ssl-ca-certfile", str(need[2]), "--enable-supernode-auth"]
     address = f"{public_host or ('127.0.0.1' if host in ('0.0.0.0', '::') else host)}:{port}"
+    check_port_free(host, port)
     write_connection(home, address, insecure)
     started = _start(home, "superlink", argv, home.root)
-    wait_for_port(address.rpartition(":")[0], port, started)
+    wait_for_port(address.rpartition(":")[0], port, started)  # our own process: the port was free
     return started
+
+
+def check_port_free(host: str, port: int) -> None:
+    """``DeployError`` when something already listens on ``host:port`` (another SuperLink?):
+    the new one would die on "address already in use" while the port still answers."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise DeployError(f"{host}:{port} is taken ({err.strerror}): another SuperLink or program "
+                              f"listens there; stop it, or pass another --port") from None
 
 
 def write_connection(home: Home, address: str, insecure: bool) -> Path:
@@ -365,6 +401,7 @@ def find_run_dir(out: Path, name: str, since: float, timeout: float = 120.0) -> 
 
 # ---- device data ------------------------------------------------------------------------
 
+
 def export_device_data(scenario: dict[str, Any], folder: str | Path, labels: bool = False) -> list[Path]:
     """Each simulated client's data in its own file (``client-<id>.npz``, the workload's
     device format), plus the resolved scenario, so a deployment can run on the exact data
@@ -381,8 +418,10 @@ def export_device_data(scenario: dict[str, Any], folder: str | Path, labels: boo
         raise DeployError(f"workload {name} has no device file format (workloads.base.DeviceFiles)")
     if labels and not isinstance(workload, KnownClusters):
         raise DeployError(f"--labels: workload {name} has no true clusters to write")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder = writable_folder(folder)
+    except NotWritable as err:
+        raise DeployError(str(err)) from None
     fed = scenario["federation"]
     parts = num_nodes(fed["clients"], fed["cohort_size"])
     width = len(str(fed["clients"] - 1))

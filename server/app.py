@@ -25,7 +25,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from proto.wire import Params, params_to_record
-from server import monitor
+from server import interrupt, monitor
 from server.engine import Arm, ArmObserver, run_arm
 from server.history import Checkpointer, History
 from server.record import RunObserver, RunRecord, new_run_dir
@@ -48,6 +48,7 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float = NODE_WAIT_S) -> N
     """Block until ``expected`` nodes are connected (Flower's registration race)."""
     deadline = time.monotonic() + timeout
     while (connected := len(list(grid.get_node_ids()))) < expected:
+        interrupt.check()
         if time.monotonic() > deadline:
             raise FederationError(
                 f"only {connected} of {expected} nodes connected after {timeout:.0f} s; a "
@@ -219,13 +220,16 @@ def make_server_app(
 
 
 def open_record(
-    scenario: dict[str, Any], resume: str | Path | None = None, out: str | Path | None = None
+    scenario: dict[str, Any], resume: str | Path | None = None, out: str | Path | None = None,
+    warn: Any = None,
 ) -> RunRecord:
     """A new run record under ``out`` (default ``run.out``), or the interrupted one in
-    ``resume``, reopened to continue."""
+    ``resume``, reopened to continue. Either way this process holds its lock until
+    ``record.close()`` (``server.lock.LockHeld`` when another process does; ``warn`` hears
+    of a stale lock taken over)."""
     if resume is None:
-        return RunRecord(new_run_dir(out or scenario["run"]["out"], scenario["run"]["name"]), scenario)
-    return RunRecord(Path(resume), scenario, resume=True)
+        return RunRecord(new_run_dir(out or scenario["run"]["out"], scenario["run"]["name"]), scenario, warn=warn)
+    return RunRecord(Path(resume), scenario, resume=True, warn=warn)
 
 
 def start_recording(record: RunRecord, scenario: dict[str, Any]) -> None:
@@ -259,7 +263,7 @@ def main(grid: Grid, context: Context) -> None:
     the run config's ``scenario`` (a built-in name or TOML text); ``resume`` (a run
     directory) continues an interrupted run."""
     scenario, resume = scenario_from_run_config(dict(context.run_config))
-    record = open_record(scenario, resume)
+    record = open_record(scenario, resume, warn=lambda text: log(logging.WARNING, "umbel: %s", text))
     log(logging.INFO, "umbel: run record in %s", record.dir)
     start_recording(record, scenario)
     server, address = serve_monitor(record, scenario)
@@ -274,3 +278,4 @@ def main(grid: Grid, context: Context) -> None:
     finally:
         if server is not None:  # watchers have had the RunFinished event
             server.stop(grace=2).wait()
+        record.close()

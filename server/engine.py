@@ -5,6 +5,10 @@ over the in-process exchange (``server.local_grid.LocalGrid``, the reference). I
 real strategy classes and knows nothing of workloads, records or checkpoints: those hang off
 it as ``ArmObserver``s, which see every round's ``RoundResult``.
 
+A stop request (SIGINT/SIGTERM, ``server.interrupt``) ends an arm between rounds: the
+exchanges stop waiting for replies, and a round that was in flight is neither aggregated
+into the record nor checkpointed, so ``--resume`` redoes it.
+
 Each round is one train exchange: replies carry each client's loss under the models it
 received (the previous round's), so no evaluate exchange is needed until the last round,
 whose one evaluate exchange scores the final models.
@@ -19,7 +23,10 @@ from dataclasses import dataclass
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
+from server import interrupt
 from strategies.result import ReportingStrategy, RoundResult
+
+DEFAULT_PULL_INTERVAL_S = 0.005
 
 
 @dataclass(kw_only=True)
@@ -50,6 +57,32 @@ class ArmObserver:
 
     def on_arm_end(self, arm: Arm, final: RoundResult) -> None:
         """After the evaluate exchange that scored the final models (``final.sent``)."""
+
+
+class StoppableGrid:
+    """A grid whose exchanges stop waiting when a stop is requested (``Interrupted``);
+    everything else is the wrapped grid's. Flower's ``send_and_receive`` (push, then pull
+    until every reply came or ``timeout``) would wait out a whole round first."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+
+    def __getattr__(self, name: str):
+        return getattr(self.grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        waiting = set(self.grid.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        interval = getattr(self.grid, "pull_interval", DEFAULT_PULL_INTERVAL_S)
+        replies: list[Message] = []
+        while True:
+            interrupt.check()
+            pulled = list(self.grid.pull_messages(waiting))
+            replies += pulled
+            waiting -= {m.metadata.reply_to_message_id for m in pulled}
+            if not waiting or (deadline is not None and time.monotonic() >= deadline):
+                return replies
+            time.sleep(interval)
 
 
 def missing_nodes(messages: Iterable[Message], replies: Iterable[Message]) -> list[int]:
@@ -83,15 +116,20 @@ def evaluate_final(grid: Grid, arm: Arm) -> RoundResult:
 
 def run_arm(grid: Grid, arm: Arm, observers: Iterable[ArmObserver]) -> ArrayRecord:
     """Rounds ``arm.first_round`` to ``arm.rounds``, then the final evaluation; returns the
-    final models."""
+    final models. Raises ``server.interrupt.Interrupted`` on a stop request, before the
+    observers see the round in flight."""
+    grid = StoppableGrid(grid)
     observers = list(observers)
     for observer in observers:
         observer.on_arm_start(arm)
     for round_ in range(arm.first_round, arm.rounds + 1):
+        interrupt.check()
         result, wall = train_round(grid, arm, round_)
+        interrupt.check()
         for observer in observers:
             observer.on_round(arm, round_, result, wall)
     final = evaluate_final(grid, arm)
+    interrupt.check()
     for observer in observers:
         observer.on_arm_end(arm, final)
     return arm.arrays

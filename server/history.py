@@ -6,7 +6,7 @@ for the clustered strategies): the workload's central metrics, then, once the ne
 has scored them on the clients, the mean local loss and the misclustering of the clients'
 choices. Rows r >= 1 also hold the clients aggregated per model, the examples they trained
 on, the workload's own per-round counts (totals, e.g. labels queried), dropped replies, nodes
-that never replied, whom each defense flagged (and, against simulated attackers, its true and
+that never replied, ``empty`` when no reply was usable (the round kept its models), whom each defense flagged (and, against simulated attackers, its true and
 false positive rates) and the round's wall time.
 
 ``Checkpointer`` writes after every round everything the server's next round depends on.
@@ -161,6 +161,8 @@ class History(ArmObserver):
             row["cluster_clients"] = result.cluster_clients
         row.update(result.counts)
         row.update(defense_row(result, self.malicious))
+        if result.arrays is None:  # no usable reply: the round kept the models it started with
+            row["empty"] = True
         row["dropped"] = len(result.dropped)
         if result.dropped:
             row["dropped_replies"] = result.dropped
@@ -179,6 +181,8 @@ class History(ArmObserver):
         if result.telemetry.probes and isinstance(self.workload, SimulatedAttacks):
             self.workload.observe_probes(result.telemetry.probes)
         row = self.round_row(round_, result, wall_time_s)
+        if row.get("empty"):
+            log(logging.WARNING, "%s round %d: no usable reply; the round kept its models", arm.label, round_)
         for name, warning in self.workload.warn_counts.items():
             if row.get(name):
                 log(logging.WARNING, "%s round %d: %g %s", arm.label, round_, row[name], warning)

@@ -42,12 +42,17 @@ def write_delimited(stream: Any, message: Any) -> None:
     stream.write(_varint(len(data)) + data)
 
 
-def read_events(path: str | Path) -> list[pb.Event]:
-    """Every event stored in a run record's ``events.pb`` (or an events file itself).
+def scan_events(path: str | Path) -> tuple[list[pb.Event], str | None]:
+    """``_scan``'s events and damage."""
+    events, damage, _ = _scan(path)
+    return events, damage
 
-    A torn last record (the process was killed while writing it) is left out; damage
-    anywhere else is an error that names the offset.
-    """
+
+def _scan(path: str | Path) -> tuple[list[pb.Event], str | None, bool]:
+    """Every readable event of a run record's ``events.pb`` (or an events file itself) and,
+    when the file is damaged, what is wrong with it and how much was recovered (None when
+    it is whole), and whether the damage is only a torn tail (the writer was killed
+    mid-write). Reading stops at the first damage."""
     path = Path(path)
     if path.is_dir():
         path = path / EVENTS
@@ -57,7 +62,7 @@ def read_events(path: str | Path) -> list[pb.Event]:
         length, shift, start = 0, 0, pos
         while True:
             if pos >= len(data):
-                return events  # torn length prefix at the end
+                return events, _damage(path, data, start, "a torn length prefix", events), True
             byte = data[pos]
             pos += 1
             length |= (byte & 0x7F) << shift
@@ -65,16 +70,30 @@ def read_events(path: str | Path) -> list[pb.Event]:
             if not byte & 0x80:
                 break
             if shift > 63:
-                raise ValueError(f"{path}: bad length prefix at byte {start}")
+                return events, _damage(path, data, start, "a bad length prefix", events), False
         if pos + length > len(data):
-            return events  # torn last record
+            return events, _damage(path, data, start, "a torn last record", events), True
         event = pb.Event()
         try:
             event.ParseFromString(data[pos:pos + length])
         except Exception as err:  # protobuf's DecodeError
-            raise ValueError(f"{path}: unreadable event at byte {start}: {err}") from None
+            return events, _damage(path, data, start, f"an unreadable event ({err})", events), False
         events.append(event)
         pos += length
+    return events, None, False
+
+
+def _damage(path: Path, data: bytes, offset: int, what: str, events: list[pb.Event]) -> str:
+    return (f"{path} is damaged: {what} at byte {offset} of {len(data)}; the {len(events)} events "
+            f"before it were recovered, the last {len(data) - offset} bytes were not")
+
+
+def read_events(path: str | Path) -> list[pb.Event]:
+    """The events of ``scan_events``. A torn last record (the process was killed while
+    writing it) is left out; damage anywhere else is a ``ValueError`` naming the offset."""
+    events, damage, torn = _scan(path)
+    if damage and not torn:
+        raise ValueError(damage)
     return events
 
 

@@ -32,6 +32,18 @@ def _strategy_list(v: list) -> str | None:
     return f"unknown strategy {unknown[0]!r}; expected some of {list(STRATEGIES)}" if unknown else None
 
 
+MAX_INT = 2**63  # every integer field fits an int64 (numpy seeds, the monitor's fields)
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
+
+
+def _run_name(v: str) -> str | None:
+    """A plain folder name: the run directory is ``<out>/<name>-<time>``, never elsewhere."""
+    if RUN_NAME.fullmatch(v):
+        return None
+    return ("must be a plain name: letters, digits and . _ + - (no / or spaces, not starting "
+            "with a dot), at most 100 characters")
+
+
 LR_SCHEDULES = ("constant", "cosine")
 INITS = ("random", "zeros", "true-first", "truth")
 
@@ -58,7 +70,7 @@ def _trim(v: float) -> str | None:
 
 CORE_SCHEMA: dict[str, dict[str, ConfigField]] = {
     "run": {
-        "name": ConfigField(str, "scenario", "name of the run (the run directory's prefix)"),
+        "name": ConfigField(str, "scenario", "name of the run (the run directory's prefix)", _run_name),
         "workload": ConfigField(str, "mixed_regression", "client workload: " + ", ".join(WORKLOADS)
                                 + ", or your own as package.module:Class"),
         "rounds": ConfigField(int, 20, "rounds per strategy", positive),
@@ -190,6 +202,10 @@ def _check_value(name: str, value: Any, spec: ConfigField) -> tuple[Any, str | N
     if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
         expected = getattr(kind, "__name__", str(kind))
         return value, f"expected {expected}, got {type(value).__name__} {value!r}"
+    if kind is float and not math.isfinite(value):
+        return value, f"must be a finite number (got {value!r})"
+    if kind is int and not -MAX_INT <= value < MAX_INT:
+        return value, f"must be below 2^63 in size (got {value})"
     if spec.choices is not None and value not in spec.choices:
         return value, f"{value!r} is not one of {list(spec.choices)}"
     if spec.check is not None:

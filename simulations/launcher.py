@@ -18,9 +18,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from server import interrupt
 from server.app import arm_label, make_server_app, open_record, serve_monitor, start_recording
 from server.flower_patches import quicker_engine_poll
-from server.record import RunObserver, RunRecord
+from server.lock import LockHeld
+from server.record import LOCK, DamagedRecord, NotWritable, RunObserver, RunRecord, record_status, writable_folder
 from server.run_config import client_view
 from simulations.report import write_report
 from workloads import workload_class
@@ -58,21 +60,36 @@ def available_memory() -> float | None:
 
 
 def memory_warning(scenario: dict[str, Any], actors: int) -> str | None:
-    """A warning when the run's peak (stated in ``run.expected_peak_gib``, else the
-    workload's estimate) exceeds the memory available now; None when it fits."""
+    """A refusal when the run's peak (stated in ``run.expected_peak_gib``, else the
+    workload's estimate) exceeds the memory available now, naming the fields that drive
+    it; None when it fits."""
     stated = scenario["run"]["expected_peak_gib"] * 2**30
-    estimate = stated or workload_class(scenario["run"]["workload"]).memory_estimate(scenario, actors)
+    workload = workload_class(scenario["run"]["workload"])
+    estimate = stated or workload.memory_estimate(scenario, actors)
     free = available_memory()
     if not estimate or free is None or estimate <= free:
         return None
     source = "stated in run.expected_peak_gib" if stated else "estimated"
+    fields = []
+    for dotted in workload.memory_fields:
+        section, _, key = dotted.partition(".")
+        fields.append(f"{dotted} ({scenario.get(section, {}).get(key)})")
     return (f"this run's peak memory ({source}: {estimate / 2**30:.1f} GiB) exceeds the "
-            f"{free / 2**30:.1f} GiB available; it may be killed. Lower federation.clients or "
-            "federation.cohort_size, or use a bigger machine / a Ray cluster (--ray-address)")
+            f"{free / 2**30:.1f} GiB available. It grows with {', '.join(fields)}: lower them, "
+            "or use a bigger machine / a Ray cluster (--ray-address)")
 
 
 class RunFailed(RuntimeError):
     """The simulation stopped before every strategy finished; the record says so."""
+
+
+class RunInterrupted(RuntimeError):
+    """SIGINT or SIGTERM stopped the run between rounds; the record is ``interrupted``."""
+
+    def __init__(self, stop: interrupt.Interrupted, run_dir: Path, at: dict[str, Any]) -> None:
+        self.exit_code, self.run_dir, self.at = stop.exit_code, run_dir, at
+        where = f"after round {at['round']} of {at['arm']}" if at.get("arm") else "before its first round"
+        super().__init__(f"{stop} {where}; continue with `umbel run --resume {run_dir}`")
 
 
 class Observers(RunObserver):
@@ -133,19 +150,54 @@ def simulate(
     warn: Callable[[str], None] = logging.getLogger("umbel").warning,
     resume: str | Path | None = None,
     on_monitor: Callable[[str], None] | None = None,
+    force: bool = False,
 ) -> Path:
-    """Run a resolved scenario; returns its run directory. Raises ``RunFailed``.
+    """Run a resolved scenario; returns its run directory. Raises ``LaunchError`` before
+    anything starts, ``RunFailed``, or ``RunInterrupted`` (SIGINT/SIGTERM: the run stops
+    between rounds and can be resumed).
 
     ``client_cpus`` is the CPUs Ray reserves per actor (fewer actors when larger);
-    ``warn`` receives warnings raised before the start (e.g. memory); ``on_monitor`` the
-    address of the live monitor. ``resume``: the run directory of an interrupted run of
-    this scenario (see ``check_resumable``), continued from its last checkpoint.
+    ``warn`` receives warnings raised before the start; ``on_monitor`` the address of the
+    live monitor. ``resume``: the run directory of an interrupted run of this scenario (see
+    ``check_resumable``), continued from its last checkpoint. ``force``: start even when
+    the memory estimate exceeds what the machine has.
     """
     if ray_address:
         check_ray_address(ray_address)
     fed = scenario["federation"]
     nodes = num_nodes(fed["clients"], fed["cohort_size"])
-    record = open_record(scenario, resume, out)
+    too_big = memory_warning(scenario, actors=int((os.cpu_count() or 1) // client_cpus) or 1)
+    if too_big and not force:
+        raise LaunchError(f"{too_big}; --force starts it anyway")
+    if too_big:
+        warn(too_big)
+    if resume is None:
+        check_out_folder(out or scenario["run"]["out"])
+    with interrupt.stop_on_signals():
+        try:
+            record = open_record(scenario, resume, out, warn=warn)
+        except LockHeld as err:
+            raise LaunchError(str(err)) from None
+        try:
+            return _run_recorded(scenario, record, observer, nodes, ray_address, verbose,
+                                 client_cpus, on_monitor)
+        finally:
+            record.close()
+
+
+def check_out_folder(out: str | Path) -> None:
+    """``LaunchError`` unless run records can be written under ``out`` (made if missing)."""
+    try:
+        writable_folder(out)
+    except NotWritable as err:
+        raise LaunchError(f"--out {err}") from None
+
+
+def _run_recorded(
+    scenario: dict[str, Any], record: RunRecord, observer: RunObserver | None, nodes: int,
+    ray_address: str | None, verbose: bool, client_cpus: float,
+    on_monitor: Callable[[str], None] | None,
+) -> Path:
     run_dir = record.dir
     observers = Observers(record, *([observer] if observer else []))
     start_recording(record, scenario)
@@ -164,7 +216,9 @@ def simulate(
 
     try:
         return _simulate(scenario, run_dir, record, observers, nodes, ray_address, verbose,
-                         client_cpus, warn, serve)
+                         client_cpus, serve)
+    except interrupt.Interrupted as stop:
+        raise RunInterrupted(stop, run_dir, record.interrupt(stop.signal_name)) from None
     finally:
         if served and served[0] is not None:  # watchers have had the RunFinished event
             served[0].stop(grace=2).wait()
@@ -173,7 +227,7 @@ def simulate(
 def _simulate(
     scenario: dict[str, Any], run_dir: Path, record: RunRecord, observers: RunObserver,
     nodes: int, ray_address: str | None, verbose: bool, client_cpus: float,
-    warn: Callable[[str], None], on_start: Callable[[], None],
+    on_start: Callable[[], None],
 ) -> Path:
     from flwr.simulation import run_simulation  # heavy import: only when running
 
@@ -188,10 +242,10 @@ def _simulate(
     temp_dir = None if ray_address else tempfile.mkdtemp(prefix="umbel-ray-", dir="/tmp")
     # Cohort data, written once per machine and memory-mapped by every worker there.
     data_cache = tempfile.mkdtemp(prefix="umbel-cohorts-", dir=temp_dir or "/tmp")
+    for folder in (temp_dir, data_cache):  # removed by whoever takes over if this process is killed
+        if folder:
+            record.lock.add_temp_dir(folder)
     quicker_engine_poll(nodes)
-    warning = memory_warning(scenario, actors=int((os.cpu_count() or 1) // client_cpus) or 1)
-    if warning:
-        warn(warning)
     try:
         run_simulation(
             server_app=make_server_app(scenario, observers, data_cache, record, on_start),
@@ -202,6 +256,8 @@ def _simulate(
             verbose_logging=verbose,
         )
     except BaseException as err:
+        if interrupt.requested():  # whatever the signal broke on its way out
+            raise interrupt.Interrupted(interrupt.requested()) from None
         record.finish("failed", repr(err))
         raise RunFailed(f"run failed: {err} (record in {run_dir})") from err
     finally:
@@ -209,11 +265,16 @@ def _simulate(
         if temp_dir:
             shutil.rmtree(temp_dir, ignore_errors=True)
     recorded = record.history["strategies"]
+    if interrupt.requested() and any(len(recorded.get(arm, [])) != scenario["run"]["rounds"] + 1
+                                     for arm in arm_labels(scenario)):
+        raise interrupt.Interrupted(interrupt.requested())
     if any(len(recorded.get(arm, [])) != scenario["run"]["rounds"] + 1 for arm in arm_labels(scenario)):
         record.finish("failed", "the simulation ended before every strategy finished")
         raise RunFailed(f"run incomplete (record in {run_dir})")
     try:
         run_baselines(scenario, observers, skip=record.finished_arms())
+    except interrupt.Interrupted:
+        raise
     except Exception as err:
         record.finish("failed", f"baseline: {err!r}")
         raise RunFailed(f"baseline run failed: {err} (record in {run_dir})") from err
@@ -229,15 +290,26 @@ def check_resumable(run_dir: str | Path) -> dict[str, Any]:
     workload whose clients keep state between rounds (that state lives on the clients, which
     a restarted simulation rebuilds from scratch, so the continuation would differ).
     """
-    from server.record import HISTORY, SCENARIO, load_history
+    from server.lock import read_lock
+    from server.record import HISTORY, SCENARIO, load_checkpoint, load_history
     from simulations.scenarios import load_scenario
 
     run_dir = Path(run_dir)
     for name in (SCENARIO, HISTORY):
         if not (run_dir / name).is_file():
             raise LaunchError(f"--resume {run_dir}: not a run directory ({name} is missing)")
-    if load_history(run_dir).get("status") == "finished":
+    try:
+        history = load_history(run_dir)
+        load_checkpoint(run_dir)
+    except DamagedRecord as err:
+        raise LaunchError(f"--resume {run_dir}: {err}") from None
+    status = record_status(run_dir, history)
+    if status == "finished":
         raise LaunchError(f"--resume {run_dir}: that run has finished; nothing to resume")
+    if status == "running":
+        holder = read_lock(run_dir / LOCK) or {}
+        raise LaunchError(f"--resume {run_dir}: the run is still going (process {holder.get('pid')}); "
+                          f"stop it first (`kill -INT {holder.get('pid')}`)")
     scenario = load_scenario(str(run_dir / SCENARIO))
     workload = workload_class(scenario["run"]["workload"])
     if issubclass(workload, Stateful):

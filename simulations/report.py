@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # no display: files only
 import matplotlib.pyplot as plt  # noqa: E402
 
-from server.record import load_history  # noqa: E402
+from server.record import load_history, record_status  # noqa: E402
 
 
 def _fmt(value: Any) -> str:
@@ -36,11 +36,12 @@ def loss_name(history: dict[str, Any]) -> str | None:
     return next((k for k in ("mse", "loss") if k in keys), None)
 
 
-def summary_table(history: dict[str, Any]) -> str:
+def summary_table(history: dict[str, Any], status: str | None = None) -> str:
+    """The final table; ``status`` overrides the record's own (``record_status``)."""
     key = history["key_metric"]
     lines = [
         f"# {history['name']}: {history['workload']}, seed {history['seed']} "
-        f"({history['status']})",
+        f"({status or history['status']})",
         "",
     ]
     any_rows = next(iter(history["strategies"].values()), [])
@@ -266,13 +267,15 @@ def describe_event(event: Any, key_metric: str = "") -> str:
 
 def events_summary(run_dir: Path, most: int = 20) -> str:
     """The run's event log in brief: starts (and resumes), client failures, the end."""
-    from server.monitor import EVENTS, read_events
+    from server.monitor import EVENTS, scan_events
 
     if not (run_dir / EVENTS).is_file():
         return ""
-    events = read_events(run_dir / EVENTS)
+    events, damage = scan_events(run_dir / EVENTS)
     kinds = [e.WhichOneof("kind") for e in events]
     lines = [f"\n## Events ({len(events)} in {EVENTS})\n"]
+    if damage:
+        lines.append(f"- **damaged**: {damage}")
     lines += [f"- {describe_event(e)}" for e, k in zip(events, kinds) if k == "run_started"]
     failures = [e for e, k in zip(events, kinds) if k == "client_failure"]
     lines.append(f"- {kinds.count('round_finished')} rounds finished, {len(failures)} client failures")
@@ -288,7 +291,7 @@ def write_report(run_dir: Path) -> list[Path]:
     run_dir = Path(run_dir)
     history = load_history(run_dir)
     written = [run_dir / "summary.md"]
-    written[0].write_text(summary_table(history) + events_summary(run_dir))
+    written[0].write_text(summary_table(history, record_status(run_dir, history)) + events_summary(run_dir))
     for metric in dict.fromkeys([history["key_metric"], loss_name(history), *history.get("plot_metrics", [])]):
         if metric and plot_metric(history, metric, run_dir / f"{metric}.png"):
             written.append(run_dir / f"{metric}.png")

@@ -37,6 +37,37 @@ def merge_batches(batches: list[ClientBatch]) -> ClientBatch | None:
     return ClientBatch(ids, counts, params, metrics)
 
 
+def drop_shared_clients(batches: list[ClientBatch], nodes: list[int]) -> tuple[list[ClientBatch], list[str]]:
+    """A client id reported twice (by two nodes, or twice by one; ``nodes[i]`` sent
+    ``batches[i]``) is a protocol error, and no report of it can be trusted: that client is
+    dropped from every batch, the rest of each batch is kept. Returns the batches and one
+    reason per shared id, naming it and its nodes."""
+    if not batches:
+        return batches, []
+    ids = np.concatenate([b.client_ids for b in batches]).astype(np.int64)
+    unique, counts = np.unique(ids, return_counts=True)
+    shared = unique[counts > 1]
+    if not len(shared):
+        return batches, []
+    senders = np.concatenate([np.full(len(b.client_ids), node, np.int64) for b, node in zip(batches, nodes)])
+    reasons = []
+    for client in shared.tolist():
+        by = senders[ids == client].tolist()
+        reasons.append(f"client {client} was reported {len(by)} times, by node"
+                       f"{'s' if len(set(by)) > 1 else ''} {', '.join(map(str, sorted(set(by))))}: "
+                       "dropped from every reply")
+    kept = []
+    for b in batches:
+        keep = ~np.isin(b.client_ids, shared)
+        if keep.all():
+            kept.append(b)
+        elif keep.any():
+            kept.append(ClientBatch(b.client_ids[keep], b.num_examples[keep],
+                                    {n: v[keep] for n, v in b.params.items()},
+                                    {n: v[keep] for n, v in b.metrics.items()}))
+    return kept, reasons
+
+
 def weighted_average(batch: ClientBatch) -> Params:
     """FedAvg: the example-weighted mean of the clients' parameters."""
     weights = batch.num_examples.astype(np.float64)

@@ -34,8 +34,8 @@ from proto.wire import (
     record_to_params,
 )
 from strategies.clustered import aggregate_results, cluster_means
-from strategies.coarse_init import CoarseInit, CoarseResult, reduce_coarse
-from strategies.fedavg import decode_replies
+from strategies.coarse_init import CoarseInit, CoarseInitError, CoarseResult, reduce_coarse
+from strategies.fedavg import decode_replies, unshared
 from strategies.result import ReportingStrategy, RoundResult
 
 
@@ -100,7 +100,12 @@ class ClusteredStrategy(ReportingStrategy):
     def run_phase1(self, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> ArrayRecord:
         """Phase 1 (once): the coarse estimates replace the models handed in."""
         dropped: list[str] = []
-        self.coarse = self.coarse_init.estimate(self.exchange(grid, config, dropped))
+        try:
+            self.coarse = self.coarse_init.estimate(self.exchange(grid, config, dropped))
+        except CoarseInitError as err:  # say which nodes failed, and why (e.g. a bad device file)
+            if not dropped:
+                raise
+            raise CoarseInitError(f"{err}. Left out of Phase 1: " + "; ".join(dropped)) from None
         self.coarse.warnings.extend(dropped)
         for warning in self.coarse.warnings:
             log(WARNING, "Phase 1: %s", warning)
@@ -139,13 +144,9 @@ class ClusteredStrategy(ReportingStrategy):
             return None, decode_clustered_batch(content, models), conf
 
         decoded = decode_replies(replies, decode, result)
-        result.telemetry.confusion = sum_confusion([d[2] for d in decoded], result)
-        try:
-            total = aggregate_results([d[1] for d in decoded if d[1] is not None],
-                                      [d[0] for d in decoded if d[0] is not None], self.k)
-        except MalformedBatch as err:  # two nodes claimed one client: trust neither
-            result.dropped.append(f"all per-client replies: {err}")
-            total = aggregate_results([], [d[0] for d in decoded if d[0] is not None], self.k)
+        result.telemetry.confusion = sum_confusion([d[2] for _, d in decoded], result)
+        batches = unshared([(node, d[1]) for node, d in decoded if d[1] is not None], result)
+        total = aggregate_results(batches, [d[0] for _, d in decoded if d[0] is not None], self.k)
         result.log_dropped()
         if total is None or total.examples.sum() == 0:
             return result
@@ -165,7 +166,7 @@ class ClusteredStrategy(ReportingStrategy):
 
     def evaluate_round(self, server_round: int, replies: Iterable[Message]) -> RoundResult:
         result = RoundResult(sent=self.sent, k_models=True)
-        decoded = decode_replies(replies, decode_evaluation, result)
+        decoded = [d for _, d in decode_replies(replies, decode_evaluation, result)]
         result.log_dropped()
         result.telemetry.confusion = sum_confusion([d[2] for d in decoded], result)
         examples = sum(d[0] for d in decoded)

@@ -78,7 +78,8 @@ class CoarseInit(ABC):
         if len(estimates) < self.k:
             raise CoarseInitError(
                 f"{len(estimates)} anchor estimates for {self.k} clusters: Phase 1 needs at "
-                f"least one anchor per cluster (raise anchors.count to >= {self.k})"
+                f"least one healthy anchor per cluster (anchors.count >= {self.k}, and that many "
+                "anchors able to reply)"
             )
 
 

@@ -23,7 +23,7 @@ from flwr.serverapp.strategy import FedAvg
 from proto.wire import (
     METRIC_PREFIX, ClientBatch, MalformedBatch, Params, params_to_record, record_to_params, validate_batch,
 )
-from strategies.fedavg import CohortAggregation, decode_replies
+from strategies.fedavg import CohortAggregation, decode_replies, unshared
 from strategies.result import RoundResult
 
 # (images, labels, owner client id per image, round) -> (global model, flagged clients per defense)
@@ -104,7 +104,7 @@ class DataUnion(CohortAggregation, FedAvg):
 
     def aggregate_round(self, server_round: int, replies: Iterable[Message]) -> RoundResult:
         result = RoundResult(sent=self.sent, k_models=False)
-        uploads = self.checked_uploads(decode_replies(replies, decode_uploads, result), result)
+        uploads = self.checked_uploads(unshared(decode_replies(replies, decode_uploads, result), result), result)
         result.log_dropped()
         if not uploads:
             return result
@@ -130,8 +130,4 @@ class DataUnion(CohortAggregation, FedAvg):
                     rejected += 1
                     result.dropped.append(f"client {client}: {problem}")
         result.counts["rejected_uploads"] = rejected
-        ids = [u[0] for u in uploads]
-        if len(set(ids)) != len(ids):  # two nodes claimed one client: trust neither
-            result.dropped.append("all nodes: a client id was reported by two nodes")
-            return []
         return uploads

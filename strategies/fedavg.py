@@ -24,7 +24,7 @@ from proto.wire import (
     params_to_record,
     record_to_params,
 )
-from strategies.aggregation import merge_batches, metric_means, weighted_average
+from strategies.aggregation import drop_shared_clients, merge_batches, metric_means, weighted_average
 from strategies.result import ReportingStrategy, RoundResult, Telemetry
 
 T = TypeVar("T")
@@ -32,8 +32,9 @@ T = TypeVar("T")
 
 def decode_replies(
     replies: Iterable[Message], decode: Callable[[RecordDict], T], result: RoundResult
-) -> list[T]:
-    """Decode every reply; error replies and malformed ones are dropped and named."""
+) -> list[tuple[int, T]]:
+    """Decode every reply, as (the node that sent it, what it holds); error replies and
+    malformed ones are dropped and named."""
     decoded = []
     for msg in replies:
         node = msg.metadata.src_node_id
@@ -44,7 +45,7 @@ def decode_replies(
         if is_empty_reply(msg.content):
             continue
         try:
-            decoded.append(decode(msg.content))
+            decoded.append((node, decode(msg.content)))
         except MalformedBatch as err:
             result.dropped.append(f"node {node}: {err}")
     return decoded
@@ -83,15 +84,19 @@ def collect(replies: Iterable[Message], reference: ArrayRecord | None, result: R
     """Decode every reply, dropping (and naming) the malformed ones; merge the rest."""
     ref = record_to_params(reference) if reference is not None else None
     batches = decode_replies(replies, lambda content: decode_batch(content, ref), result)
-    try:
-        merged = merge_batches(batches)
-    except MalformedBatch as err:  # two nodes claimed one client: trust neither
-        result.dropped.append(f"all nodes: {err}")
-        merged = None
+    merged = merge_batches(unshared(batches, result))
     result.log_dropped()
     if merged is not None:
         result.clients, result.examples = len(merged), int(merged.num_examples.sum())
     return merged
+
+
+def unshared(batches: list[tuple[int, ClientBatch]], result: RoundResult) -> list[ClientBatch]:
+    """The nodes' batches without the clients that more than one report claims (named in
+    ``result.dropped``; see ``drop_shared_clients``)."""
+    kept, reasons = drop_shared_clients([b for _, b in batches], [node for node, _ in batches])
+    result.dropped.extend(reasons)
+    return kept
 
 
 class CohortAggregation(ReportingStrategy):

@@ -104,10 +104,16 @@ def test_error_replies_missing_records_and_double_claims():
     assert any("data file truncated" in d for d in result.dropped)
     assert any(d.startswith("node 8: missing or unreadable record") for d in result.dropped)
     # two nodes claim client 1: the server cannot tell which is right, so it keeps neither
-    replies = [reply(encode_batch(batch([1, 2])), 1), reply(encode_batch(batch([1])), 2)]
+    # report of it; client 2 of the same reply still counts
+    both = batch([1, 2])
+    replies = [reply(encode_batch(both), 1), reply(encode_batch(batch([1])), 2)]
     result = strategy.aggregate_round(2, replies)
-    assert result.arrays is None and "reported by two nodes" in result.dropped[0]
-    assert result.models["w"].shape == (1, D)  # nothing aggregated: the round's model goes on
+    assert result.dropped == ["client 1 was reported 2 times, by nodes 1, 2: dropped from every reply"]
+    assert result.clients == 1
+    np.testing.assert_allclose(result.arrays["w"].numpy(), both.params["w"][1], rtol=1e-15)
+    # nothing left at all: the round's model goes on
+    result = strategy.aggregate_round(3, [reply(encode_batch(batch([1])), 1), reply(encode_batch(batch([1])), 2)])
+    assert result.arrays is None and result.models["w"].shape == (1, D)
 
 
 def test_bad_telemetry_is_named_but_never_changes_the_aggregate():

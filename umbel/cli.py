@@ -19,6 +19,7 @@ err_console = Console(stderr=True)
 
 EXIT_BAD_INPUT = 2
 EXIT_RUN_FAILED = 1
+# a run stopped by a signal exits 128 + the signal's number: 130 (SIGINT), 143 (SIGTERM)
 
 
 class ProgressObserver(RunObserver):
@@ -63,10 +64,16 @@ def run(
         Optional[Path],
         typer.Option(help="continue an interrupted run from its last checkpoint (a run directory)"),
     ] = None,
+    force: Annotated[bool, typer.Option(
+        help="start even when the run's memory estimate exceeds what this machine has")] = False,
 ) -> None:
-    """Run a scenario on Flower's simulation engine and write its run record."""
+    """Run a scenario on Flower's simulation engine and write its run record.
+
+    Ctrl-C (SIGINT) or SIGTERM stops it between rounds: the record says `interrupted`,
+    the exit code is 130 / 143, and `--resume RUN_DIR` continues it bit for bit."""
     from simulations.launcher import (
-        LaunchError, RunFailed, arm_labels, check_ray_address, check_resumable, simulate,
+        LaunchError, RunFailed, RunInterrupted, arm_labels, check_out_folder, check_ray_address,
+        check_resumable, simulate,
     )
     from simulations.scenarios import load_scenario
     from workloads import workload_class
@@ -81,6 +88,8 @@ def run(
             resolved = load_scenario(scenario, set_ or [], seed)
         if ray_address:
             check_ray_address(ray_address)
+        if resume is None:
+            check_out_folder(out or resolved["run"]["out"])
     except (ScenarioError, LaunchError) as err:
         _fail(str(err), EXIT_BAD_INPUT)
     key = workload_class(resolved["run"]["workload"]).key_metric
@@ -106,7 +115,7 @@ def run(
                 resolved, out=out, ray_address=ray_address,
                 observer=ProgressObserver(progress, key), verbose=verbose,
                 warn=lambda text: progress.console.print(f"[yellow]warning:[/] {text}"),
-                resume=resume,
+                resume=resume, force=force,
                 on_monitor=lambda address: progress.console.print(
                     f"live monitor: [bold]umbel watch {address}[/]", highlight=False),
             )
@@ -114,6 +123,9 @@ def run(
         _fail(str(err), EXIT_BAD_INPUT)
     except RunFailed as err:
         _fail(str(err), EXIT_RUN_FAILED)
+    except RunInterrupted as err:
+        err_console.print(f"[bold yellow]{err}[/]", highlight=False, soft_wrap=True)
+        raise typer.Exit(err.exit_code)
     console.print((run_dir / "summary.md").read_text(), highlight=False, soft_wrap=True)
     console.print(f"run record: [bold]{run_dir}[/]", soft_wrap=True)
 
@@ -132,15 +144,20 @@ def scenarios() -> None:
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
     """Redraw a run's summary table and plots from its history.json."""
+    from server.monitor import EVENTS, scan_events
+    from server.record import DamagedRecord
     from simulations.report import write_report
 
     try:
         files = write_report(run_dir)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, DamagedRecord, OSError) as err:
         _fail(str(err), EXIT_BAD_INPUT)
     console.print(files[0].read_text(), highlight=False, soft_wrap=True)
     for f in files:
         console.print(f"wrote {f}", soft_wrap=True)
+    damage = scan_events(run_dir / EVENTS)[1] if (run_dir / EVENTS).is_file() else None
+    if damage:
+        _fail(damage, EXIT_BAD_INPUT)
 
 
 def _print_events(events: Any) -> str:
@@ -168,15 +185,20 @@ def watch(
     """Follow a running simulation or deployment live: one line per event, until it ends."""
     import grpc
 
-    from server.monitor import ADDRESS_FILE, read_events, watch as follow
-    from server.record import load_history
+    from server.monitor import ADDRESS_FILE, scan_events, watch as follow
+    from server.record import DamagedRecord, record_status
 
     address = target
+    recorded = "running"  # a host:port: only the stream can tell
     if Path(target).is_dir():
         if not (Path(target) / ADDRESS_FILE).is_file():
             _fail(f"{target} has no {ADDRESS_FILE}: its run served no monitor", EXIT_BAD_INPUT)
         address = (Path(target) / ADDRESS_FILE).read_text().strip()
-    over = Path(target).is_dir() and load_history(Path(target)).get("status") != "running"
+        try:
+            recorded = record_status(Path(target))
+        except (FileNotFoundError, DamagedRecord) as err:
+            _fail(str(err), EXIT_BAD_INPUT)
+    over = recorded != "running"
     status = None  # None: nothing streamed
     try:
         if not over:
@@ -190,7 +212,15 @@ def watch(
         raise typer.Exit(0)
     if status is None:
         console.print("[dim]the run is over; its recorded events:[/]", highlight=False)
-        status = _print_events(read_events(target)[from_seq:])
+        try:
+            events, damage = scan_events(target)
+        except (OSError, ValueError) as err:
+            _fail(str(err), EXIT_BAD_INPUT)
+        status = _print_events(events[from_seq:])
+        if damage:
+            _fail(damage, EXIT_BAD_INPUT)
+        if recorded.startswith("killed"):  # no end event: the record and its lock tell
+            _fail(f"the run was {recorded}; `umbel run --resume {target}` continues it", EXIT_RUN_FAILED)
     if status and status != "finished":
         raise typer.Exit(EXIT_RUN_FAILED)
 

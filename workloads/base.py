@@ -100,6 +100,8 @@ class Workload(ABC):
     plot_metrics: ClassVar[tuple[str, ...]] = ()  # more per-round metrics plotted (<metric>.png)
     # per-round counts (totals in the record) that deserve a warning when non-zero: name -> what it means
     warn_counts: ClassVar[dict[str, str]] = {}
+    # the scenario fields a memory refusal names: what its estimate grows with
+    memory_fields: ClassVar[tuple[str, ...]] = ("federation.clients", "federation.cohort_size")
 
     def __init__(self, scenario: dict[str, dict[str, Any]]) -> None:
         fed = scenario["federation"]
@@ -130,7 +132,8 @@ class Workload(ABC):
     @classmethod
     def memory_estimate(cls, scenario: dict[str, dict[str, Any]], actors: int) -> float | None:
         """Expected peak bytes of a simulation with ``actors`` Ray workers, all processes
-        (None: no estimate). The launcher warns when it exceeds the available memory."""
+        (None: no estimate). The launcher refuses to start (without ``--force``) when it
+        exceeds the available memory, naming ``memory_fields``."""
         return None
 
     def variants(self) -> tuple[str, ...]:

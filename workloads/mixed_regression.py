@@ -348,17 +348,27 @@ class MixedRegression(Workload, KnownClusters, CoarseStatistics, DeviceFiles):
         """The k true models, stacked (for truth-started references and tests)."""
         return {"w": self.true_models.copy()}
 
+    memory_fields = ("federation.clients", "federation.cohort_size", "mixed_regression.dim")
+
     @classmethod
     def memory_estimate(cls, scenario: dict[str, dict[str, Any]], actors: int) -> float:
         """Data of every client (x, y and index arrays, held once: cohort files are shared
         by all workers through the page cache), plus per worker one cohort's working set
-        (the points of the chunks in flight and their copies) and a Ray worker's base."""
+        (the points of the chunks in flight and their copies) and a Ray worker's base; the
+        d x d matrices of the label oracle and of Phase 1's second moments."""
         fed, d = scenario["federation"], scenario[cls.section]["dim"]
         size = mean_size(fed["size_law"], fed["min_size"], fed["max_size"], fed["zipf_exponent"])
         points = fed["clients"] * size + scenario["anchors"]["count"] * scenario["anchors"]["size"]
         cohort_points = min(fed["clients"], fed["cohort_size"]) * size
-        data = points * (d + 2) * 8
+        k = scenario[cls.section]["clusters"]
+        data = points * (d + 2) * 8 + 2 * k * d * d * 8  # the server's label oracle: k Gram matrices
         working = cohort_points * (d + 4) * 8 * 2 + fed["cohort_size"] * (d + 8) * 8 * 4
+        if any(s.startswith("clustered-") for s in scenario["run"]["strategies"]) and \
+                scenario["clustered"]["phase1"] != "anchor-models":
+            # Phase 1's second moments: two dense d x d statistics per worker, their sum and
+            # the server's copies (the (2, d, d) arrays a cohort replies with)
+            working += 2 * d * d * 8
+            data += 3 * 2 * d * d * 8
         return data + actors * (working + RAY_WORKER_BYTES) + DRIVER_BYTES
 
     @property
