@@ -98,12 +98,8 @@ def _executable(name: str) -> str:
 
 
 def _start(home: Home, name: str, argv: list[str], cwd: Path, env: dict[str, str] | None = None) -> Started:
-    """Start a process of this home; its pid file is its lock: one live ``name`` per home."""
-    pid_file = home.pids / f"{name}.pid"
-    holder = read_lock(pid_file)
-    if holder is not None and is_running(holder["pid"]):
-        raise DeployError(f"{name} of {home.root} is already running (process {holder['pid']}); stop it "
-                          f"first with `umbel deploy stop {name} --home {home.root}`")
+    """Start a process of this home (see ``refuse_if_running``)."""
+    refuse_if_running(home, name)
     log = home.logs / f"{name}.log"
     with open(log, "ab") as out:
         out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
@@ -112,6 +108,14 @@ def _start(home: Home, name: str, argv: list[str], cwd: Path, env: dict[str, str
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     (home.pids / f"{name}.pid").write_text(f"{proc.pid}\n")
     return Started(name, proc.pid, log, argv)
+
+
+def refuse_if_running(home: Home, name: str) -> None:
+    """A process's pid file is its lock: one live ``name`` per home (a dead one's is stale)."""
+    holder = read_lock(home.pids / f"{name}.pid")
+    if holder is not None and is_running(holder["pid"]):
+        raise DeployError(f"{name} of {home.root} is already running (process {holder['pid']}); stop it "
+                          f"first with `umbel deploy stop {name} --home {home.root}`")
 
 
 def log_tail(path: Path, lines: int = 15) -> str:
@@ -123,6 +127,8 @@ def log_tail(path: Path, lines: int = 15) -> str:
 
 def is_running(pid: int) -> bool:
     """Whether a process lives (a child of ours that exited is reaped, not counted)."""
+    if pid <= 0:  # os.kill(0, ...) would ask about our own process group
+        return False
     _reap(pid)
     try:
         os.kill(pid, 0)
@@ -211,6 +217,7 @@ def start_superlink(
         argv += ["--ssl-certfile", str(need[0]), "--ssl-keyfile", str(need[1]),
                  "--ssl-ca-certfile", str(need[2]), "--enable-supernode-auth"]
     address = f"{public_host or ('127.0.0.1' if host in ('0.0.0.0', '::') else host)}:{port}"
+    refuse_if_running(home, "superlink")
     check_port_free(host, port)
     write_connection(home, address, insecure)
     started = _start(home, "superlink", argv, home.root)

@@ -50,11 +50,13 @@ def read_lock(path: Path) -> dict[str, Any] | None:
         return None
     except OSError:
         return {"pid": 0}
+    if text.strip().isdigit():  # a plain pid file (a deployment process's)
+        return {"pid": int(text)}
     try:
         content = json.loads(text)
-        return content if isinstance(content, dict) and isinstance(content.get("pid"), int) else {"pid": 0}
     except ValueError:
-        return {"pid": int(text)} if text.strip().isdigit() else {"pid": 0}
+        return {"pid": 0}
+    return content if isinstance(content, dict) and isinstance(content.get("pid"), int) else {"pid": 0}
 
 
 def holder(path: Path) -> int | None:

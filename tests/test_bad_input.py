@@ -134,3 +134,28 @@ def test_rounds_without_replies_keep_phase_1s_models_and_are_marked_empty():
     for row in rows[1:]:
         assert row["empty"] is True and row["clients"] == 0
         assert row["estimation_error"] == phase1
+
+
+def test_phase_1_without_enough_healthy_anchors_names_every_failed_node_and_its_file(tmp_path):
+    """Three devices, all anchors, two with truncated files: Phase 1 gets one estimate for
+    two clusters, and its error names both failed nodes with the file each could not read
+    (the devices' ClientApp path, through the in-process grid with device node configs)."""
+    from client.app import app as client_app
+    from deployment.deploy import export_device_data
+    from simulations.local_grid import LocalGrid
+    from simulations.reference import Reference
+    from simulations.scenarios import load_scenario
+    from strategies.coarse_init import CoarseInitError
+
+    scenario = load_scenario("deploy-tiny")
+    files = export_device_data(scenario, tmp_path / "data")
+    for broken in files[1:]:
+        broken.write_bytes(broken.read_bytes()[:150])
+    ref = Reference(scenario)
+    ref.grid = LocalGrid(client_app, [{"data-path": str(f)} for f in files])
+    with pytest.raises(CoarseInitError) as failed:
+        ref.run("clustered-fedavg")
+    text = str(failed.value)
+    assert "1 anchor estimates for 2 clusters" in text and "raise anchors.count" not in text
+    for node, broken in ((2, files[1]), (3, files[2])):
+        assert f"node {node} left out" in text and broken.name in text, text
