@@ -178,6 +178,7 @@ def train(msg: Message, context: Context) -> Message:
         round_=round_,
         federation=workload.federation,
         extra_metrics=extra,
+        clipping_norm=float(config["clipping_norm"]) if "clipping_norm" in config else None,
     )
     if not k_models and result.batch is not None:  # Flower's FedAvg/FedProx: one model
         result.batch.metrics.pop(CLUSTER)

@@ -18,11 +18,12 @@ from workloads.base import (
     SIZE_BUCKETS, CoarseStatistics, CohortData, KnownClusters, Params, Stateful, TrainSettings, Workload,
     size_bucket,
 )
-from workloads.federation import round_participation
+from workloads.federation import round_participation, update_scales
 
 SELECTIONS = ("min-loss", "true-label", "single")
 COARSE_CHUNK = 2048  # clients per pass of a Phase-1 statistic
 REPLIES = ("clients", "sums")
+NORM_BIT = "norm_bit"  # Flower's name (flwr.supercore.differential_privacy.KEY_NORM_BIT)
 
 
 def assign_clusters(losses: np.ndarray) -> np.ndarray:
@@ -111,6 +112,7 @@ def train_cohort(
     round_: int,
     federation: dict[str, Any],
     extra_metrics: dict[str, np.ndarray] | None = None,
+    clipping_norm: float | None = None,
 ) -> CohortResult:
     """Each active client picks a model, trains it from there, and the cohort replies.
 
@@ -118,6 +120,10 @@ def train_cohort(
     round, offline, dropping out or missing the deadline) neither train nor appear in the
     reply; the reply counts them by reason (``federation.OUTCOMES``). ``extra_metrics`` are
     per-client sums (e.g. from ``begin_round``) added to the reply of the active clients.
+    ``clipping_norm`` (client-side differential privacy, as Flower's clipping mods do it):
+    each client's update is clipped to that L2 norm, and ``norm_bit`` says whom it clipped.
+    Clients the scenario makes attackers (``federation.scaled_update_fraction``) then scale
+    their update.
     """
     if reply not in REPLIES:
         raise ValueError(f"unknown reply form {reply!r}; expected one of {REPLIES}")
@@ -135,15 +141,39 @@ def train_cohort(
     start = {name: v[choice] for name, v in models.items()}
     trained = workload.local_train(start, sub, replace(settings, server_round=round_))
     counts = sub.num_examples
+    extra = {name: np.asarray(v, np.float64)[idx] for name, v in (extra_metrics or {}).items()}
+    if clipping_norm is not None:
+        trained, clipped = clip_updates(trained, start, clipping_norm)
+        extra[NORM_BIT] = clipped * counts  # per-client sums, like every metric of a reply
+    scales = update_scales(federation, sub.client_ids)
+    if scales is not None:
+        trained = scale_updates(trained, start, scales)
     loss_sums = loss * counts
     if reply == "sums":
         return CohortResult(None, cluster_sums(choice, counts, trained, loss_sums, k), confusion, outcomes)
-    batch = ClientBatch(
-        sub.client_ids, counts, trained,
-        {LOSS_BEFORE: loss_sums, CLUSTER: choice.astype(np.float64),
-         **{name: np.asarray(v, np.float64)[idx] for name, v in (extra_metrics or {}).items()}},
-    )
+    batch = ClientBatch(sub.client_ids, counts, trained,
+                        {LOSS_BEFORE: loss_sums, CLUSTER: choice.astype(np.float64), **extra})
     return CohortResult(batch, None, confusion, outcomes)
+
+
+def _per_client(v: np.ndarray, factor: np.ndarray) -> np.ndarray:
+    return factor.reshape(-1, *([1] * (v.ndim - 1)))
+
+
+def clip_updates(trained: Params, start: Params, norm: float) -> tuple[Params, np.ndarray]:
+    """Each client's update (``trained - start``, all parameters together) clipped to L2
+    ``norm``; returns the models and, per client, 1.0 where it was clipped."""
+    updates = {n: np.asarray(trained[n], np.float64) - start[n] for n in trained}
+    norms = np.sqrt(sum((u.reshape(len(u), -1) ** 2).sum(axis=1) for u in updates.values()))
+    factor = np.minimum(1.0, norm / np.maximum(norms, 1e-300))
+    clipped = {n: start[n] + updates[n] * _per_client(updates[n], factor) for n in trained}
+    return clipped, (factor < 1).astype(np.float64)
+
+
+def scale_updates(trained: Params, start: Params, scales: np.ndarray) -> Params:
+    """``start + scale * (trained - start)`` per client."""
+    return {n: start[n] + (np.asarray(trained[n], np.float64) - start[n]) * _per_client(trained[n], scales)
+            for n in trained}
 
 
 def evaluate_cohort(

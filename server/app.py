@@ -27,10 +27,11 @@ from flwr.serverapp import Grid, ServerApp
 from proto.wire import Params, params_to_record
 from server import interrupt, monitor
 from server.engine import Arm, ArmObserver, run_arm
+from server.flower_patches import skip_forced_collections
 from server.history import Checkpointer, History
 from server.record import RunObserver, RunRecord, new_run_dir
-from server.run_config import client_view, round_lr, scenario_from_run_config
-from strategies import K_MODEL, ReportingStrategy, build_strategy
+from server.run_config import client_view, label_settings, round_lr, scenario_from_run_config
+from strategies import K_MODEL, STRATEGIES, ReportingStrategy, build_strategy, catalog
 from strategies.data_union import UploadTrainer
 from workloads import workload_class
 from workloads.base import KnownClusters, TrainsOnUploads, Workload
@@ -91,15 +92,24 @@ def upload_trainer(workload: Workload) -> UploadTrainer | None:
     return UploadTrainer(workload.server_train, workload.upload_spec(), workload.upload_classes)
 
 
-def strategy_for(name: str, scenario: dict[str, Any], workload: Workload, nodes: int) -> ReportingStrategy:
-    """The strategy ``name`` with the scenario's settings, for ``nodes`` cohorts."""
-    train, base = scenario["train"], workload.initial_parameters()
-    return build_strategy(
-        name, nodes, proximal_mu=train["proximal_mu"], k=workload.num_clusters,
-        dim=sum(v.size for v in base.values()), seed=scenario["federation"]["seed"],
-        clustered=scenario["clustered"], timeout=scenario["run"]["round_timeout"],
-        start=flatten(base), lr=train["lr"], robust=scenario["robust"], uploads=upload_trainer(workload),
-    )
+def strategy_for(label: str, scenario: dict[str, Any], workload: Workload, nodes: int) -> ReportingStrategy:
+    """The strategy a label of ``run.strategies`` runs, with its settings, for ``nodes``
+    cohorts: umbel's own (its sections, overridden by its ``[strategy.<label>]`` table),
+    a Python object handed to ``umbel.simulate``, or a Flower strategy (``catalog``)."""
+    name = catalog.target(scenario, label)
+    if name in STRATEGIES:
+        own, base = label_settings(scenario, label), workload.initial_parameters()
+        return build_strategy(
+            name, nodes, proximal_mu=own["train"]["proximal_mu"], k=workload.num_clusters,
+            dim=sum(v.size for v in base.values()), seed=scenario["federation"]["seed"],
+            clustered=own["clustered"], timeout=scenario["run"]["round_timeout"],
+            start=flatten(base), lr=scenario["train"]["lr"], robust=own["robust"],
+            uploads=upload_trainer(workload),
+        )
+    skip_forced_collections()  # Flower's strategies collect garbage once per client reply otherwise
+    inner = catalog.live_object(label) if name == catalog.LIVE else \
+        catalog.build_flower(scenario, label, nodes, scenario["train"]["lr"])
+    return inner if isinstance(inner, ReportingStrategy) else catalog.FlowerAdapter(inner, label)
 
 
 def client_config(scenario: dict[str, Any], label: str = "", variant: str = "", data_cache: str = "") -> ConfigRecord:
@@ -124,7 +134,7 @@ def new_arm(name: str, scenario: dict[str, Any], workload: Workload, nodes: int,
     strategy); by default the workload's initial model, or ``clustered.init``'s k models.
     ``label`` names the arm (default ``arm_label(name, variant)``)."""
     run, train, fed = scenario["run"], scenario["train"], scenario["federation"]
-    k_model = name in K_MODEL
+    k_model = catalog.target(scenario, name) in K_MODEL
     if start is None:
         start = initial_models(workload, scenario["clustered"]["init"], fed["seed"]) if k_model \
             else workload.initial_parameters()
@@ -160,6 +170,8 @@ def run_strategy(
     if resume is not None:  # the checkpoint's state replaces the fresh one
         arm.strategy, arm.arrays, rows = resume["strategy"], resume["arrays"], resume["rows"]
         random.setstate(resume["random"])
+        if "numpy_random" in resume:  # checkpoints before Flower's DP wrappers had none
+            np.random.set_state(resume["numpy_random"])
         arm.first_round = resume["round"] + 1
     history = History(workload, observer, handed_in, variant, rows)
     observers: list[ArmObserver] = [history]
@@ -167,6 +179,13 @@ def run_strategy(
         observers.append(Checkpointer(record, history))
     run_arm(grid, arm, observers)
     return history.rows
+
+
+def seed_globals(seed: int) -> None:
+    """Before every arm: Flower samples nodes with the global ``random``, and its DP wrappers
+    draw their noise from numpy's global generator."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
 
 
 def run_federation(
@@ -197,7 +216,7 @@ def run_federation(
             if label in finished:
                 continue
             resume = checkpoint if checkpoint and checkpoint["arm"] == label else None
-            random.seed(fed["seed"])  # Flower samples nodes with the global `random`
+            seed_globals(fed["seed"])
             run_strategy(grid, name, scenario, workload, nodes, observer, variant, data_cache,
                          record=record, resume=resume)
 

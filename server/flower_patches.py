@@ -35,10 +35,19 @@ The patches:
    ``Message(...)`` reads them and raises ``RuntimeError: TaskIdentity.run_id is not set``
    otherwise. *Effect*: messages built in-process carry run 1, node 0, task 1; a real Flower
    run sets its own identity when its process starts, so nothing of a run changes.
+4. ``skip_forced_collections()`` (a Flower strategy aggregating umbel's per-client replies;
+   called by ``server.app.strategy_for`` when it builds one). *What*: the module ``gc`` of
+   ``flwr.app.message.arrayrecord`` becomes a stand-in whose ``collect`` does nothing.
+   *Why*: ``ArrayRecord.to_numpy_ndarrays(keep_input=False)``, which QFedAvg and Bulyan call
+   once per reply, forces a full garbage collection every call (about 40 ms here), so a
+   round of 24 one-client replies spent 1 s collecting. Arrays are still freed as soon as
+   nothing refers to them (reference counting), and Python's own collector still runs.
+   *Measured*: QFedAvg on 24 clients, 3 rounds, in-process: 3.0 s -> 0.07 s; same results.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from typing import Any
@@ -57,6 +66,7 @@ PATCHED_ATTRIBUTES: dict[str, tuple[str, ...]] = {
         "flwr.supercore.heartbeat:HEARTBEAT_DEFAULT_INTERVAL",
         "flwr.common.constant:HEARTBEAT_DEFAULT_INTERVAL",
     ),
+    "skip_forced_collections": ("flwr.app.message.arrayrecord:gc",),
     "allow_messages_outside_a_run": (
         "flwr.supercore.task_identity:TaskIdentity.run_id",
         "flwr.supercore.task_identity:TaskIdentity.node_id",
@@ -173,4 +183,26 @@ def allow_messages_outside_a_run(run_id: int = 1, node_id: int = 0, task_id: int
     from flwr.supercore.task_identity import TaskIdentity
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, node_id, task_id
+    return True
+
+
+class _NoCollect:
+    """``gc`` with ``collect`` a no-op (see patch 4)."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(gc, name)
+
+    @staticmethod
+    def collect(generation: int = 2) -> int:
+        return 0
+
+
+def skip_forced_collections() -> bool:
+    """Patch 4 (see the module doc): ``ArrayRecord`` conversions no longer force a garbage
+    collection. Returns whether Flower was patched."""
+    if not flower_matches("skip_forced_collections"):
+        return False
+    from flwr.app.message import arrayrecord
+
+    arrayrecord.gc = _NoCollect()
     return True

@@ -211,4 +211,4 @@ class Checkpointer(ArmObserver):
     def on_round(self, arm: Arm, round_: int, result: RoundResult, wall_time_s: float) -> None:
         self.record.save_checkpoint({"arm": arm.label, "round": round_, "strategy": arm.strategy,
                                      "arrays": fresh(arm.arrays), "rows": self.history.rows,
-                                     "random": random.getstate()})
+                                     "random": random.getstate(), "numpy_random": np.random.get_state()})

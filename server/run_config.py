@@ -16,20 +16,25 @@ from pathlib import Path
 from typing import Any
 
 from proto.wire import ANCHOR_TRAIN
-from strategies import PHASE1, SINGLE_MODEL, STRATEGIES, runs_phase1
+from strategies import CLUSTER_RULES, K_MODEL, PHASE1, SINGLE_MODEL, STRATEGIES, catalog, runs_phase1
+from strategies.robust import ROBUST
 from workloads import WORKLOADS, workload_class
 from workloads.base import (
     REQUIRED, CoarseStatistics, ConfigField, TrainsOnUploads, Workload, non_negative, positive,
 )
 from workloads.federation import AVAILABILITY_TRACES, SIZE_LAWS
+from workloads.federation import ATTACK_DEFAULTS as ATTACKS
 from workloads.federation import PARTICIPATION_DEFAULTS as DEFAULTS
 
 
 def _strategy_list(v: list) -> str | None:
     if not v:
         return "must name at least one strategy"
-    unknown = [s for s in v if s not in STRATEGIES]
-    return f"unknown strategy {unknown[0]!r}; expected some of {list(STRATEGIES)}" if unknown else None
+    if not all(isinstance(label, str) and label for label in v):
+        return "expected strategy labels (strings)"
+    if len(set(v)) != len(v):
+        return "a label appears twice; give the second its own [strategy.<label>] table"
+    return None  # each label's strategy and settings: catalog.check_label, in the cross-checks
 
 
 MAX_INT = 2**63  # every integer field fits an int64 (numpy seeds, the monitor's fields)
@@ -42,6 +47,12 @@ def _run_name(v: str) -> str | None:
         return None
     return ("must be a plain name: letters, digits and . _ + - (no / or spaces, not starting "
             "with a dot), at most 100 characters")
+
+
+def _aggregate_rule(v: str) -> str | None:
+    if v in CLUSTER_RULES or catalog.is_import_path(v):
+        return None
+    return f"expected one of {list(CLUSTER_RULES)} or an import path package.module:function"
 
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -92,6 +103,10 @@ CORE_SCHEMA: dict[str, dict[str, ConfigField]] = {
             float, 0.0, "GPUs per Ray actor (a fraction shares one GPU); > 0: torch workloads train "
             "on CUDA, 0: on the CPU with one thread", non_negative,
         ),
+        "tracking": ConfigField(str, "none", "also log the run to an experiment tracker: none or mlflow "
+                                "(pip install 'umbel[tracking]')", choices=("none", "mlflow")),
+        "tracking_uri": ConfigField(str, "", "the tracker's store or server (mlflow: a tracking URI; "
+                                    "empty: a local store in run.out's mlruns/)"),
     },
     "federation": {
         "clients": ConfigField(int, REQUIRED, "number of (virtual) clients", positive),
@@ -125,6 +140,13 @@ CORE_SCHEMA: dict[str, dict[str, ConfigField]] = {
         ),
         "latency_median_s": ConfigField(float, DEFAULTS["latency_median_s"], "median simulated client latency (seconds)", positive),
         "latency_sigma": ConfigField(float, DEFAULTS["latency_sigma"], "log-normal spread of client latency", non_negative),
+        "scaled_update_fraction": ConfigField(
+            float, ATTACKS["scaled_update_fraction"], "share of clients (fixed by the seed) that multiply "
+            "their update by scaled_update_factor: simulated model poisoning", _probability,
+        ),
+        "scaled_update_factor": ConfigField(
+            float, ATTACKS["scaled_update_factor"], "what those clients multiply their update (new - sent) by",
+        ),
     },
     "anchors": {
         "count": ConfigField(int, 0, "anchor clients (ids 0..count-1)", non_negative),
@@ -147,6 +169,12 @@ CORE_SCHEMA: dict[str, dict[str, ConfigField]] = {
         "reply": ConfigField(
             str, "clients", "cohorts reply with every client's result or per-cluster sums",
             choices=("clients", "sums"),
+        ),
+        "aggregate": ConfigField(
+            str, "mean", "each cluster's aggregation over the clients that chose it: mean (by examples), "
+            "median, trimmed-mean (robust.trim_beta), krum (robust.assumed_malicious), or your own "
+            "function package.module:name (flattened models (n, P), example counts (n,) -> (P,))",
+            _aggregate_rule,
         ),
     },
     "robust": {
@@ -217,7 +245,12 @@ def _check_value(name: str, value: Any, spec: ConfigField) -> tuple[Any, str | N
 
 def resolve(raw: dict[str, Any], source: str = "<scenario>") -> dict[str, dict[str, Any]]:
     """Validate a scenario and fill its defaults. Raises ``ScenarioError``."""
+    raw = dict(raw)
+    tables = raw.pop(STRATEGY_TABLES, {})
     problems: list[tuple[str, str]] = []
+    if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
+        problems.append((STRATEGY_TABLES, "expected tables [strategy.<label>] of settings"))
+        tables = {}
     workload = raw.get("run", {}).get("workload", CORE_SCHEMA["run"]["workload"].default)
     try:
         workload_class(workload)
@@ -239,7 +272,7 @@ def resolve(raw: dict[str, Any], source: str = "<scenario>") -> dict[str, dict[s
         out = {}
         for key, spec in fields.items():
             name = f"{section}.{key}"
-            if key not in given:
+            if key not in given or (given[key] is None and spec.default is None):  # unset (a resolved scenario)
                 if spec.default is REQUIRED:
                     problems.append((name, f"missing; {spec.help}"))
                 out[key] = copy.deepcopy(spec.default)
@@ -249,6 +282,9 @@ def resolve(raw: dict[str, Any], source: str = "<scenario>") -> dict[str, dict[s
                 problems.append((name, problem))
             out[key] = value
         resolved[section] = out
+    resolved[STRATEGY_TABLES] = copy.deepcopy(tables)
+    if not problems:
+        problems += _strategy_checks(resolved)
     if not problems:
         problems += _cross_checks(resolved)
         problems += workload_class(workload).check_scenario(resolved)
@@ -257,11 +293,56 @@ def resolve(raw: dict[str, Any], source: str = "<scenario>") -> dict[str, dict[s
     return resolved
 
 
+STRATEGY_TABLES = "strategy"
+
+
+def own_settings() -> dict[str, set[str]]:
+    """The settings a ``[strategy.<label>]`` table may override for umbel's own strategies:
+    the section its builder reads, for that label only."""
+    out = {}
+    for name in STRATEGIES:
+        keys = set(CORE_SCHEMA["clustered"]) if name in K_MODEL else set()
+        keys |= set(CORE_SCHEMA["robust"]) if name in ROBUST else set()
+        keys |= {"proximal_mu"} if name in ("fedprox", "clustered-fedprox") else set()
+        out[name] = keys
+    return out
+
+
+def label_settings(scenario: dict[str, Any], label: str) -> dict[str, dict[str, Any]]:
+    """The sections an own strategy's label reads, with its table's overrides applied."""
+    given = catalog.settings(scenario, label)
+    train = {**scenario["train"], **{k: v for k, v in given.items() if k == "proximal_mu"}}
+    return {section: {**scenario[section], **{k: v for k, v in given.items() if k in scenario[section]}}
+            for section in ("clustered", "robust")} | {"train": train}
+
+
+def _strategy_checks(s: dict[str, Any]) -> list[tuple[str, str]]:
+    """Every label of ``run.strategies``: what it runs and its settings (``catalog``)."""
+    problems = []
+    for label in s[STRATEGY_TABLES]:
+        if label not in s["run"]["strategies"] and not any(
+                catalog.table(s, other).get("wraps") == label for other in s["run"]["strategies"]):
+            problems.append((f"{STRATEGY_TABLES}.{label}", "a table for a label that run.strategies does not list"))
+    own = own_settings()
+    for label in s["run"]["strategies"]:
+        found = catalog.check_label(s, label, own, own)
+        if not found and catalog.target(s, label) in own:  # overrides of section keys: their own checks
+            for key, value in catalog.settings(s, label).items():
+                spec = CORE_SCHEMA["train" if key == "proximal_mu" else
+                                   "clustered" if key in CORE_SCHEMA["clustered"] else "robust"][key]
+                _, problem = _check_value(f"{STRATEGY_TABLES}.{label}.{key}", value, spec)
+                if problem:
+                    found.append((f"{STRATEGY_TABLES}.{label}.{key}", problem))
+        problems += found
+    return problems
+
+
 def _cross_checks(s: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
-    fed, strategies = s["federation"], s["run"]["strategies"]
+    fed = s["federation"]
+    strategies = [catalog.target(s, label) for label in s["run"]["strategies"]]
     cls = workload_class(s["run"]["workload"])
     problems = []
-    others = [name for name in strategies if name not in SINGLE_MODEL]
+    others = [name for name in strategies if name in K_MODEL]
     if cls.single_model and others:
         problems.append(("run.strategies", f"{s['run']['workload']} trains one global model; "
                          f"{others[0]!r} is not one of {list(SINGLE_MODEL)}"))
@@ -270,6 +351,11 @@ def _cross_checks(s: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
             ("federation.max_size", f"{fed['max_size']} is below min_size {fed['min_size']}")
         )
     problems += _upload_checks(cls, s)
+    for label in s["run"]["strategies"]:
+        clustered = label_settings(s, label)["clustered"]
+        if catalog.target(s, label) in K_MODEL and clustered["aggregate"] != "mean" and clustered["reply"] != "clients":
+            problems.append(("clustered.aggregate", f"{clustered['aggregate']!r} needs every client's model: "
+                             "set clustered.reply = \"clients\""))
     if any(runs_phase1(name) for name in strategies):
         problems += _phase1_checks(cls, s)
     return problems
@@ -278,7 +364,8 @@ def _cross_checks(s: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
 def _upload_checks(cls: type[Workload], s: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
     """``data-union`` trains on uploaded data; every other strategy on uploaded models."""
     uploads = issubclass(cls, TrainsOnUploads) and cls.uploads_data(s)
-    wrong = [name for name in s["run"]["strategies"] if (name == "data-union") != uploads]
+    wrong = [name for name in map(lambda label: catalog.target(s, label), s["run"]["strategies"])
+             if (name == "data-union") != uploads]
     if not wrong:
         return []
     if uploads:

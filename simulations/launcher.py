@@ -199,7 +199,8 @@ def _run_recorded(
     on_monitor: Callable[[str], None] | None,
 ) -> Path:
     run_dir = record.dir
-    observers = Observers(record, *([observer] if observer else []))
+    tracker = tracker_for(scenario, run_dir.parent)
+    observers = Observers(record, *([tracker] if tracker else []), *([observer] if observer else []))
     start_recording(record, scenario)
     served: list[Any] = []
 
@@ -222,6 +223,22 @@ def _run_recorded(
     finally:
         if served and served[0] is not None:  # watchers have had the RunFinished event
             served[0].stop(grace=2).wait()
+        if tracker is not None:
+            status = record.history["status"]  # "running" only if something unforeseen broke the run
+            tracker.finish(run_dir, status if status != "running" else "failed")
+
+
+def tracker_for(scenario: dict[str, Any], out: Path) -> RunObserver | None:
+    """The experiment tracker ``run.tracking`` asks for (None: none); its store is
+    ``run.tracking_uri``, else a local one beside the run records (``out/mlruns``)."""
+    if scenario["run"]["tracking"] != "mlflow":
+        return None
+    from simulations.tracking import MLflowTracker, default_uri
+
+    try:
+        return MLflowTracker(scenario, uri=scenario["run"]["tracking_uri"] or default_uri(out))
+    except ImportError as err:
+        raise LaunchError(str(err)) from None
 
 
 def _simulate(

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 from client.app import app as client_app
-from server.app import client_config, flatten, run_strategy
+from server.app import client_config, flatten, run_strategy, seed_globals
 from server.record import RunObserver
 from server.run_config import client_view
 from simulations.local_grid import LocalGrid
@@ -111,7 +111,7 @@ class Reference:
         if reply is not None:
             scenario = {**scenario, "clustered": {**scenario["clustered"], "reply": reply}}
         collector = RowCollector(on_row, observer)
-        random.seed(scenario["federation"]["seed"])  # as the ServerApp: Flower samples nodes with `random`
+        seed_globals(scenario["federation"]["seed"])  # as the ServerApp
         with quiet_flower():
             rows = run_strategy(self.grid, strategy, scenario, self.workload, self.nodes, collector,
                                 variant=variant, start=start, label=label)

@@ -37,6 +37,9 @@ def locate(scenario: str) -> Path:
     )
 
 
+STRATEGY_SECTION = "strategy"  # per-label tables: strategy.<label>.<key>=value
+
+
 def parse_override(item: str) -> tuple[str, str, Any]:
     """``section.key=value``; the value is read as TOML (``3``, ``0.5``, ``"a"``, ``[1, 2]``),
     and taken as a bare string when it is not valid TOML."""
@@ -51,6 +54,19 @@ def parse_override(item: str) -> tuple[str, str, Any]:
     return section, key, value
 
 
+def apply_override(raw: dict[str, Any], item: str, source: str) -> None:
+    """Set ``section.key=value`` (or ``strategy.<label>.<key>=value``) in a raw scenario."""
+    section, key, value = parse_override(item)
+    raw.setdefault(section, {})
+    if not isinstance(raw[section], dict):
+        raise ScenarioError(source, [(section, "expected a table of keys")])
+    if section == STRATEGY_SECTION and "." in key:  # a label's own table
+        label, _, key = key.rpartition(".")
+        raw[section].setdefault(label, {})[key] = value
+    else:
+        raw[section][key] = value
+
+
 def load_scenario(
     scenario: str, overrides: list[str] = (), seed: int | None = None
 ) -> dict[str, dict[str, Any]]:
@@ -61,11 +77,7 @@ def load_scenario(
     except tomllib.TOMLDecodeError as err:
         raise ScenarioError(str(path), [("file", f"not valid TOML: {err}")]) from None
     for item in overrides:
-        section, key, value = parse_override(item)
-        raw.setdefault(section, {})
-        if not isinstance(raw[section], dict):
-            raise ScenarioError(str(path), [(section, "expected a table of keys")])
-        raw[section][key] = value
+        apply_override(raw, item, str(path))
     if seed is not None:
         raw.setdefault("federation", {})["seed"] = seed
     return resolve(raw, source=str(path))

@@ -13,10 +13,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
 
+from strategies.aggregation import coordinate_median, krum, trimmed_mean
 from strategies.clustered_fl import ClusteredStrategy
 from strategies.coarse_init import AnchorModels, CoarseInit, MomentDescent, SubspaceKMeans
 from strategies.data_union import DataUnion, UploadTrainer
@@ -118,4 +121,23 @@ def build_strategy(
         proximal_mu=refine_mu,
         reply=opts.get("reply", "clients"),
         timeout=timeout,
+        rule=cluster_rule(opts.get("aggregate", "mean"), robust or {}),
     )
+
+
+CLUSTER_RULES = ("mean", "median", "trimmed-mean", "krum")
+
+
+def cluster_rule(name: str, robust: dict[str, Any]) -> Callable[[np.ndarray, np.ndarray], np.ndarray] | None:
+    """``clustered.aggregate`` as a function (None: the exact example-weighted mean)."""
+    if name == "mean":
+        return None
+    if name == "median":
+        return coordinate_median
+    if name == "trimmed-mean":
+        return partial(trimmed_mean, beta=robust.get("trim_beta", 0.2))
+    if name == "krum":
+        return partial(krum, malicious=robust.get("assumed_malicious", 1))
+    from strategies.catalog import load_object  # your own: package.module:function
+
+    return load_object(name, "clustered.aggregate")

@@ -81,3 +81,47 @@ def metric_means(batch: ClientBatch) -> dict[str, float]:
     """Per-example means of the clients' metric sums."""
     total = float(batch.num_examples.sum())
     return {name: float(values.sum() / total) for name, values in batch.metrics.items()}
+
+
+# ---- per-cluster aggregation rules: (n, P) flattened client models and their example
+# counts -> one (P,) model. ``mean`` is the default (exact double-double sums elsewhere).
+
+def coordinate_median(models: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """The coordinate-wise median of the example-weighted distribution (each client counts
+    by its examples, as in the mean; Yin et al. 2018 with weights): robust while attackers
+    hold under half of the examples."""
+    values, w, upper = _sorted_weights(models, weights)
+    idx = (upper < w.sum(axis=0) / 2).sum(axis=0)  # where the cumulative weight crosses half
+    return np.take_along_axis(values, idx[None], axis=0)[0]
+
+
+def trimmed_mean(models: np.ndarray, weights: np.ndarray, beta: float = 0.2) -> np.ndarray:
+    """The coordinate-wise example-weighted mean of the values between the ``beta`` and
+    ``1 - beta`` quantiles of the example mass (Yin et al. 2018 with weights; beta = 0: the
+    mean)."""
+    values, w, upper = _sorted_weights(models, weights)
+    total = w.sum(axis=0)
+    lo, hi = beta * total, (1 - beta) * total
+    kept = np.clip(np.minimum(upper, hi) - np.maximum(upper - w, lo), 0.0, None)  # weight inside [lo, hi]
+    return (kept * values).sum(axis=0) / kept.sum(axis=0)
+
+
+def _sorted_weights(models: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per coordinate: the values sorted, their clients' weights, and the cumulative weight."""
+    order = np.argsort(models, axis=0, kind="stable")
+    w = np.asarray(weights, np.float64)[order]
+    return np.take_along_axis(models, order, axis=0), w, np.cumsum(w, axis=0)
+
+
+def krum(models: np.ndarray, weights: np.ndarray, malicious: int = 1) -> np.ndarray:
+    """Krum (Blanchard et al. 2017): the model whose ``n - f - 2`` nearest neighbours are
+    closest (at least one neighbour)."""
+    n = len(models)
+    if n == 1:
+        return models[0]
+    sq = (models ** 2).sum(axis=1)
+    distances = np.maximum(sq[:, None] + sq[None, :] - 2 * models @ models.T, 0.0)
+    np.fill_diagonal(distances, np.inf)
+    nearest = max(1, min(n - 1, n - malicious - 2))
+    scores = np.sort(distances, axis=1)[:, :nearest].sum(axis=1)
+    return models[int(np.argmin(scores))]

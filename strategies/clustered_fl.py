@@ -14,7 +14,7 @@ leading model axis). All arithmetic is in ``strategies.clustered`` (pure numpy).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 
 import numpy as np
@@ -24,6 +24,7 @@ from flwr.serverapp import Grid
 
 from proto.exact_sum import dd_add, dd_value
 from proto.wire import (
+    CLUSTER,
     COARSE_ACTION,
     MalformedBatch,
     Params,
@@ -33,6 +34,7 @@ from proto.wire import (
     params_to_record,
     record_to_params,
 )
+from strategies.aggregation import merge_batches
 from strategies.clustered import aggregate_results, cluster_means
 from strategies.coarse_init import CoarseInit, CoarseInitError, CoarseResult, reduce_coarse
 from strategies.fedavg import decode_replies, unshared
@@ -50,7 +52,12 @@ class ClusteredStrategy(ReportingStrategy):
         proximal_mu: float = 0.0,
         reply: str = "clients",
         timeout: float = 600.0,
+        rule: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
     ) -> None:
+        """``rule``: each cluster's aggregation over its clients' flattened models and
+        example counts (``strategies.aggregation``: median, trimmed mean, Krum, or yours);
+        None: the example-weighted mean (exact sums, any reply form)."""
+        self.rule = rule
         self.k, self.num_nodes, self.selection = k, num_nodes, selection
         self.coarse_init, self.proximal_mu, self.reply = coarse_init, proximal_mu, reply
         self.timeout = timeout
@@ -153,7 +160,8 @@ class ClusteredStrategy(ReportingStrategy):
         result.clients, result.examples = int(total.clients.sum()), int(total.examples.sum())
         result.cluster_clients = total.clients.tolist()
         result.metrics = {"loss-before": float(dd_value(total.loss).sum() / total.examples.sum())}
-        result.arrays = params_to_record(cluster_means(total, models))
+        new = cluster_means(total, models) if self.rule is None else per_cluster(merge_batches(batches), models, self.rule)
+        result.arrays = params_to_record(new)
         return result
 
     def configure_evaluate(
@@ -203,6 +211,22 @@ def sum_confusion(parts: list[np.ndarray | None], result: RoundResult) -> np.nda
             continue
         total += p
     return total
+
+
+def per_cluster(batch, previous: Params, rule: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Params:
+    """Each cluster's new model by ``rule`` over the clients that chose it (flattened, in
+    client-id order); an empty cluster keeps its model."""
+    rows = np.stack([np.concatenate([np.asarray(v[j], np.float64).ravel() for v in previous.values()])
+                     for j in range(len(next(iter(previous.values()))))])
+    if batch is not None:
+        choice = batch.metrics[CLUSTER].astype(np.int64)
+        flat = np.concatenate([np.asarray(batch.params[n], np.float64).reshape(len(batch), -1)
+                               for n in previous], axis=1)
+        for j in range(len(rows)):
+            chose = choice == j
+            if chose.any():
+                rows[j] = rule(flat[chose], batch.num_examples[chose].astype(np.float64))
+    return unflatten(rows, previous)
 
 
 def unflatten(rows: np.ndarray, reference: Params) -> Params:

@@ -18,17 +18,26 @@ from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum, Mult
 from flwr.serverapp.strategy.multikrum import select_multikrum
 from flwr.supercore.differential_privacy import compute_clip_model_update, get_norm
 
-from proto.wire import ClientBatch, params_to_record, record_to_params
+from proto.wire import CLUSTER, LOSS_BEFORE, ClientBatch, params_to_record, record_to_params
 from strategies.fedavg import CohortAggregation
 from strategies.result import RoundResult
 
+TRAIN_LOSS = "train_loss"  # Flower's default train_loss_key (QFedAvg)
+
 
 def client_replies(batch: ClientBatch) -> list[Message]:
-    """One Flower-style reply (``arrays`` + ``metrics`` with ``num-examples``) per client."""
+    """One Flower-style reply per client: ``arrays``, and ``metrics`` with ``num-examples``,
+    the client's mean loss under the model it received (``train_loss``, as Flower's QFedAvg
+    reads it) and, with client-side clipping, ``norm_bit`` (Flower's DP wrappers read it)."""
+    n = batch.num_examples
+    means = {TRAIN_LOSS if name == LOSS_BEFORE else name: values / n
+             for name, values in batch.metrics.items() if name != CLUSTER}
     return [
         Message(RecordDict({
-            "arrays": params_to_record({n: v[j] for n, v in batch.params.items()}),
-            "metrics": MetricRecord({"num-examples": int(batch.num_examples[j])}),
+            "arrays": params_to_record({name: v[j] for name, v in batch.params.items()}),
+            "metrics": MetricRecord({"num-examples": int(n[j]),
+                                     **{name: (int(round(v[j])) if name == "norm_bit" else float(v[j]))
+                                        for name, v in means.items()}}),
         }), dst_node_id=0, message_type="train")
         for j in range(len(batch))
     ]

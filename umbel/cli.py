@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -66,32 +67,56 @@ def run(
     ] = None,
     force: Annotated[bool, typer.Option(
         help="start even when the run's memory estimate exceeds what this machine has")] = False,
+    seeds: Annotated[Optional[str], typer.Option(
+        help="run once per seed (0-4, or 0,3,7), then compare the runs (mean and spread)")] = None,
+    mlflow: Annotated[bool, typer.Option(
+        "--mlflow", help="track the run in MLflow (run.tracking_uri, default ./mlruns)")] = False,
 ) -> None:
     """Run a scenario on Flower's simulation engine and write its run record.
 
     Ctrl-C (SIGINT) or SIGTERM stops it between rounds: the record says `interrupted`,
     the exit code is 130 / 143, and `--resume RUN_DIR` continues it bit for bit."""
-    from simulations.launcher import (
-        LaunchError, RunFailed, RunInterrupted, arm_labels, check_out_folder, check_ray_address,
-        check_resumable, simulate,
-    )
+    from simulations.compare import parse_seeds, write_compare
+    from simulations.launcher import LaunchError, check_out_folder, check_ray_address, check_resumable
     from simulations.scenarios import load_scenario
-    from workloads import workload_class
 
     try:
         if resume is not None:
-            if set_ or seed is not None or out is not None:
+            if set_ or seed is not None or out is not None or seeds:
                 raise LaunchError("--resume continues a run with its own scenario; drop --set, "
-                                  "--seed and --out")
-            resolved = check_resumable(resume)
+                                  "--seed, --seeds and --out")
+            runs = [check_resumable(resume)]
         else:
-            resolved = load_scenario(scenario, set_ or [], seed)
+            if seeds and seed is not None:
+                raise LaunchError("--seed and --seeds: give one")
+            try:
+                chosen = parse_seeds(seeds) if seeds else [seed]
+            except ValueError as err:
+                raise LaunchError(str(err)) from None
+            runs = [load_scenario(scenario, set_ or [], s) for s in chosen]
         if ray_address:
             check_ray_address(ray_address)
         if resume is None:
-            check_out_folder(out or resolved["run"]["out"])
+            check_out_folder(out or runs[0]["run"]["out"])
+        if mlflow or runs[0]["run"]["tracking"] == "mlflow":
+            for resolved in runs:
+                resolved["run"]["tracking"] = "mlflow"
     except (ScenarioError, LaunchError) as err:
         _fail(str(err), EXIT_BAD_INPUT)
+    run_dirs = [_run_one(resolved, out, ray_address, verbose, resume, force) for resolved in runs]
+    if len(run_dirs) > 1:
+        files = write_compare(run_dirs, (out or Path(runs[0]["run"]["out"])) /
+                              f"{runs[0]['run']['name']}-seeds-{time.strftime('%Y%m%d-%H%M%S')}")
+        console.print(files[0].read_text(), highlight=False, soft_wrap=True)
+        console.print(f"comparison: [bold]{files[0].parent}[/]", soft_wrap=True)
+
+
+def _run_one(resolved: dict[str, Any], out: Optional[Path], ray_address: Optional[str], verbose: bool,
+             resume: Optional[Path], force: bool) -> Path:
+    """One simulation with its live progress bars; exits the command on failure."""
+    from simulations.launcher import LaunchError, RunFailed, RunInterrupted, arm_labels, simulate
+    from workloads import workload_class
+
     key = workload_class(resolved["run"]["workload"]).key_metric
     fed = resolved["federation"]
     console.print(
@@ -128,6 +153,25 @@ def run(
         raise typer.Exit(err.exit_code)
     console.print((run_dir / "summary.md").read_text(), highlight=False, soft_wrap=True)
     console.print(f"run record: [bold]{run_dir}[/]", soft_wrap=True)
+    return run_dir
+
+
+@app.command()
+def compare(
+    run_dirs: Annotated[list[Path], typer.Argument(help="run directories (runs of one workload)")],
+    out: Annotated[Optional[Path], typer.Option(help="folder for compare.md and the plot")] = None,
+) -> None:
+    """Put several runs side by side: the final table (mean and spread over seeds where a
+    scenario ran with several) and the key metric's curves on one plot."""
+    from simulations.compare import CompareError, write_compare
+
+    try:
+        files = write_compare(run_dirs, out)
+    except CompareError as err:
+        _fail(str(err), EXIT_BAD_INPUT)
+    console.print(files[0].read_text(), highlight=False, soft_wrap=True)
+    for f in files:
+        console.print(f"wrote {f}", soft_wrap=True)
 
 
 @app.command()

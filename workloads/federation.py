@@ -123,8 +123,24 @@ PARTICIPATION_DEFAULTS: dict[str, Any] = {
 }
 
 
+# Simulated model poisoning: a fixed share of clients scale their update (new - sent).
+ATTACK_DEFAULTS: dict[str, Any] = {"scaled_update_fraction": 0.0, "scaled_update_factor": 10.0}
+STREAM_SCALED_UPDATES = streams.SCALED_UPDATES
+
+
 def _setting(federation: dict[str, Any], key: str) -> Any:
-    return federation.get(key, PARTICIPATION_DEFAULTS[key])
+    return federation.get(key, {**PARTICIPATION_DEFAULTS, **ATTACK_DEFAULTS}[key])
+
+
+def update_scales(federation: dict[str, Any], client_ids: np.ndarray) -> np.ndarray | None:
+    """Per client, the factor its update is multiplied by before it is sent: the scenario's
+    ``scaled_update_factor`` for a fixed, seeded ``scaled_update_fraction`` of the clients
+    (the same clients every round), 1 for the others; None when nobody scales."""
+    fraction = _setting(federation, "scaled_update_fraction")
+    if fraction <= 0:
+        return None
+    scaling = client_uniform(federation["seed"], STREAM_SCALED_UPDATES, client_ids, 0) < fraction
+    return np.where(scaling, float(_setting(federation, "scaled_update_factor")), 1.0)
 
 
 def available(federation: dict[str, Any], client_ids: np.ndarray, round_: int) -> np.ndarray:

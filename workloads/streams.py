@@ -16,6 +16,7 @@ LINEAR_INIT = 5  # Workload.random_models' default draw (IFCA's random start)
 AVAILABILITY = 6  # bernoulli availability trace
 PHASE = 7  # diurnal trace: each client's phase
 LATENCY = 8  # simulated client latency
+SCALED_UPDATES = 9  # which clients send scaled updates (federation.scaled_update_fraction)
 
 # active learning (workloads.active_learning)
 AL_SPLIT = 11  # test/pool split and the Dirichlet draws
@@ -43,6 +44,13 @@ CCGC_SPLIT = 42  # who holds which nodes
 CCGC_INIT = 43  # the encoders' initialisation
 CCGC_CENTRES = 44  # the initial centres' node sample and k-means++
 CCGC_SAMPLE = 45  # the positive pairs' sampling in local training
+
+# multi-relational bot and stance detection (workloads.mgtab)
+MGTAB_GRAPH = 51  # the MGTAB-schema generator
+MGTAB_SPLIT = 52  # the 70/20/10 train/validation/test roles
+MGTAB_PARTITION = 53  # who holds which users (random partition)
+MGTAB_INIT = 54  # the models' initialisation (IFCA's draws too)
+MGTAB_TRAIN = 55  # dropout in local training
 
 
 def all_tags() -> dict[str, int]:
