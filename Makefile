@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/deploy_latency.py
 	$(BIN)/python benchmarks/backdoor.py --workers 2
 	$(BIN)/python benchmarks/ccgc.py --flower
+	$(BIN)/python benchmarks/robust_clustered.py --workers 2
 
 clean:
 	rm -rf runs .pytest_cache benchmarks/results

@@ -3,7 +3,8 @@ arm (fixed seeds), each followed by ``--resume`` and compared bit for bit with a
 uninterrupted run; nothing hangs, and no process or temp folder is left behind.
 
 Each run here is a real ``umbel run`` process with its own Ray (the default path, not the
-session's shared cluster: a signal must stop the Ray that the run started)."""
+session's shared cluster: a signal must stop the Ray that the run started); the
+uninterrupted run is the in-process reference, whose records equal Flower's bit for bit."""
 
 from __future__ import annotations
 
@@ -51,10 +52,6 @@ def _rows(run_dir: Path) -> dict:
         return {}
 
 
-def _final_models(run_dir: Path) -> dict:
-    return {arm: load_models(run_dir, arm) for arm in ARMS}
-
-
 def _processes_using(folder: str) -> list[str]:
     """Command lines of live processes that mention ``folder`` (Ray's, for its temp dir)."""
     found = []
@@ -70,12 +67,14 @@ def _processes_using(folder: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("whole")
-    proc = _umbel("run", *SCENARIO, "--out", str(out))
-    _, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err
-    return _run_dir(out)
+def uninterrupted() -> dict[str, list[dict]]:
+    """Every arm run without interruption, in-process: the same records as a Flower run bit
+    for bit (tests/test_simulation.py), at a fraction of the cost."""
+    from simulations.reference import Reference
+    from simulations.scenarios import load_scenario
+
+    ref = Reference(load_scenario(SCENARIO[0], [s for s in SCENARIO[1:] if s != "--set"]))
+    return {arm: ref.run(arm) for arm in ARMS}
 
 
 @pytest.mark.slow
@@ -124,13 +123,12 @@ def test_a_signal_at_a_random_round_then_resume_ends_bit_identical(uninterrupted
             assert not Path(folder).exists(), f"{folder} was left behind"
             assert not _processes_using(folder), _processes_using(folder)  # Ray's died with the run
     assert load_history(run_dir)["status"] == "finished"
-    whole, again = _final_models(uninterrupted), _final_models(run_dir)
+    new_rows = load_history(run_dir)["strategies"]
     for name in ARMS:
-        for key in whole[name]:
-            np.testing.assert_array_equal(again[name][key], whole[name][key], err_msg=f"{name}/{key}")
-    ref_rows, new_rows = load_history(uninterrupted)["strategies"], load_history(run_dir)["strategies"]
-    for name in ARMS:
-        assert [r["estimation_error"] for r in new_rows[name]] == [r["estimation_error"] for r in ref_rows[name]]
+        whole = uninterrupted[name]
+        for key, value in whole[-1]["models"].items():
+            np.testing.assert_array_equal(load_models(run_dir, name)[key], value, err_msg=f"{name}/{key}")
+        assert [r["estimation_error"] for r in new_rows[name]] == [r["estimation_error"] for r in whole]
 
 
 def test_a_second_writer_is_refused_with_the_holders_pid_and_a_stale_lock_is_taken_over(tmp_path):
