@@ -151,14 +151,17 @@ def load_object(path: str, field: str) -> Any:
     return obj
 
 
+def _parameters(factory: Any) -> list[inspect.Parameter]:
+    """The parameters of a class's ``__init__`` or of a factory (none when unreadable)."""
+    try:
+        return list(inspect.signature(factory.__init__ if inspect.isclass(factory) else factory).parameters.values())
+    except (TypeError, ValueError):
+        return []
+
+
 def keywords(factory: Any) -> dict[str, inspect.Parameter]:
     """The scenario-settable keyword arguments of a class or factory (``MANAGED`` excluded)."""
-    init = factory.__init__ if inspect.isclass(factory) else factory
-    try:
-        params = inspect.signature(init).parameters
-    except (TypeError, ValueError):
-        return {}
-    return {n: p for n, p in params.items() if n not in MANAGED
+    return {p.name: p for p in _parameters(factory) if p.name not in MANAGED
             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
@@ -166,7 +169,7 @@ def check_keywords(factory: Any, given: dict[str, Any], prefix: str, required_ok
     """Problems with ``given`` as keyword arguments of ``factory``: unknown keys, values that
     are not scalars of the default's type, non-finite numbers, missing required ones."""
     accepted = keywords(factory)
-    takes_any = any(p.kind == p.VAR_KEYWORD for p in _all_params(factory))
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in _parameters(factory))
     problems = []
     for key, value in given.items():
         name = f"{prefix}.{key}"
@@ -192,14 +195,6 @@ def check_keywords(factory: Any, given: dict[str, Any], prefix: str, required_ok
             problems.append((f"{prefix}.{key}", "missing; required by "
                                                  f"{getattr(factory, '__name__', factory)}"))
     return problems
-
-
-def _all_params(factory: Any) -> list[inspect.Parameter]:
-    init = factory.__init__ if inspect.isclass(factory) else factory
-    try:
-        return list(inspect.signature(init).parameters.values())
-    except (TypeError, ValueError):
-        return []
 
 
 class FlowerAdapter(ReportingStrategy):

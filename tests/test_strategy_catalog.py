@@ -160,3 +160,30 @@ def test_run_over_seeds_then_compare_three_runs(ray_cluster, tmp_path):
     assert "| tiny | fedprox | 0, 1, 2 |" in (tmp_path / "three" / "compare.md").read_text()
     bad = CliRunner().invoke(app, ["run", "tiny", "--seeds", "4-0", "--out", str(tmp_path)])
     assert bad.exit_code == 2 and "empty" in bad.output
+
+
+def test_client_side_clipping_bounds_every_update_and_says_whom_it_clipped():
+    from client.compute import clip_updates, scale_updates
+
+    rng = np.random.default_rng(0)
+    start = {"w": rng.standard_normal((50, 4)), "b": rng.standard_normal((50, 2, 3))}
+    trained = {n: v + rng.standard_normal(v.shape) * rng.uniform(0.01, 3, (50,) + (1,) * (v.ndim - 1))
+               for n, v in start.items()}
+    clipped, bits = clip_updates(trained, start, 1.0)
+    norms = lambda models: np.sqrt(sum(((models[n] - start[n]).reshape(50, -1) ** 2).sum(axis=1) for n in start))
+    before, after = norms(trained), norms(clipped)
+    assert np.all(after <= 1.0 + 1e-12) and np.array_equal(bits == 1.0, before > 1.0)
+    np.testing.assert_allclose(after[before <= 1.0], before[before <= 1.0])  # small updates untouched
+    doubled = scale_updates(trained, start, np.full(50, 2.0))
+    np.testing.assert_allclose(norms(doubled), 2 * before)
+
+
+def test_the_clients_that_scale_their_updates_are_fixed_by_the_seed_whatever_the_cohorts():
+    from workloads.federation import update_scales
+
+    fed = {"seed": 3, "scaled_update_fraction": 0.1, "scaled_update_factor": 10.0}
+    ids = np.arange(10_000)
+    whole = update_scales(fed, ids)
+    assert set(np.unique(whole)) == {1.0, 10.0} and abs((whole == 10.0).mean() - 0.1) < 0.01
+    np.testing.assert_array_equal(np.concatenate([update_scales(fed, part) for part in np.array_split(ids, 7)]), whole)
+    assert update_scales({**fed, "scaled_update_fraction": 0.0}, ids) is None
