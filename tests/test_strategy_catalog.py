@@ -187,3 +187,21 @@ def test_the_clients_that_scale_their_updates_are_fixed_by_the_seed_whatever_the
     assert set(np.unique(whole)) == {1.0, 10.0} and abs((whole == 10.0).mean() - 0.1) < 0.01
     np.testing.assert_array_equal(np.concatenate([update_scales(fed, part) for part in np.array_split(ids, 7)]), whole)
     assert update_scales({**fed, "scaled_update_fraction": 0.0}, ids) is None
+
+
+def weighted_mean(models: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """A user's per-cluster rule (found by the test below through its import path)."""
+    return np.average(models, axis=0, weights=weights)
+
+
+def test_a_users_per_cluster_function_by_import_path_runs_inside_the_clustered_family():
+    """Your own function as clustered.aggregate: the example-weighted mean written by hand
+    lands where the built-in exact mean does, and the median lands elsewhere."""
+    base = ["federation.clients=200", "federation.cohort_size=50", "run.rounds=5",
+            'run.strategies=["clustered-fedavg", "mine", "median"]',
+            "strategy.mine.use='clustered-fedavg'", f"strategy.mine.aggregate='{__name__}:weighted_mean'",
+            "strategy.median.use='clustered-fedavg'", "strategy.median.aggregate='median'"]
+    ref = Reference(load_scenario("default", base))
+    exact, mine, median = (ref.run(label)[-1]["models"]["w"] for label in ("clustered-fedavg", "mine", "median"))
+    np.testing.assert_allclose(mine, exact, rtol=0, atol=1e-12)
+    assert np.abs(median - exact).max() > 1e-4
