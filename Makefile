@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/backdoor.py --workers 2
 	$(BIN)/python benchmarks/ccgc.py --flower
 	$(BIN)/python benchmarks/robust_clustered.py --workers 2
+	$(BIN)/python benchmarks/mgtab.py --speed --flower --long uniform,scenario
 
 clean:
 	rm -rf runs .pytest_cache benchmarks/results

@@ -152,6 +152,9 @@ SMALL = {
     "ccgc_clustering": ("ccgc-clustering", [
         "federation.clients=3", "ccgc.nodes=120", "ccgc.degree=20", "ccgc.feature_dim=16", "ccgc.dims=8",
         "ccgc.init_sample=60", "ccgc.baselines=[]", "run.rounds=2"]),
+    "mgtab_bots": ("mgtab-bots", [
+        "federation.clients=3", "mgtab.communities=3", "mgtab.nodes=150", "mgtab.text_dim=8", "mgtab.hidden=8",
+        "mgtab.partition='random'", "anchors.count=2", "mgtab.baselines=[]", "run.rounds=2"]),
 }
 
 
@@ -235,6 +238,21 @@ def _bad_cases(workload_name: str, good: Path, folder: Path) -> dict[str, tuple[
             "node-twice": ({"node_ids": np.concatenate([nodes[:1], nodes[:-1]])}, "names a node twice"),
             "foreign-node": ({"node_ids": nodes + 120}, "must lie in the graph's 0..119"),
             "nan": ({"features": np.where(features > 1, np.nan, features)}, "NaN"),
+        }
+    elif workload_name == "mgtab_bots":
+        features, edges, nodes, split = arrays["features"], arrays["edges"], arrays["node_ids"], arrays["split"]
+        changes |= {
+            "no-edge-types": ({"edge_type": None}, "missing array 'edge_type'"),
+            "short-edge-types": ({"edge_type": arrays["edge_type"][:-1]}, "'edge_type' has shape"),
+            "relation-7": ({"edge_type": np.full_like(arrays["edge_type"], 7)}, "'edge_type' must be classes 0-6"),
+            "global-edge-ids": ({"edges": nodes[edges] + 50}, "local user indices 0.."),
+            "other-width": ({"features": features[:, :3]}, "'features' has shape"),
+            "bot-2": ({"y_bot": np.full_like(arrays["y_bot"], 2)}, "'y_bot' must be classes 0-1"),
+            "short-stance": ({"y_stance": arrays["y_stance"][:-1]}, "'y_stance' has shape"),
+            "nothing-to-train": ({"split": np.full_like(split, 2)}, "no training users"),
+            "user-twice": ({"node_ids": np.concatenate([nodes[:1], nodes[:-1]])}, "names a user twice"),
+            "foreign-user": ({"node_ids": nodes + 150}, "must be integers in the graph's 0..149"),
+            "nan": ({"features": np.where(features > 0.5, np.nan, features)}, "NaN"),
         }
     else:
         images = arrays["images"]

@@ -117,10 +117,26 @@ def test_an_unregistered_key_is_refused_and_a_node_without_the_ca_cannot_connect
     rogue = deployment.start("rogue", deployment.files[0], max_retries=1)
     no_ca = deployment.start("no-ca", deployment.files[0], max_retries=1,
                              ca=deployment.root / "other-ca" / "ca.crt")
-    for started, says in ((rogue, "Failed to activate SuperNode"), (no_ca, "CERTIFICATE_VERIFY_FAILED")):
-        with pytest.raises(deploy.DeployError, match="exited"):
+    for started, says, fix in ((rogue, "Failed to activate SuperNode", "is not registered"),
+                               (no_ca, "CERTIFICATE_VERIFY_FAILED", "copy the deployment's certs/ca.crt")):
+        with pytest.raises(deploy.DeployError, match="exited") as refused:
             deploy.still_running(started, grace=30)
-        assert says in started.log.read_text()
+        assert says in started.log.read_text() and fix in str(refused.value)
+
+
+def test_a_second_superlink_is_refused_by_the_homes_lock_and_by_its_port(deployment, tmp_path):
+    """The running SuperLink's pid file is the home's lock: a second one in the same home is
+    refused with its pid; one from another home on the same port is refused naming the port.
+    The first keeps running, and its pid file still names it (so `deploy stop` stops it)."""
+    home, port = deployment.home, int(deployment.link.rpartition(":")[2])
+    pid = int((home.pids / "superlink.pid").read_text())
+    with pytest.raises(deploy.DeployError, match=f"already running \\(process {pid}\\)"):
+        deploy.start_superlink(home, port=port)
+    with pytest.raises(deploy.DeployError, match=f"127.0.0.1:{port} is taken"):
+        deploy.start_superlink(deploy.Home(tmp_path / "other"), port=port, insecure=True)
+    assert deploy.is_running(pid) and int((home.pids / "superlink.pid").read_text()) == pid
+    with pytest.raises(deploy.DeployError, match="supernode-dev-0 of .* is already running"):
+        deployment.start("dev-0", deployment.files[0])
 
 
 def test_a_killed_device_misses_its_round_and_rejoins_with_its_state_from_disk(deployment):
@@ -353,4 +369,30 @@ def test_umbel_deploy_run_carries_ccgc_to_devices_and_matches_the_simulation(tmp
     assert len(simulated) == len(rows)
     for row, ref in zip(rows, simulated):
         for metric in ("nmi", "acc", "node_ari", "f1", "refit_nmi", "cluster_loss"):
+            assert row[metric] == pytest.approx(ref[metric], abs=1e-9), (row["round"], metric)
+
+
+def test_umbel_deploy_run_carries_mgtab_to_devices_and_matches_the_simulation(tmp_path):
+    """Two devices, each training RGCN on its own community (its users' labels and the
+    relations among them, read from its file); FedAvg ends with the in-process simulation's
+    models, and the server's evaluator scores every round alike."""
+    overrides = ["federation.clients=2", "federation.cohort_size=1", "run.rounds=2", "run.round_timeout=120.0",
+                 "run.strategies=['fedavg']", "mgtab.nodes=200", "mgtab.communities=2", "mgtab.text_dim=8",
+                 "mgtab.hidden=8", "anchors.count=1", "mgtab.baselines=[]", "train.local_steps=3"]
+    run_dir = _deploy_with_the_cli(tmp_path, "mgtab-bots", overrides, ["mg-0", "mg-1"])
+    assert all(sorted(np.load(f).files) == ["client_id", "edge_type", "edges", "features", "node_ids", "split",
+                                            "y_bot", "y_stance"] for f in (tmp_path / "data").glob("client-*.npz"))
+    history = load_history(run_dir)
+    assert history["status"] == "finished"
+    rows = history["strategies"]["fedavg"]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    _no_labels_no_drops(rows, clients=2)
+    simulated = Reference(load_scenario("mgtab-bots", overrides)).run("fedavg")
+    deployed = load_models(run_dir, "fedavg")
+    assert sorted(deployed) == sorted(simulated[-1]["models"])
+    for name, value in simulated[-1]["models"].items():
+        np.testing.assert_allclose(deployed[name], value, rtol=0, atol=1e-9, err_msg=name)
+    assert deployed["age"].ravel().tolist() == [2.0]
+    for row, ref in zip(rows, simulated):
+        for metric in ("f1_bot", "acc_bot", "f1_stance", "acc_stance", "round_f1_bot", "val_score", "train_loss"):
             assert row[metric] == pytest.approx(ref[metric], abs=1e-9), (row["round"], metric)

@@ -20,6 +20,7 @@ WORKLOADS: dict[str, str] = {
     "koopman_burgers": "workloads.koopman:KoopmanBurgers",
     "backdoor_distillation": "workloads.backdoor:BackdoorDistillation",
     "ccgc_clustering": "workloads.ccgc:CCGCClustering",
+    "mgtab_bots": "workloads.mgtab:MGTABBots",
 }
 
 _checked: dict[str, type[Workload]] = {}
