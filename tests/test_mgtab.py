@@ -341,20 +341,26 @@ def test_a_short_federation_is_deterministic_and_clustered_arms_report_ari():
 # ---- the paired claim (slow) -------------------------------------------------------------------
 
 
+def _baseline_f1(seed: int, name: str) -> float:
+    """One centralised reference run (picklable, for ``on_both_cores``): its final bot F1."""
+    scenario = load_scenario("mgtab-bots", ["mgtab.nodes=2000", "run.strategies=['fedavg']",
+                                            "mgtab.baselines=['centralised', 'centralised-mlp', "
+                                            "'centralised-rgcn-best-pair']"], seed=seed)
+    sc, strategy = baseline_runs(scenario)[name]
+    return Reference(sc).run(strategy, keep_models=False)[-1]["f1_bot"]
+
+
 @pytest.mark.slow
 def test_rgcn_on_seven_relations_beats_the_mlp_and_the_best_pair_on_every_seed():
     """Centralised (one client holding the whole graph, the scenario's recipe) on the
     scenario's graph at 2,000 users (half the default, for time), seeds 0-4, paired.
     Pilot (benchmarks/mgtab.py at 2,000 users): RGCN-7 - MLP +0.30 (worst seed +0.23),
     RGCN-7 - best pair +0.16 (worst +0.08), RGCN-7 sd 0.022; the margins are set below."""
-    f1 = {}
-    for seed in range(5):
-        scenario = load_scenario("mgtab-bots", ["mgtab.nodes=2000", "run.strategies=['fedavg']",
-                                                "mgtab.baselines=['centralised', 'centralised-mlp', "
-                                                "'centralised-rgcn-best-pair']"], seed=seed)
-        for name, (sc, strategy) in baseline_runs(scenario).items():
-            f1.setdefault(name, []).append(Reference(sc).run(strategy, keep_models=False)[-1]["f1_bot"])
-    rgcn, mlp, pair = (np.array(f1[n]) for n in ("centralised", "centralised-mlp", "centralised-rgcn-best-pair"))
+    from conftest import on_both_cores
+
+    names = ("centralised", "centralised-mlp", "centralised-rgcn-best-pair")
+    f1 = on_both_cores([(_baseline_f1, seed, name) for seed in range(5) for name in names])
+    rgcn, mlp, pair = (np.array(f1[i::3]) for i in range(3))
     assert (rgcn - mlp).mean() >= 0.1 and (rgcn - mlp).min() > 0.1, (rgcn, mlp)
     assert (rgcn - pair).mean() >= 0.05 and (rgcn - pair).min() > 0.03, (rgcn, pair)
     assert rgcn.std() <= 0.03, rgcn
