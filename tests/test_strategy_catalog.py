@@ -205,3 +205,21 @@ def test_a_users_per_cluster_function_by_import_path_runs_inside_the_clustered_f
     exact, mine, median = (ref.run(label)[-1]["models"]["w"] for label in ("clustered-fedavg", "mine", "median"))
     np.testing.assert_allclose(mine, exact, rtol=0, atol=1e-12)
     assert np.abs(median - exact).max() > 1e-4
+
+
+def test_simulate_takes_a_scenario_as_a_dict_and_refuses_a_bad_one_naming_the_field(ray_cluster, tmp_path):
+    from flwr.serverapp.strategy import FedAvg
+
+    from server.run_config import ScenarioError
+    from umbel import simulate
+
+    scenario = {"run": {"name": "as-dict", "rounds": 2, "strategies": ["fedavg"]},
+                "federation": {"clients": 12, "cohort_size": 4}}
+    run = simulate(scenario, strategies={"flower": FedAvg()}, overrides=["run.rounds=3"], seed=5,
+                   out=tmp_path, ray_address=ray_cluster)
+    assert run.arms == ["fedavg", "flower"] and run.history["seed"] == 5
+    assert [r["round"] for r in run.rows("flower")] == [0, 1, 2, 3]
+    # Flower's FedAvg on one reply per client is umbel's FedAvg, up to the order of the sum
+    np.testing.assert_allclose(run.models("flower")["w"], run.models("fedavg")["w"], rtol=1e-12, atol=1e-15)
+    with pytest.raises(ScenarioError, match="federation.clients"):
+        simulate({**scenario, "federation": {"clients": 0}}, out=tmp_path, ray_address=ray_cluster)

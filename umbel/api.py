@@ -64,9 +64,9 @@ def simulate(
     simulation engine; ``strategies`` adds your strategy objects under their labels.
     Raises ``ScenarioError`` (bad input, naming the field), ``LaunchError``, ``RunFailed``."""
     from server.record import load_history
-    from server.run_config import ScenarioError, resolve
+    from server.run_config import resolve
     from simulations.launcher import simulate as launch
-    from simulations.scenarios import load_scenario
+    from simulations.scenarios import apply_override, load_scenario
     from strategies import catalog
 
     objects = dict(strategies or {})
@@ -74,19 +74,15 @@ def simulate(
         if isinstance(scenario, dict):
             raw = copy.deepcopy(scenario)
             for item in overrides or []:
-                from simulations.scenarios import apply_override
-
                 apply_override(raw, item, "overrides")
             if seed is not None:
                 raw.setdefault("federation", {})["seed"] = seed
             resolved = resolve(_with_live(raw, objects), source="<dict>")
-        else:
+        else:  # a resolved scenario resolves again to itself, with the objects' labels added
             base = load_scenario(str(scenario), list(overrides or []), seed)
             resolved = resolve(_with_live(base, objects), source=str(scenario))
-        if not objects and not resolved["run"]["strategies"]:
-            raise ScenarioError("<simulate>", [("run.strategies", "no strategy to run")])
         run_dir = launch(resolved, out=out, ray_address=ray_address, verbose=not quiet)
-    return RunResult(run_dir, resolved, load_history(run_dir))
+    return RunResult(dir=run_dir, scenario=resolved, history=load_history(run_dir))
 
 
 def _with_live(raw: dict[str, Any], objects: dict[str, Any]) -> dict[str, Any]:
