@@ -164,6 +164,27 @@ def plot_fields(history: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def plot_tradeoff(history: dict[str, Any], path: Path) -> bool:
+    """One point per arm from its ``final["tradeoff"]`` (``x``, ``y`` and their labels, e.g.
+    accuracy against FLOPs), labelled with the arm's name."""
+    points = finals(history, "tradeoff")
+    if not points:
+        return False
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for name, p in points.items():
+        ax.scatter([p["x"]], [p["y"]], s=30)
+        ax.annotate(name, (p["x"], p["y"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    first = next(iter(points.values()))
+    ax.set_xlabel(first.get("x_label", "x"))
+    ax.set_ylabel(first.get("y_label", "y"))
+    ax.grid(True, alpha=0.3)
+    ax.set_title(f"{history['name']}: {first.get('y_label', 'y')} against {first.get('x_label', 'x')}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def plot_metric(history: dict[str, Any], metric: str, path: Path) -> bool:
     """One figure, one line per strategy; log scale when the values span decades."""
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
@@ -299,7 +320,7 @@ def write_report(run_dir: Path) -> list[Path]:
         path = run_dir / "learning_curve.png"
         if plot_curve(history, path):
             written.append(path)
-    for name, plot in (("rollout.png", plot_rollout), ("fields.png", plot_fields)):
+    for name, plot in (("rollout.png", plot_rollout), ("fields.png", plot_fields), ("tradeoff.png", plot_tradeoff)):
         if plot(history, run_dir / name):
             written.append(run_dir / name)
     return written

@@ -21,6 +21,7 @@ WORKLOADS: dict[str, str] = {
     "backdoor_distillation": "workloads.backdoor:BackdoorDistillation",
     "ccgc_clustering": "workloads.ccgc:CCGCClustering",
     "mgtab_bots": "workloads.mgtab:MGTABBots",
+    "snf_pruning": "workloads.snf:SNFPruning",
 }
 
 _checked: dict[str, type[Workload]] = {}

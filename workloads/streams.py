@@ -52,6 +52,14 @@ MGTAB_PARTITION = 53  # who holds which users (random partition)
 MGTAB_INIT = 54  # the models' initialisation (IFCA's draws too)
 MGTAB_TRAIN = 55  # dropout in local training
 
+# SNF-style filter pruning (workloads.snf)
+SNF_SPLIT = 61  # test originals, the Dirichlet split, each client's validation set
+SNF_INIT = 62  # the ResNet's initialisation
+SNF_TRAIN = 63  # minibatch order and distortions of local training
+SNF_VIEWS = 64  # the fixed distorted views (test, validation)
+SNF_WIDTHS = 65  # the search's candidate widths and the random-widths baseline
+SNF_CRITERION = 66  # the random filter choice (criterion = "random")
+
 
 def all_tags() -> dict[str, int]:
     """Name -> tag of every stream (a test checks that no two share a value)."""
