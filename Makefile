@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/ccgc.py --flower
 	$(BIN)/python benchmarks/robust_clustered.py --workers 2
 	$(BIN)/python benchmarks/mgtab.py --speed --flower --long uniform,scenario
+	$(BIN)/python benchmarks/snf.py --flower
 
 clean:
 	rm -rf runs .pytest_cache benchmarks/results

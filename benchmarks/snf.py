@@ -13,7 +13,8 @@ once per seed: ``--dense-rounds`` rounds of FedAvg; every arm then starts from t
   accuracy), L1 filters; ``searched-bn`` scores by BN reset alone (the spec's proxy) and
   ``searched-loss`` by validation loss after the same fine-tune steps.
 
-Usage: python benchmarks/snf.py [--seeds 0,1,2] [--cuts 0.5,0.65] [--arms ...] [--flower] [--tables]
+Usage: python benchmarks/snf.py [--seeds 0,1,2] [--cuts 0.5,0.65] [--arms ...] [--dense-rounds 20]
+       [--finetune-rounds 8] [--tag long] [--flower] [--tables]
 Writes ``benchmarks/results/snf.json`` (after every seed); prints Markdown tables (mean ± sd
 over seeds; paired differences with the worst and best seed).
 """
@@ -121,18 +122,19 @@ def tables(results: dict) -> str:
     s = results["settings"]
     lines = [f"SNF pruning, ResNet-14 on hard digits, 5 clients (Dirichlet 0.5), FedAvg: {s['dense_rounds']} dense rounds, "
              f"1 search round, {s['finetune_rounds']} fine-tune rounds; seeds {', '.join(seeds)}.", "",
-             "| arm | FLOPs cut | accuracy % | vs dense (worst seed) | vs uniform (worst to best) | widths (seed "
-             f"{seeds[0]}) | s |", "|---|---|---|---|---|---|---|"]
+             "| arm | FLOPs cut | accuracy % | vs dense model pruned (worst seed) | vs dense trained as long (worst) "
+             f"| vs uniform (worst to best) | widths (seed {seeds[0]}) | s |", "|---|---|---|---|---|---|---|---|"]
     dense = np.array([per_seed[k]["dense"]["accuracy"] for k in seeds])
     phase = np.array([per_seed[k]["dense_phase"]["curve"][-1] for k in seeds])
-    lines.append(f"| dense (after the dense phase) | 0 | {_ms(phase)} | | | | "
+    lines.append(f"| dense (after the dense phase) | 0 | {_ms(phase)} | | | | | "
                  f"{np.mean([per_seed[k]['dense_phase']['seconds'] for k in seeds]):.0f} |")
     arms = [a for a in per_seed[seeds[0]] if a not in ("dense_phase",)]
     for arm in arms:
         acc = np.array([per_seed[k][arm]["accuracy"] for k in seeds])
         cut = np.array([per_seed[k][arm]["flops_cut"] for k in seeds])
-        d = 100 * (acc - dense)
+        d, p = 100 * (acc - dense), 100 * (acc - phase)
         vs_dense = f"{d.mean():+.2f} ({d.min():+.2f})" if arm != "dense" else ""
+        vs_phase = f"{p.mean():+.2f} ({p.min():+.2f})"
         vs_uni = ""
         if "@" in arm and not arm.startswith("uniform"):
             uni = np.array([per_seed[k][f"uniform@{arm.split('@')[1]}"]["accuracy"] for k in seeds]) \
@@ -142,7 +144,7 @@ def tables(results: dict) -> str:
                 vs_uni = f"{u.mean():+.2f} ± {u.std():.2f} ({u.min():+.2f} to {u.max():+.2f})"
         widths = per_seed[seeds[0]][arm]["widths"]
         secs = np.mean([per_seed[k][arm]["seconds"] for k in seeds])
-        lines.append(f"| {arm} | {100 * cut.mean():.1f}% | {_ms(acc)} | {vs_dense} | {vs_uni} | "
+        lines.append(f"| {arm} | {100 * cut.mean():.1f}% | {_ms(acc)} | {vs_phase} | {vs_dense} | {vs_uni} | "
                      f"{'/'.join(str(w) for w in widths)} | {secs:.0f} |")
     lines += ["", "Searched minus random widths (paired, points):", ""]
     for arm in arms:
@@ -181,9 +183,10 @@ def main() -> None:
     parser.add_argument("--finetune-rounds", type=int, default=8)
     parser.add_argument("--flower", action="store_true", help="also time the scenario through Flower")
     parser.add_argument("--tables", action="store_true", help="print the tables of the saved results and stop")
+    parser.add_argument("--tag", default="", help="write results/snf-<tag>.json (e.g. a longer fine-tune)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    path = OUT / "snf.json"
+    path = OUT / (f"snf-{args.tag}.json" if args.tag else "snf.json")
     if args.tables:
         print(tables(json.loads(path.read_text())))
         return

@@ -155,6 +155,9 @@ SMALL = {
     "mgtab_bots": ("mgtab-bots", [
         "federation.clients=3", "mgtab.communities=3", "mgtab.nodes=150", "mgtab.text_dim=8", "mgtab.hidden=8",
         "mgtab.partition='random'", "anchors.count=2", "mgtab.baselines=[]", "run.rounds=2"]),
+    "snf_pruning": ("snf-pruning", [
+        "federation.clients=3", "snf.widths=[4, 8, 8]", "snf.test_size=200", "snf.test_views=1", "snf.cuts=[0.5]",
+        "snf.dense_rounds=1", "run.rounds=3"]),
 }
 
 
@@ -253,6 +256,18 @@ def _bad_cases(workload_name: str, good: Path, folder: Path) -> dict[str, tuple[
             "user-twice": ({"node_ids": np.concatenate([nodes[:1], nodes[:-1]])}, "names a user twice"),
             "foreign-user": ({"node_ids": nodes + 150}, "must be integers in the graph's 0..149"),
             "nan": ({"features": np.where(features > 0.5, np.nan, features)}, "NaN"),
+        }
+    elif workload_name == "snf_pruning":
+        images, validation = arrays["images"], arrays["validation"]
+        changes |= {
+            "no-validation": ({"validation": None}, "missing array 'validation'"),
+            "upsampled": ({"images": np.repeat(np.repeat(images, 2, axis=2), 2, axis=3)}, "expected (n, 1, 8, 8)"),
+            "short-targets": ({"targets": arrays["targets"][:-1]}, "'targets' has shape"),
+            "raw-pixels": ({"images": images * 16}, "expected [0, 1]"),
+            "class-10": ({"targets": np.full_like(arrays["targets"], 10)}, "classes 0-9"),
+            "all-validation": ({"validation": np.ones_like(validation)}, "leave at least one for training"),
+            "int-validation": ({"validation": validation.astype(np.int64)}, "'validation' holds int64"),
+            "nan": ({"images": np.where(images == images.max(), np.nan, images)}, "NaN"),
         }
     else:
         images = arrays["images"]

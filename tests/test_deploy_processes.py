@@ -372,6 +372,35 @@ def test_umbel_deploy_run_carries_ccgc_to_devices_and_matches_the_simulation(tmp
             assert row[metric] == pytest.approx(ref[metric], abs=1e-9), (row["round"], metric)
 
 
+def test_umbel_deploy_run_carries_snf_pruning_to_devices_and_matches_the_simulation(tmp_path):
+    """Two devices through SNF's search and pruned phases (dense FedAvg is any FedAvg): round 1
+    the search (each device scores the candidates on its own validation digits), round 2
+    pruned to the best-scored widths with masks every device shares; the models and the
+    evaluator's scores are the in-process simulation's."""
+    overrides = ["federation.clients=2", "federation.cohort_size=1", "run.rounds=2", "run.round_timeout=120.0",
+                 "snf.methods=['searched']", "snf.cuts=[0.5]", "snf.widths=[4, 8, 8]", "snf.test_size=200",
+                 "snf.test_views=1", "snf.candidates=2", "snf.proxy_steps=1", "snf.dense_rounds=0",
+                 "train.local_steps=2"]
+    run_dir = _deploy_with_the_cli(tmp_path, "snf-pruning", overrides, ["snf-0", "snf-1"])
+    assert all(sorted(np.load(f).files) == ["client_id", "images", "targets", "validation"]
+               for f in (tmp_path / "data").glob("client-*.npz"))
+    history = load_history(run_dir)
+    assert history["status"] == "finished"
+    rows = history["strategies"]["fedavg/searched@0.5"]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    _no_labels_no_drops(rows, clients=2)
+    assert rows[1]["flops_cut"] == 0.0 and rows[2]["flops_cut"] >= 0.5  # pruned after the search round
+    simulated = Reference(load_scenario("snf-pruning", overrides)).run("fedavg", variant="searched@0.5")
+    deployed = load_models(run_dir, "fedavg/searched@0.5")
+    assert sorted(deployed) == sorted(simulated[-1]["models"])
+    for name, value in simulated[-1]["models"].items():
+        np.testing.assert_allclose(deployed[name], value, rtol=0, atol=1e-6, err_msg=name)
+    assert deployed["snf.scores"].max() > 0  # the devices' scores reached the server
+    for row, ref in zip(rows, simulated):
+        for metric in ("accuracy", "mflops", "width_1"):
+            assert row[metric] == pytest.approx(ref[metric], abs=1e-6), (row["round"], metric)
+
+
 def test_umbel_deploy_run_carries_mgtab_to_devices_and_matches_the_simulation(tmp_path):
     """Two devices, each training RGCN on its own community (its users' labels and the
     relations among them, read from its file); FedAvg ends with the in-process simulation's

@@ -39,6 +39,7 @@ def tiny(overrides=(), seed=0):
 
 
 TOY = Arch(widths=(2, 4), blocks=1, side=4, classes=3)
+MARGIN = 0.02  # L1 over the mean of three random filter choices (pilot: +0.054)
 
 
 def test_flops_match_a_hand_count_of_a_toy_resnet():
@@ -243,8 +244,9 @@ def test_device_files_read_back_as_the_simulated_clients_and_bad_ones_are_named(
 @pytest.mark.slow
 def test_l1_filters_beat_randomly_chosen_filters_at_the_uniform_widths_before_fine_tuning():
     """Seed 0: a half-width ResNet-14 trained centrally for 6 epochs on the hard digits,
-    pruned to the uniform widths of a 65% cut by L1 and by a random filter choice, BN reset,
-    no fine-tuning. Pilot: L1 XX, random YY; the claim: L1 leads by more than ZZ points."""
+    pruned to the uniform widths of a 65% cut by L1 and by three random filter choices, BN
+    reset, no fine-tuning. Pilot: L1 45.5%, random 47.3 / 30.3 / 42.8% (mean 40.1): one
+    random draw beat L1, so the claim is on the mean, with under half the pilot's lead."""
     scenario, workload = tiny(["federation.clients=1", "snf.widths=[8, 16, 32]", "snf.test_views=2",
                                "snf.cuts=[0.65]"])
     data = workload.client_data(np.array([0]))
@@ -263,14 +265,17 @@ def test_l1_filters_beat_randomly_chosen_filters_at_the_uniform_widths_before_fi
     params = {n: t.detach().numpy().copy() for n, t in model.state_dict().items()}
     params[SCORES_KEY] = np.zeros(3, np.float32)
     widths = uniform_widths(workload.arch, 0.65, 0.02, 0.2)
-    accuracy = {}
-    for criterion in ("l1", "random"):
-        workload.options["criterion"] = criterion
+    images, targets = workload._test
+
+    def pruned_accuracy(criterion: str, seed: int) -> float:
+        workload.options["criterion"], workload.seed = criterion, seed  # seed: the random choice's stream
         pruned = workload.prune(params, widths)
         net = workload._load({n: v for n, v in pruned.items() if n != SCORES_KEY}, ResNet(workload.arch))
         workload.bn_reset(net, data, 0, (0, 0))
-        images, targets = workload._test
         with torch.no_grad():
-            accuracy[criterion] = float((net(images).argmax(1) == targets).double().mean())
-    print(accuracy)
-    assert accuracy["l1"] > accuracy["random"]
+            return float((net(images).argmax(1) == targets).double().mean())
+
+    l1 = pruned_accuracy("l1", 0)
+    random = [pruned_accuracy("random", s) for s in (100, 101, 102)]
+    print(l1, random)
+    assert l1 > np.mean(random) + MARGIN
