@@ -31,7 +31,6 @@ model on held-out distorted digits, its FLOPs (``mflops``, ``flops_cut``) and it
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Iterator
@@ -217,7 +216,6 @@ class SNFPruning(Workload, Stateful, DeviceFiles):
         test = self.split.test
         self._test = (fixed_views(images[test], int(snf["test_views"]), self.seed, streams.SNF_VIEWS),
                       torch.from_numpy(np.tile(targets[test], int(snf["test_views"]))))
-        self.last_search: dict[str, Any] | None = None  # the latest scores seen (central metrics)
 
     def variants(self) -> tuple[str, ...]:
         return self.arms
