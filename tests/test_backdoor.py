@@ -510,14 +510,14 @@ def one_distiller_outcome(seed: int, arm: str) -> dict[str, float]:
 
 @pytest.mark.slow
 def test_one_distiller_doorping_plants_its_backdoor_where_naive_does_not():
-    """The paper's claim in its own setting, on two seeds (the suite's time; the benchmark
-    runs 0-2: DOORPING ASR 1.00 on every seed, NAIVEATTACK 0.05-0.07, DOORPING's CTA 0.02-0.08
-    below clean's)."""
+    """The paper's claim in its own setting, on one seed (the suite's time; the benchmark
+    runs seeds 0-2: DOORPING ASR 1.00 on every seed, NAIVEATTACK 0.05-0.07, DOORPING's CTA
+    0.02-0.08 below clean's)."""
     from conftest import on_both_cores
 
-    jobs = [(seed, arm) for seed in (0, 1) for arm in ("doorping", "naive", "clean")]
+    jobs = [(seed, arm) for seed in (0,) for arm in ("doorping", "naive", "clean")]
     results = on_both_cores([(one_distiller_outcome, seed, arm) for seed, arm in jobs])
-    for seed in (0, 1):
+    for seed in (0,):
         out = {arm: r for (s, arm), r in zip(jobs, results) if s == seed}
         assert out["doorping"]["asr"] >= 0.9, (seed, out)
         assert out["naive"]["asr"] < 0.2, (seed, out)
