@@ -43,6 +43,7 @@ from workloads import streams, torch_train
 from workloads.base import (
     ConfigField, DeviceFiles, Params, Stateful, TrainSettings, Workload, non_negative, positive,
 )
+from workloads.device_files import offsets
 from workloads.digits import digits
 from workloads.snf import device
 from workloads.snf.data import SplitError, augment, fixed_views, generator, split_federation, upsample
@@ -99,7 +100,7 @@ def parse_variant(variant: str) -> tuple[str, float | None]:
     return method, (float(cut) if cut else None)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DigitsCohort:
     """A cohort's originals (8x8, distorted on use): training images from ``starts[j]``,
     validation images from ``val_starts[j]``; ``variant`` is the arm (from the state)."""
@@ -116,10 +117,6 @@ class DigitsCohort:
     @property
     def num_examples(self) -> np.ndarray:
         return np.diff(self.starts)
-
-
-def _offsets(sizes: list[int] | np.ndarray) -> np.ndarray:
-    return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
 
 
 def _rows(starts: np.ndarray, index: np.ndarray) -> np.ndarray:
@@ -231,8 +228,10 @@ class SNFPruning(Workload, Stateful, DeviceFiles):
         ids = np.asarray(client_ids, np.int64)
         train = np.concatenate([self.split.train[i] for i in ids])
         val = np.concatenate([self.split.val[i] for i in ids])
-        return DigitsCohort(ids, images[train], targets[train], _offsets([len(self.split.train[i]) for i in ids]),
-                            images[val], targets[val], _offsets([len(self.split.val[i]) for i in ids]))
+        return DigitsCohort(client_ids=ids, images=images[train], targets=targets[train],
+                            starts=offsets([len(self.split.train[i]) for i in ids]),
+                            val_images=images[val], val_targets=targets[val],
+                            val_starts=offsets([len(self.split.val[i]) for i in ids]))
 
     device_format = device.FORMAT
 
@@ -240,7 +239,7 @@ class SNFPruning(Workload, Stateful, DeviceFiles):
         return device.device_files(data)
 
     def read_device_files(self, files: list[Any]) -> DigitsCohort:
-        return DigitsCohort(*device.read_device_files(files, self.num_clients))
+        return DigitsCohort(**device.read_device_files(files, self.num_clients))
 
     def initial_state(self, data: DigitsCohort) -> Params:
         return {"arm": np.frombuffer(b"dense", np.uint8).copy()}
@@ -255,9 +254,10 @@ class SNFPruning(Workload, Stateful, DeviceFiles):
 
     def subset(self, data: DigitsCohort, index: np.ndarray) -> DigitsCohort:
         rows, val_rows = _rows(data.starts, index), _rows(data.val_starts, index)
-        return DigitsCohort(data.client_ids[index], data.images[rows], data.targets[rows],
-                            _offsets(data.num_examples[index]), data.val_images[val_rows],
-                            data.val_targets[val_rows], _offsets(np.diff(data.val_starts)[index]), data.variant)
+        return replace(data, client_ids=data.client_ids[index], images=data.images[rows],
+                       targets=data.targets[rows], starts=offsets(data.num_examples[index]),
+                       val_images=data.val_images[val_rows], val_targets=data.val_targets[val_rows],
+                       val_starts=offsets(np.diff(data.val_starts)[index]))
 
     # ---- model --------------------------------------------------------------------------------
 

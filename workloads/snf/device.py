@@ -63,15 +63,14 @@ def read_client(path: Path, num_clients: int) -> tuple[int, np.ndarray, np.ndarr
     return cid, images.astype(np.float32), targets.astype(np.int64), validation
 
 
-def read_device_files(files: list[Path], num_clients: int) -> tuple[np.ndarray, ...]:
-    """A device's clients, sorted by id: the fields of a ``DigitsCohort`` (client ids,
-    training images, targets, offsets, validation images, targets, offsets)."""
+def read_device_files(files: list[Path], num_clients: int) -> dict[str, np.ndarray]:
+    """A device's clients, sorted by id: the fields of a ``DigitsCohort`` by name."""
     paths = [Path(p) for p in files]
     clients = by_client(paths, [read_client(p, num_clients) for p in paths])
     train = [(c[1][~c[3]], c[2][~c[3]]) for c in clients]
     val = [(c[1][c[3]], c[2][c[3]]) for c in clients]
-    return (np.array([c[0] for c in clients], np.int64),
-            np.concatenate([t[0] for t in train]), np.concatenate([t[1] for t in train]),
-            offsets([len(t[1]) for t in train]),
-            np.concatenate([v[0] for v in val]), np.concatenate([v[1] for v in val]),
-            offsets([len(v[1]) for v in val]))
+    return dict(client_ids=np.array([c[0] for c in clients], np.int64),
+                images=np.concatenate([t[0] for t in train]), targets=np.concatenate([t[1] for t in train]),
+                starts=offsets([len(t[1]) for t in train]),
+                val_images=np.concatenate([v[0] for v in val]), val_targets=np.concatenate([v[1] for v in val]),
+                val_starts=offsets([len(v[1]) for v in val]))
