@@ -65,6 +65,42 @@ def ray_cluster():
     try:
         yield f"127.0.0.1:{port}"
     finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True)
+        stop_ray_cluster(temp_dir, port)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def stop_ray_cluster(temp_dir: str, port: int, timeout: float = 10.0) -> None:
+    """Stop the Ray processes of the cluster whose temp dir is ``temp_dir`` and whose GCS
+    listens on ``port`` (each of its processes names one of them on its command line), with
+    their children. ``ray stop --force`` would kill every Ray
+    cluster on the machine, including another suite's or a user's run."""
+    import psutil
+
+    def ours(proc: psutil.Process) -> bool:
+        try:
+            return any(temp_dir in arg or (arg.startswith(("--address=", "--gcs-address="))
+                                           and arg.endswith(f":{port}")) for arg in proc.cmdline())
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            return False
+
+    me = psutil.Process()
+    spared = {me.pid, *(p.pid for p in me.parents())}
+    roots = [p for p in psutil.process_iter() if p.pid not in spared and ours(p)]
+    procs = {p.pid: p for p in roots}
+    for root in roots:
+        try:
+            procs.update((c.pid, c) for c in root.children(recursive=True))
+        except psutil.NoSuchProcess:
+            pass
+    for proc in procs.values():
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs.values(), timeout=timeout)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
 
