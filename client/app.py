@@ -128,6 +128,7 @@ def _settings(config: ConfigRecord) -> TrainSettings:
         local_steps=int(config["local-steps"]),
         lr=float(config["lr"]),
         proximal_mu=float(config.get("proximal-mu", 0.0)),
+        variant=str(config.get("variant", "")),
     )
 
 

@@ -60,12 +60,15 @@ class TrainSettings:
     """Local-training knobs sent by the server each round.
 
     ``proximal_mu > 0`` asks for FedProx: the local objective gains (mu/2)||w - w_start||^2.
+    ``variant`` is the arm's workload variant (``Workload.variants``), for workloads whose
+    arms differ in local training under any strategy (``Stateful`` holds one model only).
     """
 
     local_steps: int
     lr: float
     proximal_mu: float = 0.0
     server_round: int = 0  # seeds per-round randomness of local training (e.g. minibatch order)
+    variant: str = ""  # the arm's variant ("" when the workload has none, and in Phase 1)
 
 
 class Workload(ABC):
