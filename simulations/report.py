@@ -185,6 +185,36 @@ def plot_tradeoff(history: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def plot_label_maps(history: dict[str, Any], path: Path) -> bool:
+    """Segmentations from each arm's ``final["label_maps"]`` (``input``, ``truth`` and
+    ``prediction``: lists of 2-D maps, the same scenes in every arm; ``classes``: the label
+    names): a column per scene, the input and the true labels on top, a row per arm."""
+    maps = finals(history, "label_maps")
+    if not maps:
+        return False
+    first = next(iter(maps.values()))
+    scenes = len(first["input"])
+    classes = first.get("classes", [])
+    rows = [("input", first["input"], "gray"), ("truth", first["truth"], "tab10")]
+    rows += [(name, m["prediction"], "tab10") for name, m in maps.items()]
+    fig, axes = plt.subplots(len(rows), scenes, figsize=(1.5 * scenes + 1.6, 1.5 * len(rows)), squeeze=False)
+    for r, (label, images, cmap) in enumerate(rows):
+        for c in range(scenes):
+            ax = axes[r][c]
+            kwargs = {} if cmap == "gray" else {"vmin": 0, "vmax": 9, "interpolation": "nearest"}
+            ax.imshow(images[c], cmap=cmap, **kwargs)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r][0].set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
+    legend = ", ".join(f"{i}: {n}" for i, n in enumerate(classes))
+    fig.suptitle(f"{history['name']}: predictions on test scenes" + (f"\n(tab10 colours {legend})" if legend else ""),
+                 fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def plot_metric(history: dict[str, Any], metric: str, path: Path) -> bool:
     """One figure, one line per strategy; log scale when the values span decades."""
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
@@ -320,7 +350,8 @@ def write_report(run_dir: Path) -> list[Path]:
         path = run_dir / "learning_curve.png"
         if plot_curve(history, path):
             written.append(path)
-    for name, plot in (("rollout.png", plot_rollout), ("fields.png", plot_fields), ("tradeoff.png", plot_tradeoff)):
+    for name, plot in (("rollout.png", plot_rollout), ("fields.png", plot_fields), ("tradeoff.png", plot_tradeoff),
+                       ("segmentation.png", plot_label_maps)):
         if plot(history, run_dir / name):
             written.append(run_dir / name)
     return written

@@ -22,6 +22,7 @@ WORKLOADS: dict[str, str] = {
     "ccgc_clustering": "workloads.ccgc:CCGCClustering",
     "mgtab_bots": "workloads.mgtab:MGTABBots",
     "snf_pruning": "workloads.snf:SNFPruning",
+    "ceco_segmentation": "workloads.ceco:CeCoSegmentation",
 }
 
 _checked: dict[str, type[Workload]] = {}

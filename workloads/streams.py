@@ -60,6 +60,13 @@ SNF_VIEWS = 64  # the fixed distorted views (test, validation)
 SNF_WIDTHS = 65  # the search's candidate widths and the random-widths baseline
 SNF_CRITERION = 66  # the random filter choice (criterion = "random")
 
+# imbalanced segmentation through neural collapse, CeCo (workloads.ceco)
+CECO_DATA = 71  # each client's scenes
+CECO_TEST = 72  # the server's class-balanced test scenes
+CECO_INIT = 73  # the network's initialisation (IFCA's draws too)
+CECO_TRAIN = 74  # minibatch order and flips of local training
+CECO_ETF = 75  # the fixed simplex ETF (every client derives the same one from the seed)
+
 
 def all_tags() -> dict[str, int]:
     """Name -> tag of every stream (a test checks that no two share a value)."""
