@@ -31,8 +31,9 @@ strategy: the scenes of a type pick the model of least cross-entropy on their fi
 collapse: ``etf_closeness`` = mean over class pairs of |cos + 1/(K-1)| of the decoder
 features' class means (centred by their mean, normalised) on each type's test scenes
 (averaged over types; 0 is a simplex ETF) and ``etf_distance`` = mean over classes of
-1 - cos(CeCo-branch centre, its ETF column) (the regulariser's own target). Clients report
-``ceco_loss`` (the CeCo term over all their scenes) in the federated evaluation.
+1 - cos(CeCo-branch centre, its ETF column) (the regulariser's own target).
+``local_evaluate`` adds ``ceco_loss`` (the CeCo term over all a client's scenes; the run
+record keeps only the loss of the federated evaluation).
 
 ``baselines``: ``centralised``, one client holding every client's scenes (``pool_clients``),
 each arm trained for as many steps as the whole federation takes (FedAvg of one client).
@@ -123,13 +124,14 @@ class CeCoSegmentation(Workload, KnownClusters, DeviceFiles):
     key_metric = "miou"
     higher_is_better = True
     summary_metrics = ("tail_iou", *(f"iou_{c}" for c in CLASSES), "etf_closeness", "etf_distance")
-    plot_metrics = ("tail_iou", "etf_closeness", "etf_distance", "ceco_loss")
+    plot_metrics = ("tail_iou", "etf_closeness", "etf_distance")
     schema = {
         "arms": ConfigField(list, list(ARMS), "losses compared: " + ", ".join(ARMS), _arms),
         "imbalance": ConfigField(str, "severe", "class presence and shape sizes (data module)", choices=IMBALANCES),
         "scene_groups": ConfigField(int, 2, "scene types (class mixes), the hidden groups", choices=(1, 2)),
         "images_per_client": ConfigField(int, 200, "scenes held by each client", positive),
         "test_per_group": ConfigField(int, 150, "class-balanced test scenes per scene type", positive),
+        "inverted_type1": ConfigField(bool, False, "scene type 1 in inverted contrast (besides its class mix)"),
         "image_size": ConfigField(int, 32, "scene side in pixels (a multiple of 2^(levels - 1))", positive),
         "noise": ConfigField(float, 0.08, "sd of the pixel noise", non_negative),
         "widths": ConfigField(list, [8, 16, 32], "U-Net channels per level (the first: the feature width)", _widths),
@@ -335,6 +337,20 @@ class CeCoSegmentation(Workload, KnownClusters, DeviceFiles):
                                     optimizer=optimizer, proximal_mu=settings.proximal_mu)
 
         return torch_train.train_clients(self._trainer, start, train, by="state_dict")
+
+    def centre_geometry(self, params: Params, images: np.ndarray, masks: np.ndarray) -> dict[str, float]:
+        """On the given scenes (all at once): the CeCo term, the branch centres' distance to
+        their ETF columns and the decoder features' closeness to a simplex ETF."""
+        net = self._load(params)
+        x, y = torch.as_tensor(images), torch.as_tensor(masks)
+        with torch.no_grad():
+            feats = net.features(x)
+            z = net.ceco_head(feats)
+            means, _ = class_centres(feats, y, K)
+            head, present = class_centres(z, y, K)
+            reg = float(ceco_loss(z, y, self._etf, float(self.options["temperature"])))
+        return {"ceco_loss": reg, "etf_distance": etf_distance(head.double().numpy(), self.etf[:, present.numpy()]),
+                "etf_closeness": etf_closeness(means.double().numpy())}
 
     # ---- server side ----------------------------------------------------------------------
 

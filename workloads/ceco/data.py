@@ -23,8 +23,11 @@ order, so a rarer shape lies on top. The two rarest classes (diamond and ring) a
 
 **Scene types (the hidden groups).** With ``scene_groups = 2`` client c holds scenes of type
 c mod 2, each with its own class mix (``GROUP_PRESENCE``: type 0 is mostly round shapes and
-rings, type 1 square shapes and diamonds; their mean is the federation's mix) and its own
-ground level. A client's images are drawn from (seed, client id); the server's test set is
+rings, type 1 square shapes and diamonds; their mean is the federation's mix), its own
+ground level; with ``inverted_type1`` type 1 is also seen in inverted contrast (dark shapes on
+a light ground, as night scenes against day scenes), so that a model of one type does not
+fit the other (with the class mix alone, clients pick models by loss without finding the
+types: ARI 0 in a pilot). A client's images are drawn from (seed, client id); the server's test set is
 class-balanced (every shape present with probability 1/2) in each scene type.
 """
 
@@ -54,7 +57,7 @@ RADII = {  # (low, high) radius of shape k in pixels at 32 x 32 (scaled with the
     "severe": np.array([[5, 9], [4, 8], [4, 7], [3, 5], [3, 5]], np.float64),
     "mild": np.array([[4, 8], [4, 8], [4, 8], [4, 8], [4, 8]], np.float64),
 }
-GROUND = (0.3, 0.4)  # the background's mean level in scene types 0 and 1
+GROUND = (0.25, 0.45)  # the background's mean level in scene types 0 and 1
 SHAPE_LEVEL = 0.65
 
 
@@ -92,7 +95,7 @@ def _texture(k: int, rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def scenes(rng: np.random.Generator, n: int, probs: np.ndarray, group: int, imbalance: str, size: int,
-           noise: float) -> tuple[np.ndarray, np.ndarray]:
+           noise: float, inverted: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """n scenes of one type: images (n, 1, size, size) float32, masks (n, size, size) int64.
     ``probs``: P(shape k present), k = 1..5."""
     images = GROUND[group] + 0.08 * _smooth_noise(rng, n, size)
@@ -107,6 +110,8 @@ def scenes(rng: np.random.Generator, n: int, probs: np.ndarray, group: int, imba
             m = _mask(int(k), grid[:, None] - cy, grid[None, :] - cx, r, bool(rng.random() < 0.5))
             images[i][m] = _texture(int(k), rng, size)[m]
             masks[i][m] = k
+    if inverted:  # dark shapes on a light ground
+        images = 1.0 - images
     images = images + noise * rng.standard_normal(images.shape)
     return images[:, None].astype(np.float32), masks
 
@@ -121,6 +126,7 @@ class SceneSettings:
     noise: float = 0.08
     images_per_client: int = 200
     test_per_group: int = 150
+    inverted_type1: bool = False
 
     @classmethod
     def from_options(cls, options: dict) -> "SceneSettings":
@@ -135,7 +141,8 @@ def client_scenes(settings: SceneSettings, seed: int, client_id: int) -> tuple[n
     g = settings.group_of(client_id)
     rng = np.random.default_rng(np.random.SeedSequence([seed, streams.CECO_DATA, int(client_id)]))
     probs = presence(settings.imbalance, settings.scene_groups)[g]
-    return scenes(rng, settings.images_per_client, probs, g, settings.imbalance, settings.image_size, settings.noise)
+    return scenes(rng, settings.images_per_client, probs, g, settings.imbalance, settings.image_size, settings.noise,
+                  settings.inverted_type1 and g == 1)
 
 
 def held_out_scenes(settings: SceneSettings, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -145,7 +152,7 @@ def held_out_scenes(settings: SceneSettings, seed: int) -> list[tuple[np.ndarray
     for g in range(settings.scene_groups):
         rng = np.random.default_rng(np.random.SeedSequence([seed, streams.CECO_TEST, g]))
         out.append(scenes(rng, settings.test_per_group, np.full(5, 0.5), g, settings.imbalance,
-                          settings.image_size, settings.noise))
+                          settings.image_size, settings.noise, settings.inverted_type1 and g == 1))
     return out
 
 
