@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/robust_clustered.py --workers 2
 	$(BIN)/python benchmarks/mgtab.py --speed --flower --long uniform,scenario
 	$(BIN)/python benchmarks/snf.py --flower
+	$(BIN)/python benchmarks/ceco.py --flower
 
 clean:
 	rm -rf runs .pytest_cache benchmarks/results
