@@ -14,7 +14,7 @@ from simulations.reference import Reference
 from simulations.scenarios import load_scenario
 from workloads.active_learning import ActiveLearning
 from workloads.active_learning.data import MIN_POOL, apportion, digits, split_federation
-from workloads.active_learning.model import DigitsCNN, initial_parameters
+from workloads.active_learning.model import DigitsCNN
 from workloads.active_learning.scoring import (
     GRADNORM_LOSSES,
     egl_scores,

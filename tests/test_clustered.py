@@ -15,7 +15,7 @@ from simulations.reference import Reference
 from simulations.scenarios import load_scenario
 from client.compute import assign_clusters
 from proto.exact_sum import dd_add, dd_sum, dd_value
-from proto.wire import ClusterSums, cluster_sums
+from proto.wire import cluster_sums
 from proto.wire import combine_sums as combine
 from strategies.clustered import cluster_means, kmeans
 from strategies.coarse_init import coverage_warnings

@@ -9,7 +9,6 @@ import logging
 import threading
 import time
 
-import pytest
 
 from server import flower_patches
 from server.flower_patches import PATCHED_ATTRIBUTES, PATCHED_FLOWER

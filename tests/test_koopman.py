@@ -300,7 +300,6 @@ def reduced_federation():
     """The scenario's structure (12 clients, 4 per viscosity, grids 128/256/512, 6 anchors)
     with 16 trajectories per client and 12 rounds; every arm in-process."""
     from simulations.launcher import with_overrides
-    from simulations.reference import Reference
     from workloads.koopman.centralised import blind_floor
 
     from conftest import on_both_cores

@@ -3,7 +3,6 @@ import paths, strategy objects from Python, robust per-cluster rules, and runs c
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
