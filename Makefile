@@ -18,9 +18,10 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/umbel run default
 
-## the whole test suite (slow tests included)
+## the whole test suite (slow tests included), on two workers: a test file each, so module
+## fixtures run once; the deployment and Ray tests mostly wait on processes, not on a core
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 ## unit tests only (seconds)
 test-fast: $(STAMP)
