@@ -279,18 +279,18 @@ def test_umbel_deploy_run_carries_ceco_to_devices_and_matches_the_simulation(tmp
     from the seed; the models and the evaluator's scores are the in-process simulation's."""
     from server.record import load_history, load_models
     from simulations.reference import Reference
-    from test_deploy_processes import _deploy_with_the_cli, _no_labels_no_drops
+    from deployment_support import deploy_with_the_cli, no_labels_no_drops
 
     overrides = [*TINY, "federation.cohort_size=1", "run.round_timeout=120.0", "run.strategies=['fedavg']",
                  "ceco.arms=['ceco']"]
-    run_dir = _deploy_with_the_cli(tmp_path, "ceco-segmentation", overrides, ["cc-0", "cc-1"])
+    run_dir = deploy_with_the_cli(tmp_path, "ceco-segmentation", overrides, ["cc-0", "cc-1"])
     assert all(sorted(np.load(f).files) == ["client_id", "images", "masks"]
                for f in (tmp_path / "data").glob("client-*.npz"))
     history = load_history(run_dir)
     assert history["status"] == "finished"
     rows = history["strategies"]["fedavg/ceco"]
     assert [r["round"] for r in rows] == [0, 1, 2]
-    _no_labels_no_drops(rows, clients=2)
+    no_labels_no_drops(rows, clients=2)
     simulated = Reference(load_scenario("ceco-segmentation", overrides)).run("fedavg", variant="ceco")
     deployed = load_models(run_dir, "fedavg/ceco")
     assert sorted(deployed) == sorted(simulated[-1]["models"])
