@@ -19,9 +19,9 @@ run: $(STAMP)
 	$(BIN)/umbel run default
 
 ## the whole test suite (slow tests included), on two workers: a test file each, so module
-## fixtures run once; the deployment and Ray tests mostly wait on processes, not on a core
+## fixtures run once, the longest files first (tests/conftest.py)
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 ## unit tests only (seconds)
 test-fast: $(STAMP)

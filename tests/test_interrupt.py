@@ -25,8 +25,8 @@ from server.record import LOCK, load_history, load_models, record_status
 
 UMBEL = str(Path(sys.executable).parent / "umbel")
 # the default scenario, smaller: every arm of it, a few seconds of rounds
-SCENARIO = ["default", "--set", "run.rounds=24", "--set", "federation.clients=400",
-            "--set", "federation.cohort_size=50"]
+SCENARIO = ["default", "--set", "run.rounds=12", "--set", "federation.clients=200",
+            "--set", "federation.cohort_size=25"]
 ARMS = ["clustered-fedavg", "clustered-fedprox", "ifca", "fedavg", "oracle"]
 
 
@@ -81,7 +81,7 @@ def uninterrupted() -> dict[str, list[dict]]:
 @pytest.mark.parametrize("sig, seed", [(signal.SIGINT, 0), (signal.SIGTERM, 1), (signal.SIGKILL, 2)])
 def test_a_signal_at_a_random_round_then_resume_ends_bit_identical(uninterrupted, tmp_path, sig, seed):
     rng = random.Random(seed)
-    arm, round_ = rng.choice(ARMS), rng.randrange(2, 23)
+    arm, round_ = rng.choice(ARMS), rng.randrange(2, 11)
     proc = _umbel("run", *SCENARIO, "--out", str(tmp_path))
     run_dir = _run_dir(tmp_path)
     deadline = time.monotonic() + 300

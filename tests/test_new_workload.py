@@ -156,3 +156,28 @@ def test_krum_through_flower_equals_the_reference(ray_cluster, tmp_path):
     rows = Reference(scenario).run("krum")
     assert np.array_equal(np.load(run_dir / "models" / "krum.npz")["weight"], final_models(rows))
     assert [r.get("flagged") for r in load_history(run_dir)["strategies"]["krum"]] == [r.get("flagged") for r in rows]
+
+
+class FrozenVariant(ToyRegression):
+    """The toy with two arms: "frozen" leaves every model as it came (no local training)."""
+
+    def variants(self):
+        return ("plain", "frozen")
+
+    def local_train(self, start, data, settings: TrainSettings):
+        if settings.variant == "frozen":
+            return {name: np.array(v) for name, v in start.items()}
+        return super().local_train(start, data, settings)
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "ifca", "clustered-fedavg"])
+def test_local_training_learns_its_arm_under_one_and_k_model_strategies(strategy):
+    """``settings.variant`` carries the arm to local training under every strategy: the
+    frozen arm's models never move after round 1, the plain arm's do."""
+    def final(variant, rounds):
+        table = toy_table([strategy], rounds=rounds)
+        table["run"]["workload"] = "tests.test_new_workload:FrozenVariant"
+        return final_models(Reference(resolve(table)).run(strategy, variant=variant))
+
+    assert np.array_equal(final("frozen", 3), final("frozen", 1))
+    assert not np.array_equal(final("plain", 3), final("plain", 1))
