@@ -48,6 +48,18 @@ def non_negative(v: Any) -> str | None:
     return None if v >= 0 else "must be >= 0"
 
 
+def some_of(allowed: tuple[str, ...], noun: str, article: str = "a"):
+    """A validator of a list naming at least one of ``allowed``, each once."""
+    def check(v: list) -> str | None:
+        if not v:
+            return f"must name at least one {noun}"
+        unknown = [a for a in v if a not in allowed]
+        if unknown:
+            return f"unknown {noun} {unknown[0]!r}; expected some of {list(allowed)}"
+        return f"names {article} {noun} twice" if len(set(v)) != len(v) else None
+    return check
+
+
 class CohortData(Protocol):
     """Local data of a cohort of virtual clients."""
 

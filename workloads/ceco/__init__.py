@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 from workloads import streams, torch_train
 from workloads.base import (
-    ConfigField, DeviceFiles, KnownClusters, Params, TrainSettings, Workload, non_negative, positive,
+    ConfigField, DeviceFiles, KnownClusters, Params, TrainSettings, Workload, non_negative, positive, some_of,
 )
 from workloads.ceco import device
 from workloads.ceco.data import CLASSES, IMBALANCES, TAIL, SceneSettings, client_scenes, held_out_scenes
@@ -67,13 +67,7 @@ BASELINES = ("centralised",)
 K_MODEL_STRATEGIES = ("clustered-fedavg", "clustered-fedprox", "ifca", "oracle")
 
 
-def _arms(v: list) -> str | None:
-    if not v:
-        return "must name at least one arm"
-    unknown = [a for a in v if a not in ARMS]
-    if unknown:
-        return f"unknown arm {unknown[0]!r}; expected some of {list(ARMS)}"
-    return "names an arm twice" if len(set(v)) != len(v) else None
+_arms = some_of(ARMS, "arm", "an")
 
 
 def _widths(v: list) -> str | None:

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from workloads import streams, torch_train
 from workloads.base import (
-    ConfigField, DeviceFiles, Params, Stateful, TrainSettings, Workload, non_negative, positive,
+    ConfigField, DeviceFiles, Params, Stateful, TrainSettings, Workload, non_negative, positive, some_of,
 )
 from workloads.device_files import offsets
 from workloads.digits import digits
@@ -58,13 +58,7 @@ SCORES_KEY = "snf.scores"
 BN_RESET_IMAGES = 256  # training images per client whose statistics replace BN's
 
 
-def _methods(v: list) -> str | None:
-    if not v:
-        return "must name at least one method"
-    unknown = [m for m in v if m not in METHODS]
-    if unknown:
-        return f"unknown method {unknown[0]!r}; expected some of {list(METHODS)}"
-    return "names a method twice" if len(set(v)) != len(v) else None
+_methods = some_of(METHODS, "method")
 
 
 def _cuts(v: list) -> str | None:
