@@ -354,6 +354,32 @@ def app_dir() -> Path:
     return root
 
 
+# What Flower's bundler keeps (its FAB include patterns) and the folders it never keeps.
+APP_SUFFIXES = (".py", ".toml", ".md", ".yaml", ".yml", ".json", ".jsonl")
+SKIPPED_DIRS = ("__pycache__", "runs", "deploy", "mlruns", "build", "dist")
+
+
+def stage_app(dest: Path, source: Path | None = None) -> Path:
+    """A copy of the app's bundled files in ``dest`` (emptied first), for ``flwr run``.
+
+    Flower's bundler walks and resolves every file under the folder it is given before it
+    filters them: about 53,000 in a checkout holding its ``.venv``, 4 s of CPU per submitted
+    run. The copy skips hidden and generated folders and keeps the files Flower would keep
+    (its ``.gitignore`` included, which Flower applies again), so the bundle is the same."""
+    source, dest = (source or app_dir()).resolve(), dest.resolve()
+    shutil.rmtree(dest, ignore_errors=True)
+    for folder, dirs, files in os.walk(source):
+        # A deployment home inside the checkout (the copy's own folder) is never part of the app.
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in SKIPPED_DIRS
+                   and not d.endswith(".egg-info") and (Path(folder) / d) not in (dest, *dest.parents)]
+        for name in files:
+            if name.endswith(APP_SUFFIXES) or name in (".gitignore", "LICENSE"):
+                target = dest / Path(folder).relative_to(source) / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(Path(folder) / name, target)
+    return dest
+
+
 def run_config(scenario: dict[str, Any], out: Path, resume: Path | None = None) -> dict[str, str]:
     """Flower's run config of a run: the whole resolved scenario as TOML text (its run
     record under ``out``, made absolute) and the run directory to resume ("" for none);
@@ -369,7 +395,8 @@ def submit(home: Home, scenario: dict[str, Any], out: Path, resume: Path | None 
     config = home.root / "run-config" / f"{scenario['run']['name']}-{time.strftime('%Y%m%d-%H%M%S')}.toml"
     config.parent.mkdir(exist_ok=True)
     config.write_text(tomli_w.dumps(run_config(scenario, out, resume)))
-    return int(_flwr(home, "run", str(app_dir()), CONNECTION, "--run-config", str(config))["run-id"])
+    app = stage_app(home.root / "app")
+    return int(_flwr(home, "run", str(app), CONNECTION, "--run-config", str(config))["run-id"])
 
 
 def run_status(home: Home, run_id: int) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from client.device import DeviceState, data_files
 from server import monitor
 from server.run_config import ScenarioError, scenario_from_run_config
 from deployment.certs import CertError, make_certs
-from deployment.deploy import DeployError, export_device_data, run_config
+from deployment.deploy import DeployError, app_dir, export_device_data, run_config, stage_app
 from simulations.scenarios import load_scenario
 from workloads import workload_class
 from workloads.device_files import DeviceDataError
@@ -30,6 +30,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---- certificates --------------------------------------------------------------------
+
+def test_the_staged_app_bundles_to_the_checkouts_own_fab(tmp_path):
+    """`umbel deploy run` hands Flower a copy of the app's files instead of the checkout (whose
+    .venv Flower would walk): the bundle is byte for byte the one Flower builds from the checkout,
+    and a deployment home inside the checkout is not copied into itself."""
+    from flwr.cli.build import build_fab_from_disk
+
+    checkout = tmp_path / "checkout"
+    shutil.copytree(app_dir(), checkout, ignore=shutil.ignore_patterns(".venv", ".git", "__pycache__"))
+    (checkout / "deploy" / "flwr").mkdir(parents=True)  # the default home, gitignored
+    (checkout / "deploy" / "flwr" / "installed.py").write_text("x = 1\n")
+    (checkout / "notes").mkdir()
+    (checkout / "notes" / "idea.py").write_text("y = 2\n")  # not ignored: Flower bundles it
+    staged = stage_app(checkout / "deploy" / "app", source=checkout)
+    assert not (staged / "deploy").exists() and (staged / "notes" / "idea.py").is_file()
+    assert build_fab_from_disk(staged) == build_fab_from_disk(checkout)
+
 
 def test_certs_make_a_ca_a_server_certificate_for_its_hosts_and_device_keys(tmp_path):
     made = make_certs(tmp_path, ["127.0.0.1", "link.example"], ["dev-0"])
