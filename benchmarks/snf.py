@@ -8,7 +8,8 @@ once per seed: ``--dense-rounds`` rounds of FedAvg; every arm then starts from t
 ``snf.dense_rounds = 0`` (round 1 is the search round, the next ``--finetune-rounds`` fine-tune):
 
 - ``dense``: the dense model trained on for the same fine-tuning rounds;
-- per cut: ``uniform`` widths, ``random`` widths (one seeded draw from the search space) and
+- per cut: ``uniform`` widths, ``random`` widths (one seeded draw from the search space),
+  ``random-wide`` widths (one draw from the spec's wider space, layers keeping down to a tenth) and
   ``searched`` widths (the scenario's proxy: BN reset + 10 local fine-tune steps, validation
   accuracy), L1 filters; ``searched-bn`` scores by BN reset alone (the spec's proxy) and
   ``searched-loss`` by validation loss after the same fine-tune steps.
@@ -43,6 +44,7 @@ BENCH = ["snf.widths=[16, 32, 64]", "snf.test_views=4", "snf.candidates=16", "sn
 ARMS = {
     "uniform": ("uniform", []),
     "random": ("random", []),
+    "random-wide": ("random-wide", []),
     "searched": ("searched", []),
     "searched-bn": ("searched", ["snf.proxy='bn-reset'"]),
     "searched-loss": ("searched", ["snf.score='loss'"]),
@@ -146,13 +148,16 @@ def tables(results: dict) -> str:
         secs = np.mean([per_seed[k][arm]["seconds"] for k in seeds])
         lines.append(f"| {arm} | {100 * cut.mean():.1f}% | {_ms(acc)} | {vs_phase} | {vs_dense} | {vs_uni} | "
                      f"{'/'.join(str(w) for w in widths)} | {secs:.0f} |")
-    lines += ["", "Searched minus random widths (paired, points):", ""]
+    lines += ["", "Searched minus random widths (paired, points; `random`: from the search space, "
+              "`random-wide`: from the spec's wider space):", ""]
     for arm in arms:
         if arm.startswith("searched"):
             c = arm.split("@")[1]
-            if f"random@{c}" in per_seed[seeds[0]]:
-                d = 100 * np.array([per_seed[k][arm]["accuracy"] - per_seed[k][f"random@{c}"]["accuracy"] for k in seeds])
-                lines.append(f"- {arm}: {d.mean():+.2f} ± {d.std():.2f} (worst {d.min():+.2f})")
+            for rand in ("random", "random-wide"):
+                if f"{rand}@{c}" in per_seed[seeds[0]]:
+                    d = 100 * np.array([per_seed[k][arm]["accuracy"] - per_seed[k][f"{rand}@{c}"]["accuracy"]
+                                        for k in seeds])
+                    lines.append(f"- {arm} - {rand}: {d.mean():+.2f} ± {d.std():.2f} (worst {d.min():+.2f})")
     search = [per_seed[k][a]["search_round_s"] for k in seeds for a in arms if a.startswith("searched@")]
     bn = [per_seed[k][a]["search_round_s"] for k in seeds for a in arms if a.startswith("searched-bn@")]
     dense_round = np.mean([per_seed[k]["dense_phase"]["seconds"] / s["dense_rounds"] for k in seeds])

@@ -26,7 +26,11 @@ from flwr.serverapp import Grid
 from server import interrupt
 from strategies.result import ReportingStrategy, RoundResult
 
-DEFAULT_PULL_INTERVAL_S = 0.005
+# A grid that sets no ``pull_interval`` talks to a SuperLink over the network (Flower's HttpGrid),
+# where every pull is a request the SuperLink answers: at 5 ms (the in-memory grid's setting,
+# server.app) a deployed ServerApp kept about a third of a core busy in the SuperLink; 0.1 s adds
+# at most that to an exchange whose devices poll every 0.5 s or more.
+NETWORK_PULL_INTERVAL_S = 0.1
 
 
 @dataclass(kw_only=True)
@@ -73,7 +77,7 @@ class StoppableGrid:
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         waiting = set(self.grid.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
-        interval = getattr(self.grid, "pull_interval", DEFAULT_PULL_INTERVAL_S)
+        interval = getattr(self.grid, "pull_interval", NETWORK_PULL_INTERVAL_S)
         replies: list[Message] = []
         while True:
             interrupt.check()

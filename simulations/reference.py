@@ -9,7 +9,6 @@ and benchmarks use it for speed, and the launcher's centralised baselines run on
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cached_property

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from proto.wire import ClientBatch, MalformedBatch
+from proto.wire import ClientBatch, MalformedBatch, Params
 
 
 def merge_batches(batches: list[ClientBatch]) -> ClientBatch | None:

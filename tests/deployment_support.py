@@ -12,10 +12,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from server import monitor
 from deployment import deploy
 from deployment.certs import make_certs
+from server.record import load_models
+from simulations.launcher import arm_label
+from simulations.reference import Reference
 from simulations.scenarios import load_scenario
 
 BIN = Path(sys.executable).parent
@@ -110,3 +114,19 @@ def deploy_with_the_cli(tmp_path: Path, scenario: str, overrides: list[str], dev
     finally:
         deploy.stop_all(d.home, timeout=1)
     return next((tmp_path / "runs").glob(f"{load_scenario(scenario, overrides)['run']['name']}-*"))
+
+
+def matches_the_simulation(run_dir: Path, scenario: dict, strategy: str, rows: list[dict], metrics: tuple[str, ...],
+                           variant: str = "", atol: float = 1e-9) -> dict:
+    """The deployed run's final models and its scores of every round are the in-process
+    simulation's (to ``atol``); returns the deployed models for further checks."""
+    simulated = Reference(scenario).run(strategy, variant=variant)
+    deployed = load_models(run_dir, arm_label(strategy, variant))
+    assert sorted(deployed) == sorted(simulated[-1]["models"])
+    for name, value in simulated[-1]["models"].items():
+        np.testing.assert_allclose(deployed[name], value, rtol=0, atol=atol, err_msg=name)
+    assert len(simulated) == len(rows)
+    for row, ref in zip(rows, simulated):
+        for metric in metrics:
+            assert row[metric] == pytest.approx(ref[metric], abs=atol), (row["round"], metric)
+    return deployed

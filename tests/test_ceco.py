@@ -277,9 +277,8 @@ def test_umbel_deploy_run_carries_ceco_to_devices_and_matches_the_simulation(tmp
     """Two devices (two scene types), a round of the CeCo arm under FedAvg: each device
     trains on its own scenes from its file (no scene type in it) with the ETF it derives
     from the seed; the models and the evaluator's scores are the in-process simulation's."""
-    from server.record import load_history, load_models
-    from simulations.reference import Reference
-    from deployment_support import deploy_with_the_cli, no_labels_no_drops
+    from server.record import load_history
+    from deployment_support import deploy_with_the_cli, matches_the_simulation, no_labels_no_drops
 
     overrides = [*TINY, "federation.cohort_size=1", "run.round_timeout=120.0", "run.strategies=['fedavg']",
                  "ceco.arms=['ceco']", "run.rounds=1"]
@@ -291,13 +290,8 @@ def test_umbel_deploy_run_carries_ceco_to_devices_and_matches_the_simulation(tmp
     rows = history["strategies"]["fedavg/ceco"]
     assert [r["round"] for r in rows] == [0, 1]
     no_labels_no_drops(rows, clients=2)
-    simulated = Reference(load_scenario("ceco-segmentation", overrides)).run("fedavg", variant="ceco")
-    deployed = load_models(run_dir, "fedavg/ceco")
-    assert sorted(deployed) == sorted(simulated[-1]["models"])
-    for name, value in simulated[-1]["models"].items():
-        np.testing.assert_allclose(deployed[name], value, rtol=0, atol=1e-6, err_msg=name)
+    deployed = matches_the_simulation(run_dir, load_scenario("ceco-segmentation", overrides), "fedavg", rows,
+                                      ("miou", "tail_iou", "etf_closeness", "etf_distance"), variant="ceco",
+                                      atol=1e-6)
     assert not np.allclose(deployed["ceco_head.weight"], CeCoSegmentation(
         client_view(load_scenario("ceco-segmentation", overrides))).initial_parameters()["ceco_head.weight"])
-    for row, ref in zip(rows, simulated):
-        for metric in ("miou", "tail_iou", "etf_closeness", "etf_distance"):
-            assert row[metric] == pytest.approx(ref[metric], abs=1e-6), (row["round"], metric)

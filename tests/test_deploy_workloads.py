@@ -7,10 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from deployment_support import deploy_with_the_cli, no_labels_no_drops
-from server.record import load_history, load_models
+from deployment_support import deploy_with_the_cli, matches_the_simulation, no_labels_no_drops
+from server.record import load_history
 from simulations.launcher import arm_labels
-from simulations.reference import Reference
 from simulations.scenarios import load_scenario
 
 pytestmark = pytest.mark.slow
@@ -68,15 +67,8 @@ def test_umbel_deploy_run_carries_ccgc_to_devices_and_matches_the_simulation(tmp
     rows = history["strategies"]["fedavg"]
     assert [r["round"] for r in rows] == [0, 1, 2]
     no_labels_no_drops(rows, clients=2)
-    simulated = Reference(load_scenario("ccgc-clustering", overrides)).run("fedavg")
-    deployed = load_models(run_dir, "fedavg")
-    assert sorted(deployed) == sorted(simulated[-1]["models"])
-    for name, value in simulated[-1]["models"].items():
-        np.testing.assert_allclose(deployed[name], value, rtol=0, atol=1e-9, err_msg=name)
-    assert len(simulated) == len(rows)
-    for row, ref in zip(rows, simulated):
-        for metric in ("nmi", "acc", "node_ari", "f1", "refit_nmi", "cluster_loss"):
-            assert row[metric] == pytest.approx(ref[metric], abs=1e-9), (row["round"], metric)
+    matches_the_simulation(run_dir, load_scenario("ccgc-clustering", overrides), "fedavg", rows,
+                           ("nmi", "acc", "node_ari", "f1", "refit_nmi", "cluster_loss"))
 
 
 def test_umbel_deploy_run_carries_snf_pruning_to_devices_and_matches_the_simulation(tmp_path):
@@ -97,15 +89,9 @@ def test_umbel_deploy_run_carries_snf_pruning_to_devices_and_matches_the_simulat
     assert [r["round"] for r in rows] == [0, 1, 2]
     no_labels_no_drops(rows, clients=2)
     assert rows[1]["flops_cut"] == 0.0 and rows[2]["flops_cut"] >= 0.5  # pruned after the search round
-    simulated = Reference(load_scenario("snf-pruning", overrides)).run("fedavg", variant="searched@0.5")
-    deployed = load_models(run_dir, "fedavg/searched@0.5")
-    assert sorted(deployed) == sorted(simulated[-1]["models"])
-    for name, value in simulated[-1]["models"].items():
-        np.testing.assert_allclose(deployed[name], value, rtol=0, atol=1e-6, err_msg=name)
+    deployed = matches_the_simulation(run_dir, load_scenario("snf-pruning", overrides), "fedavg", rows,
+                                      ("accuracy", "mflops", "width_1"), variant="searched@0.5", atol=1e-6)
     assert deployed["snf.scores"].max() > 0  # the devices' scores reached the server
-    for row, ref in zip(rows, simulated):
-        for metric in ("accuracy", "mflops", "width_1"):
-            assert row[metric] == pytest.approx(ref[metric], abs=1e-6), (row["round"], metric)
 
 
 def test_umbel_deploy_run_carries_mgtab_to_devices_and_matches_the_simulation(tmp_path):
@@ -123,12 +109,7 @@ def test_umbel_deploy_run_carries_mgtab_to_devices_and_matches_the_simulation(tm
     rows = history["strategies"]["fedavg"]
     assert [r["round"] for r in rows] == [0, 1]
     no_labels_no_drops(rows, clients=2)
-    simulated = Reference(load_scenario("mgtab-bots", overrides)).run("fedavg")
-    deployed = load_models(run_dir, "fedavg")
-    assert sorted(deployed) == sorted(simulated[-1]["models"])
-    for name, value in simulated[-1]["models"].items():
-        np.testing.assert_allclose(deployed[name], value, rtol=0, atol=1e-9, err_msg=name)
+    deployed = matches_the_simulation(run_dir, load_scenario("mgtab-bots", overrides), "fedavg", rows,
+                                      ("f1_bot", "acc_bot", "f1_stance", "acc_stance", "round_f1_bot", "val_score",
+                                       "train_loss"))
     assert deployed["age"].ravel().tolist() == [1.0]
-    for row, ref in zip(rows, simulated):
-        for metric in ("f1_bot", "acc_bot", "f1_stance", "acc_stance", "round_f1_bot", "val_score", "train_loss"):
-            assert row[metric] == pytest.approx(ref[metric], abs=1e-9), (row["round"], metric)

@@ -205,11 +205,19 @@ def test_the_phases_search_then_prune_with_masks_shared_by_every_client():
 
 @pytest.mark.slow
 def test_uniform_random_and_dense_arms_prune_to_their_widths():
-    scenario, workload = tiny(["snf.cuts=[0.65]"])
+    """Every unsearched arm ends at its widths; the opt-in ``random-wide`` arm draws from the
+    spec's wider space (a layer may keep a tenth), not the search space's draw."""
+    scenario, workload = tiny(["snf.cuts=[0.65]", "snf.methods=['dense', 'uniform', 'random', 'random-wide']"])
+    assert workload.variants() == ("dense", "uniform@0.65", "random@0.65", "random-wide@0.65")
+    wide = workload.random_arm_widths(0.65, wide=True)
+    dense_widths = np.array(workload.arch.block_widths)
+    assert not np.array_equal(wide, workload.random_arm_widths(0.65))
+    assert np.all(wide >= np.ceil(0.1 * dense_widths)) and flops(workload.arch, wide) <= 0.35 * workload.dense_flops
     ref = Reference(scenario)
     for variant, expected in (("uniform@0.65", uniform_widths(workload.arch, 0.65, 0.02, 0.2)),
                               ("random@0.65", workload.random_arm_widths(0.65)),
-                              ("dense", np.array(workload.arch.block_widths))):
+                              ("random-wide@0.65", wide),
+                              ("dense", dense_widths)):
         rows = ref.run("fedavg", variant=variant)
         final = {n: v[0] for n, v in rows[-1]["models"].items()}
         assert np.array_equal(workload.widths_of(final), expected), variant

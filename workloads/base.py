@@ -48,10 +48,10 @@ def non_negative(v: Any) -> str | None:
     return None if v >= 0 else "must be >= 0"
 
 
-def some_of(allowed: tuple[str, ...], noun: str, article: str = "a"):
-    """A validator of a list naming at least one of ``allowed``, each once."""
+def some_of(allowed: tuple[str, ...], noun: str, article: str = "a", empty_ok: bool = False):
+    """A validator of a list naming at least one of ``allowed`` (none, with ``empty_ok``), each once."""
     def check(v: list) -> str | None:
-        if not v:
+        if not v and not empty_ok:
             return f"must name at least one {noun}"
         unknown = [a for a in v if a not in allowed]
         if unknown:

@@ -29,19 +29,13 @@ from workloads.active_learning.model import DigitsCNN, initial_parameters, loss
 from workloads.active_learning.scoring import RULES, score_pool, top_k
 from workloads import streams, torch_train
 from workloads.base import ConfigField, Params, Stateful, TrainSettings, Workload, non_negative, positive
-from workloads.base import DeviceFiles
+from workloads.base import DeviceFiles, some_of
 
 STREAM_QUERY = streams.AL_QUERY
 STREAM_TRAIN = streams.AL_TRAIN
 
 
-def _rule_list(v: list) -> str | None:
-    if not v:
-        return "must name at least one selection rule"
-    unknown = [r for r in v if r not in RULES]
-    if unknown:
-        return f"unknown selection rule {unknown[0]!r}; expected some of {list(RULES)}"
-    return "names a rule twice" if len(set(v)) != len(v) else None
+_rule_list = some_of(RULES, "selection rule")
 
 
 @dataclass(frozen=True)
@@ -143,7 +137,7 @@ class ActiveLearning(Workload, Stateful, DeviceFiles):
         # baselines run in the launcher's process, the federated arms in Ray workers: same numbers).
         self.torch_device = torch_train.select_device(scenario)
         super().__init__(scenario)
-        fed, al = scenario["federation"], scenario[self.section]
+        al = scenario[self.section]
         self.rules = tuple(al["rules"])
         self.options = dict(al)
         self.split = split_federation(self.seed, self.num_clients, float(al["alpha"]),

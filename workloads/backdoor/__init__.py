@@ -41,7 +41,7 @@ from workloads.base import (
     ConfigField, Params, SimulatedAttacks, Stateful, TrainSettings, TrainsOnUploads, Workload, non_negative,
     positive,
 )
-from workloads.base import DeviceFiles
+from workloads.base import DeviceFiles, some_of
 
 UPLOADS = ("synthetic", "weights")
 UPLOAD_DEFENSES = ("spectral", "activation-clustering", "range-check")  # inspect uploaded synthetic sets
@@ -64,9 +64,7 @@ def _client_list(v: list) -> str | None:
     return "names a client twice" if len(set(v)) != len(v) else None
 
 
-def _defense_list(v: list) -> str | None:
-    unknown = [d for d in v if d not in DEFENSES]
-    return f"unknown defense {unknown[0]!r}; expected some of {list(DEFENSES)}" if unknown else None
+_defense_list = some_of(DEFENSES, "defense", empty_ok=True)
 
 
 def _fraction(v: float) -> str | None:

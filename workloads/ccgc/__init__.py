@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from workloads import streams, torch_train
-from workloads.base import ConfigField, DeviceFiles, Params, TrainSettings, Workload, non_negative, positive
+from workloads.base import ConfigField, DeviceFiles, Params, TrainSettings, Workload, non_negative, positive, some_of
 from workloads.ccgc import device
 from workloads.ccgc.centralised import kmeans_labels, new_encoders, spectral_labels, train_ccgc
 from workloads.ccgc.data import (
@@ -87,11 +87,7 @@ def _at_least_two(v: int) -> str | None:
     return None if v >= 2 else "must be >= 2"
 
 
-def _baseline_list(v: list) -> str | None:
-    unknown = [b for b in v if b not in BASELINES]
-    if unknown:
-        return f"unknown baseline {unknown[0]!r}; expected some of {list(BASELINES)}"
-    return "names a baseline twice" if len(set(v)) != len(v) else None
+_baseline_list = some_of(BASELINES, "baseline", empty_ok=True)
 
 
 @dataclass(frozen=True)

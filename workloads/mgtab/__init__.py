@@ -49,7 +49,7 @@ import torch
 
 from workloads import streams, torch_train
 from workloads.base import (
-    ConfigField, DeviceFiles, KnownClusters, Params, TrainSettings, Workload, non_negative, positive,
+    ConfigField, DeviceFiles, KnownClusters, Params, TrainSettings, Workload, non_negative, positive, some_of,
 )
 from workloads.mgtab import device
 from workloads.mgtab.centralised import SELECT_ON, scores, selection_score
@@ -77,20 +77,8 @@ def _fraction(v: float) -> str | None:
     return None if 0 <= v <= 1 else "must lie in [0, 1]"
 
 
-def _relation_list(v: list) -> str | None:
-    if not v:
-        return "must name at least one relation"
-    unknown = [r for r in v if r not in RELATIONS]
-    if unknown:
-        return f"unknown relation {unknown[0]!r}; expected some of {list(RELATIONS)}"
-    return "names a relation twice" if len(set(v)) != len(v) else None
-
-
-def _baseline_list(v: list) -> str | None:
-    unknown = [b for b in v if b not in BASELINES]
-    if unknown:
-        return f"unknown baseline {unknown[0]!r}; expected some of {list(BASELINES)}"
-    return "names a baseline twice" if len(set(v)) != len(v) else None
+_relation_list = some_of(RELATIONS, "relation")
+_baseline_list = some_of(BASELINES, "baseline", empty_ok=True)
 
 
 def _at_least(low: int):

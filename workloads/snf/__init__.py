@@ -23,8 +23,9 @@ all chosen by the round number, with everything the phases hand on carried in th
 
 The arms (the workload's variants, each on the same federation and seed, so paired): the
 ``dense`` model (trained on the same schedule, no pruning), and for every FLOPs cut in
-``cuts`` the ``uniform`` widths, ``random`` widths (one seeded draw from the search space) and
-the ``searched`` widths. The client learns its arm at the start of every round
+``cuts`` the ``uniform`` widths, ``random`` widths (one seeded draw from the search space),
+``random-wide`` widths (opt-in: one draw from the spec's wider space of random structures,
+every layer keeping at least a tenth) and the ``searched`` widths. The client learns its arm at the start of every round
 (``Stateful``: the state is the arm's name). Central metrics: test accuracy of the global
 model on held-out distorted digits, its FLOPs (``mflops``, ``flops_cut``) and its widths.
 """
@@ -51,7 +52,9 @@ from workloads.snf.model import Arch, ResNet, flops, mask_names
 from workloads.snf.pruning import CRITERIA, BudgetError, candidates, filter_scores, keep_filters
 from workloads.snf.pruning import random_widths, uniform_widths
 
-METHODS = ("dense", "uniform", "random", "searched")
+METHODS = ("dense", "uniform", "random", "random-wide", "searched")
+DEFAULT_METHODS = ("dense", "uniform", "random", "searched")
+WIDE_MIN_KEEP = 0.1  # the spec's random structures: per-layer keep ratios from 0.1 (its baseline b)
 PROXIES = ("finetune", "bn-reset")
 SCORES = ("accuracy", "loss")
 SCORES_KEY = "snf.scores"
@@ -127,7 +130,8 @@ class SNFPruning(Workload, Stateful, DeviceFiles):
     summary_metrics = ("mflops", "flops_cut", *(f"width_{i}" for i in range(1, 13)))
     plot_metrics = ("mflops",)
     schema = {
-        "methods": ConfigField(list, list(METHODS), "arms: dense, and per cut uniform / random / searched widths",
+        "methods": ConfigField(list, list(DEFAULT_METHODS), "arms: dense, and per cut uniform / random / "
+                               "random-wide / searched widths",
                                _methods),
         "cuts": ConfigField(list, [0.5, 0.65], "FLOPs cuts (fraction removed) of the pruned arms", _cuts),
         "dense_rounds": ConfigField(int, 10, "rounds of dense training before the search round", non_negative),
@@ -296,16 +300,20 @@ class SNFPruning(Workload, Stateful, DeviceFiles):
         o = self.options
         return candidates(self.arch, cut, float(o["tolerance"]), float(o["min_keep"]), int(o["candidates"]), rng)
 
-    def random_arm_widths(self, cut: float) -> np.ndarray:
-        rng = np.random.default_rng(np.random.SeedSequence([self.seed, streams.SNF_WIDTHS, round(cut * 1e6), 1]))
-        return random_widths(self.arch, cut, float(self.options["tolerance"]), float(self.options["min_keep"]), rng)
+    def random_arm_widths(self, cut: float, wide: bool = False) -> np.ndarray:
+        """One seeded draw of random widths: from the search space, or (``wide``) from the spec's
+        wider space where a layer may keep a tenth of its filters."""
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, streams.SNF_WIDTHS, round(cut * 1e6),
+                                                            2 if wide else 1]))
+        min_keep = WIDE_MIN_KEEP if wide else float(self.options["min_keep"])
+        return random_widths(self.arch, cut, float(self.options["tolerance"]), min_keep, rng)
 
     def widths_for(self, method: str, cut: float, scores: np.ndarray) -> np.ndarray:
         """The widths an arm prunes to (``searched``: the best mean score, ties to the lower index)."""
         if method == "uniform":
             return uniform_widths(self.arch, cut, float(self.options["tolerance"]), float(self.options["min_keep"]))
-        if method == "random":
-            return self.random_arm_widths(cut)
+        if method in ("random", "random-wide"):
+            return self.random_arm_widths(cut, wide=method == "random-wide")
         return self.pool(cut)[int(np.argmax(np.asarray(scores, np.float64)))]
 
     def masks(self, params: Params, widths: np.ndarray) -> Params:
