@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -395,8 +396,9 @@ def submit(home: Home, scenario: dict[str, Any], out: Path, resume: Path | None 
     config = home.root / "run-config" / f"{scenario['run']['name']}-{time.strftime('%Y%m%d-%H%M%S')}.toml"
     config.parent.mkdir(exist_ok=True)
     config.write_text(tomli_w.dumps(run_config(scenario, out, resume)))
-    app = stage_app(home.root / "app")
-    return int(_flwr(home, "run", str(app), CONNECTION, "--run-config", str(config))["run-id"])
+    with tempfile.TemporaryDirectory(prefix="app-", dir=home.root) as staging:  # one per submit: no races
+        app = stage_app(Path(staging) / "app")
+        return int(_flwr(home, "run", str(app), CONNECTION, "--run-config", str(config))["run-id"])
 
 
 def run_status(home: Home, run_id: int) -> dict[str, Any]:
