@@ -20,7 +20,9 @@ mIoU change is above minus the baseline's mIoU spread.
 
 Usage: python benchmarks/ceco.py [--seeds 0,1,2,3,4] [--regimes mild,mild-l0.1-t0.5,...]
        [--settings centralised,fedavg] [--central-rounds 16] [--central-steps 100] [--fed-rounds 20]
-       [--fed-steps 20] [--clustered] [--flower] [--tables] [--tag NAME]
+       [--fed-steps 20] [--clustered] [--arms ce,weighted-ce,ceco] [--flower] [--tables] [--tag NAME]
+A regime ``<imbalance>-inv...`` draws scene type 1 in inverted contrast (the scenario's setting, where
+the clustered strategy finds the types); a table then compares clustered FedAvg with FedAvg.
 Writes ``benchmarks/results/ceco[-TAG].json`` (after every run); prints Markdown tables.
 """
 
@@ -46,14 +48,24 @@ OUT = Path(__file__).parent / "results"
 CLASSES = ("background", "disk", "square", "ellipse", "diamond", "ring")
 
 
+def data_key(name: str) -> str:
+    """The part of a regime's name that fixes its data (imbalance, ``-inv``): the CE and weighted-CE
+    runs of regimes sharing it are shared."""
+    parts = name.split("-")
+    return "-".join([parts[0], *(["inv"] if "inv" in parts[1:] else [])])
+
+
 def regime(name: str) -> tuple[list[str], list[str]]:
-    """(data overrides, CeCo overrides) of a regime named ``<imbalance>[-l<lambda>][-t<temperature>]``,
-    e.g. ``mild-l0.1-t0.5``; defaults lambda 0.4, temperature 0.1 (the scenario's)."""
+    """(data overrides, CeCo overrides) of a regime named ``<imbalance>[-inv][-l<lambda>][-t<temperature>]``,
+    e.g. ``mild-l0.1-t0.5``; defaults lambda 0.4, temperature 0.1 (the scenario's); ``inv``: scene type 1
+    in inverted contrast (the scenario's setting, under which the clustered strategy finds the types)."""
     parts = name.split("-")
     data = [f"ceco.imbalance='{parts[0]}'"]
     ceco = []
     for p in parts[1:]:
-        if p.startswith("l"):
+        if p == "inv":
+            data.append("ceco.inverted_type1=true")
+        elif p.startswith("l"):
             ceco.append(f"ceco.lambda={float(p[1:])}")
         elif p.startswith("t"):
             ceco.append(f"ceco.temperature={float(p[1:])}")
@@ -63,8 +75,8 @@ def regime(name: str) -> tuple[list[str], list[str]]:
 
 
 def scenario(seed: int, data: list[str], extra: list[str], arm: str, setting: str, args: argparse.Namespace) -> dict:
-    common = [*data, *extra, f"ceco.arms=['{arm}']", "train.lr_schedule='cosine'", "ceco.preview=0",
-              "ceco.inverted_type1=false", "ceco.test_per_group=150"]
+    common = ["ceco.inverted_type1=false", *data, *extra, f"ceco.arms=['{arm}']", "train.lr_schedule='cosine'",
+              "ceco.preview=0", "ceco.test_per_group=150"]
     if setting == "centralised":
         base = load_scenario("ceco-segmentation", [*common, "run.strategies=['fedavg']"], seed=seed)
         sc, _ = baseline_runs(base)["centralised"]
@@ -102,10 +114,10 @@ def run(args: argparse.Namespace) -> dict:
     settings = args.settings + (["clustered"] if args.clustered and "clustered" not in args.settings else [])
     for name in args.regimes:
         data, ceco = regime(name)
-        imbalance = name.split("-")[0]
+        imbalance = data_key(name)
         for seed in args.seeds:
             for setting in settings:
-                for arm in ("ce", "weighted-ce", "ceco"):
+                for arm in args.arms:
                     # CE and weighted CE do not depend on lambda / temperature: one run per imbalance
                     key = f"{imbalance if arm != 'ceco' else name}/{setting}/{arm}/{seed}"
                     if key in runs:
@@ -150,7 +162,7 @@ def tables(results: dict) -> str:
     lines = []
     regimes = sorted({k.split("/")[0] for k in runs if k.split("/")[2] == "ceco"})
     for name in regimes:
-        imbalance = name.split("-")[0]
+        imbalance = data_key(name)
         for setting in ("centralised", "fedavg", "clustered"):
             seeds = sorted(int(k.split("/")[3]) for k in runs if k.startswith(f"{name}/{setting}/ceco/"))
             seeds = [s for s in seeds if all(f"{imbalance}/{setting}/{a}/{s}" in runs for a in ("ce", "weighted-ce"))]
@@ -181,11 +193,36 @@ def tables(results: dict) -> str:
                 verdict = "yes" if dt.mean() > st and dm.mean() > -sm else "no"
                 lines.append(f"| {base} | {_ms(dt)} | {100 * dt.min():+.1f}, {100 * dt.max():+.1f} | {100 * st:.1f} | "
                              f"{_ms(dm)} | {100 * dm.min():+.1f}, {100 * dm.max():+.1f} | {100 * sm:.1f} | {verdict} |")
+    lines += per_group_table(runs)
     if "speed" in results:
         s = results["speed"]
         lines.append(f"\nSpeed (the scenario's FedAvg CeCo arm): {s['flower_s_per_round']:.2f} s/round through Flower, "
                      f"{s['in_process_s_per_round']:.2f} s/round in-process (same final mIoU: {s['same_final_miou']})")
     return "\n".join(lines)
+
+
+def per_group_table(runs: dict) -> list[str]:
+    """Clustered FedAvg (a model per found group) against FedAvg, per regime and arm, paired over
+    the seeds both ran: do per-group models lift the tail classes?"""
+    lines = []
+    pairs = sorted({(k.split("/")[0], k.split("/")[2]) for k in runs if k.split("/")[1] == "clustered"})
+    for name, arm in pairs:
+        seeds = sorted(int(k.split("/")[3]) for k in runs if k.startswith(f"{name}/clustered/{arm}/")
+                       and f"{name}/fedavg/{arm}/{k.split('/')[3]}" in runs)
+        if not seeds:
+            continue
+        if not lines:
+            lines += ["\n#### Per-group models: clustered FedAvg against FedAvg\n",
+                      "| regime, arm | seeds | FedAvg mIoU | clustered mIoU | FedAvg tail | clustered tail | "
+                      "Δ tail (paired; worst, best) | Δ mIoU (paired) | ARI (final) |", "|---|---|---|---|---|---|---|---|---|"]
+        fed = {m: np.array([runs[f"{name}/fedavg/{arm}/{s}"][m] for s in seeds], float) for m in ("miou", "tail_iou")}
+        clu = {m: np.array([runs[f"{name}/clustered/{arm}/{s}"][m] for s in seeds], float) for m in ("miou", "tail_iou")}
+        ari = [runs[f"{name}/clustered/{arm}/{s}"].get("ari") for s in seeds]
+        dt, dm = clu["tail_iou"] - fed["tail_iou"], clu["miou"] - fed["miou"]
+        lines.append(f"| {name}, {arm} | {', '.join(map(str, seeds))} | {_ms(fed['miou'])} | {_ms(clu['miou'])} | "
+                     f"{_ms(fed['tail_iou'])} | {_ms(clu['tail_iou'])} | {_ms(dt)} ({100 * dt.min():+.1f}, "
+                     f"{100 * dt.max():+.1f}) | {_ms(dm)} | {', '.join('-' if a is None else f'{a:.2f}' for a in ari)} |")
+    return lines
 
 
 def main() -> None:
@@ -198,6 +235,7 @@ def main() -> None:
     p.add_argument("--fed-steps", type=int, default=20)
     p.add_argument("--settings", default="centralised,fedavg", help="some of centralised, fedavg, clustered")
     p.add_argument("--clustered", action="store_true")
+    p.add_argument("--arms", default="ce,weighted-ce,ceco", help="some of ce, weighted-ce, ceco")
     p.add_argument("--flower", action="store_true")
     p.add_argument("--tables", action="store_true", help="print the tables of the saved JSON and stop")
     p.add_argument("--tag", default="")
@@ -205,6 +243,7 @@ def main() -> None:
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
     args.regimes = [r for r in args.regimes.split(",") if r]
     args.settings = [s for s in args.settings.split(",") if s]
+    args.arms = [a for a in args.arms.split(",") if a]
     torch.set_num_threads(1)
     if args.tables:
         path = OUT / (f"ceco-{args.tag}.json" if args.tag else "ceco.json")
