@@ -19,8 +19,8 @@ import pytest
 
 BIN = Path(sys.executable).parent
 
-# The longest test files (measured), first: `make test` hands whole files to two workers in
-# this order (`--dist loadfile --no-loadscope-reorder`), so both start on a long one and they
+# The longest test files (measured), first: `make test` hands whole files to its workers in
+# this order (`--dist loadfile --no-loadscope-reorder`), so each starts on a long one and they
 # finish together instead of one worker running the long files alone at the end.
 LONGEST_FIRST = ["test_deploy_workloads.py", "test_deploy_processes.py", "test_koopman.py", "test_clustered.py",
                  "test_backdoor.py", "test_interrupt.py", "test_mgtab.py", "test_active_learning.py", "test_ceco.py"]

@@ -89,7 +89,7 @@ def test_a_killed_device_misses_its_round_and_rejoins_with_its_state_from_disk(d
     truncated.write_bytes(deployment.files[0].read_bytes()[:200])
     deployment.start("bad", truncated)
     scenario = load_scenario("deploy-tiny", [
-        "run.name='deploy-kill'", "run.strategies=['ifca']", "run.rounds=5", "run.round_timeout=20.0"])
+        "run.name='deploy-kill'", "run.strategies=['ifca']", "run.rounds=5", "run.round_timeout=30.0"])
     state_file = home.root / "nodes" / "dev-2" / "state" / "umbel-device-state.json"
     seen: dict = {"failures": []}
 
