@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import tomli_w
+from flwr.common.constant import FAB_INCLUDE_PATTERNS
 
 from server.lock import read_lock
 from server.record import SCENARIO, NotWritable, _drop_none, writable_folder
@@ -355,8 +356,10 @@ def app_dir() -> Path:
     return root
 
 
-# What Flower's bundler keeps (its FAB include patterns) and the folders it never keeps.
-APP_SUFFIXES = (".py", ".toml", ".md", ".yaml", ".yml", ".json", ".jsonl")
+# What Flower's bundler keeps, read from its own include patterns ("**/*.py", ..., "/LICENSE"),
+# and the folders it never keeps.
+APP_SUFFIXES = tuple(p[4:] for p in FAB_INCLUDE_PATTERNS if p.startswith("**/*."))
+APP_NAMES = (".gitignore", *(p[1:] for p in FAB_INCLUDE_PATTERNS if p.startswith("/")))
 SKIPPED_DIRS = ("__pycache__", "runs", "deploy", "mlruns", "build", "dist")
 
 
@@ -366,7 +369,8 @@ def stage_app(dest: Path, source: Path | None = None) -> Path:
     Flower's bundler walks and resolves every file under the folder it is given before it
     filters them: about 53,000 in a checkout holding its ``.venv``, 4 s of CPU per submitted
     run. The copy skips hidden and generated folders and keeps the files Flower would keep
-    (its ``.gitignore`` included, which Flower applies again), so the bundle is the same."""
+    (its ``.gitignore`` included, which Flower applies again), so the bundle is the same
+    (a test compares the two bundles byte for byte)."""
     source, dest = (source or app_dir()).resolve(), dest.resolve()
     shutil.rmtree(dest, ignore_errors=True)
     for folder, dirs, files in os.walk(source):
@@ -374,7 +378,7 @@ def stage_app(dest: Path, source: Path | None = None) -> Path:
         dirs[:] = [d for d in dirs if not d.startswith(".") and d not in SKIPPED_DIRS
                    and not d.endswith(".egg-info") and (Path(folder) / d) not in (dest, *dest.parents)]
         for name in files:
-            if name.endswith(APP_SUFFIXES) or name in (".gitignore", "LICENSE"):
+            if name.endswith(APP_SUFFIXES) or name in APP_NAMES:
                 target = dest / Path(folder).relative_to(source) / name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(Path(folder) / name, target)
