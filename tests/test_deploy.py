@@ -46,6 +46,9 @@ def test_the_staged_app_bundles_to_the_checkouts_own_fab(tmp_path):
     staged = stage_app(checkout / "deploy" / "app", source=checkout)
     assert not (staged / "deploy").exists() and (staged / "notes" / "idea.py").is_file()
     assert build_fab_from_disk(staged) == build_fab_from_disk(checkout)
+    # a home under any other name in the checkout: pruned by its path, so never copied into itself
+    elsewhere = stage_app(checkout / "my-home" / "app-1" / "app", source=checkout)
+    assert not (elsewhere / "my-home").exists() and (elsewhere / "notes" / "idea.py").is_file()
 
 
 def test_certs_make_a_ca_a_server_certificate_for_its_hosts_and_device_keys(tmp_path):
