@@ -95,6 +95,45 @@ def one_seed(seed: int, cuts: list[float], arms: list[str], dense_rounds: int, f
     return out
 
 
+def ceiling(seed: int, cut: float, dense_rounds: int, finetune: int) -> dict:
+    """Every candidate of the search's pool pruned and fine-tuned full length, from the same
+    dense model: the accuracy each possible pick ends at. The pool's random candidates are
+    draws from the ``random`` arm's distribution, so their mean is what a random pick
+    expects and their best (chosen on the test set: an optimistic ceiling) bounds what any
+    proxy picking from this pool could reach."""
+    start, _, _ = dense_model(seed, dense_rounds)
+    cls = type(Reference(load_scenario("snf-pruning", BENCH, seed=seed)).workload)
+    original = cls.widths_for
+    out = []
+    try:
+        for k in range(16):
+            # the benchmark's only patch: the uniform arm prunes to candidate k instead
+            cls.widths_for = lambda self, method, cut, scores, k=k: self.pool(cut)[k]
+            r = branch(seed, start, "uniform", cut, [], finetune)
+            out.append({"candidate": k, "accuracy": r["accuracy"], "widths": r["widths"]})
+            print(seed, f"candidate {k}@{cut:g}", round(r["accuracy"], 4), r["widths"], f"{r['seconds']:.0f} s",
+                  flush=True)
+    finally:
+        cls.widths_for = original
+    return {"candidates": out}
+
+
+def ceiling_table(results: dict) -> str:
+    lines = ["| seed | uniform (candidate 0) | random candidates: mean ± sd | best random candidate | "
+             "best minus mean | uniform minus mean |", "|---|---|---|---|---|---|"]
+    gaps = []
+    for seed, r in sorted(results["ceiling"].items(), key=lambda kv: int(kv[0])):
+        acc = 100 * np.array([c["accuracy"] for c in r["candidates"]])
+        rand = acc[1:]
+        gaps.append(rand.max() - rand.mean())
+        lines.append(f"| {seed} | {acc[0]:.2f} | {rand.mean():.2f} ± {rand.std():.2f} | {rand.max():.2f} "
+                     f"(candidate {int(np.argmax(rand)) + 1}) | {rand.max() - rand.mean():+.2f} | "
+                     f"{acc[0] - rand.mean():+.2f} |")
+    lines += ["", f"Best random candidate minus the random mean, over seeds: {np.mean(gaps):+.2f} "
+              f"(smallest {np.min(gaps):+.2f}, largest {np.max(gaps):+.2f})."]
+    return "\n".join(lines)
+
+
 def flower_timing() -> dict:
     """s/round of the built-in scenario through Flower (simulation engine on Ray) and through
     the in-process engine (FedAvg, the searched arm at 50%)."""
@@ -188,18 +227,31 @@ def main() -> None:
     parser.add_argument("--finetune-rounds", type=int, default=8)
     parser.add_argument("--flower", action="store_true", help="also time the scenario through Flower")
     parser.add_argument("--tables", action="store_true", help="print the tables of the saved results and stop")
+    parser.add_argument("--ceiling", type=float, default=None, metavar="CUT",
+                        help="fine-tune every candidate of the pool at CUT full length (the ceiling of any pick)")
     parser.add_argument("--tag", default="", help="write results/snf-<tag>.json (e.g. a longer fine-tune)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     path = OUT / (f"snf-{args.tag}.json" if args.tag else "snf.json")
     if args.tables:
-        print(tables(json.loads(path.read_text())))
+        saved = json.loads(path.read_text())
+        print(ceiling_table(saved) if "ceiling" in saved else tables(saved))
         return
     arms = [a for a in args.arms.split(",") if a]
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         parser.error(f"unknown arm {unknown[0]!r}; expected some of {list(ARMS)}")
     start = time.perf_counter()
+    OUT.mkdir(exist_ok=True)
+    if args.ceiling is not None:
+        results = {"settings": {"cut": args.ceiling, "dense_rounds": args.dense_rounds,
+                                "finetune_rounds": args.finetune_rounds, "overrides": BENCH}, "ceiling": {}}
+        for seed in args.seeds.split(","):
+            results["ceiling"][seed] = ceiling(int(seed), args.ceiling, args.dense_rounds, args.finetune_rounds)
+            results["seconds"] = time.perf_counter() - start
+            path.write_text(json.dumps(results, indent=1, default=float))
+        print(ceiling_table(results))
+        return
     results: dict = {"settings": {"dense_rounds": args.dense_rounds, "finetune_rounds": args.finetune_rounds,
                                   "candidates": 16, "proxy_steps": 10, "local_steps": 15, "overrides": BENCH}, "seeds": {}}
     OUT.mkdir(exist_ok=True)
