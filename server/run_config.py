@@ -431,10 +431,12 @@ def scenario_from_run_config(config: dict[str, Any]) -> tuple[dict[str, dict[str
 
 
 def client_view(scenario: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The part of a scenario that clients need to rebuild their workload and data."""
+    """The part of a scenario that clients need to rebuild their workload and data (``run.rounds``:
+    for local training that follows the global round, e.g. PMT-IQA's easy-to-hard schedule)."""
     workload = workload_class(scenario["run"]["workload"])
+    run = scenario["run"]
     return {
-        "run": {"workload": scenario["run"]["workload"], "num_gpus": scenario["run"].get("num_gpus", 0.0)},
+        "run": {"workload": run["workload"], "rounds": run["rounds"], "num_gpus": run.get("num_gpus", 0.0)},
         "federation": scenario["federation"],
         "anchors": scenario["anchors"],
         workload.section: scenario[workload.section],

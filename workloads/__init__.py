@@ -23,6 +23,7 @@ WORKLOADS: dict[str, str] = {
     "mgtab_bots": "workloads.mgtab:MGTABBots",
     "snf_pruning": "workloads.snf:SNFPruning",
     "ceco_segmentation": "workloads.ceco:CeCoSegmentation",
+    "pmt_iqa": "workloads.pmt_iqa:PMTIQA",
 }
 
 _checked: dict[str, type[Workload]] = {}

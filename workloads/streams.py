@@ -66,6 +66,11 @@ CECO_TEST = 72  # the server's class-balanced test scenes
 CECO_INIT = 73  # the network's initialisation (IFCA's draws too)
 CECO_TRAIN = 74  # minibatch order and flips of local training
 CECO_ETF = 75  # the fixed simplex ETF (every client derives the same one from the seed)
+# blind image quality, PMT-IQA (workloads.pmt_iqa)
+IQA_DATA = 81  # the crops, the continuous strengths, the distortions' noise and the rater noise
+IQA_SPLIT = 82  # who holds which training patches
+IQA_INIT = 83  # the network's initialisation (IFCA's draws too)
+IQA_TRAIN = 84  # minibatch order and flips of local training
 
 
 def all_tags() -> dict[str, int]:
