@@ -126,6 +126,7 @@ class RunRecord(RunObserver):
             "curve_x": workload.curve_x,
             "summary_metrics": list(workload.summary_metrics),
             "plot_metrics": list(workload.plot_metrics),
+            "reference_lines": {m: list(ref) for m, ref in workload.reference_lines.items()},
             "status": "running",
             "strategies": {},
         }

@@ -215,6 +215,39 @@ def plot_label_maps(history: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def plot_quality_scatter(history: dict[str, Any], path: Path) -> bool:
+    """Predicted against true quality on the test set, a panel per arm, coloured by distortion
+    (each arm's ``final["quality_scatter"]``: ``predicted``, ``proxy``, ``distortion``)."""
+    scatters = finals(history, "quality_scatter")
+    if not scatters:
+        return False
+    cols = min(4, len(scatters))
+    rows = -(-len(scatters) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 3.0 * rows), squeeze=False, sharex=True, sharey=True)
+    kinds = sorted({k for s in scatters.values() for k in s["distortion"]})
+    colours = {k: plt.get_cmap("tab10")(i) for i, k in enumerate(kinds)}
+    for ax, (name, s) in zip(axes.ravel(), scatters.items()):
+        for kind in kinds:
+            at = [i for i, k in enumerate(s["distortion"]) if k == kind]
+            ax.scatter([s["proxy"][i] for i in at], [s["predicted"][i] for i in at], s=3, alpha=0.5,
+                       color=colours[kind], label=kind)
+        ax.plot([0, 100], [0, 100], color="0.5", linewidth=0.8)
+        ax.set_title(name, fontsize=8)
+        ax.grid(True, alpha=0.3)
+    for ax in axes.ravel()[len(scatters):]:
+        ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel("true score (proxy)", fontsize=8)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("predicted score", fontsize=8)
+    axes[0][0].legend(fontsize=6, markerscale=3)
+    fig.suptitle(f"{history['name']}: predicted against true quality on unseen photos", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def plot_metric(history: dict[str, Any], metric: str, path: Path) -> bool:
     """One figure, one line per strategy; log scale when the values span decades."""
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
@@ -234,6 +267,9 @@ def plot_metric(history: dict[str, Any], metric: str, path: Path) -> bool:
     if metric == history["key_metric"] and rows and rows[-1].get("oracle_error"):
         ax.axhline(rows[-1]["oracle_error"], color="k", linestyle="--", linewidth=1,
                    label="label oracle (least squares)")
+    reference, label = history.get("reference_lines", {}).get(metric, (None, None))
+    if reference and rows and rows[-1].get(reference) is not None:
+        ax.axhline(rows[-1][reference], color="k", linestyle="--", linewidth=1, label=label)
     if values_all and max(values_all) / min(values_all) > 30:
         ax.set_yscale("log")
     ax.set_xlabel("round")
@@ -351,7 +387,7 @@ def write_report(run_dir: Path) -> list[Path]:
         if plot_curve(history, path):
             written.append(path)
     for name, plot in (("rollout.png", plot_rollout), ("fields.png", plot_fields), ("tradeoff.png", plot_tradeoff),
-                       ("segmentation.png", plot_label_maps)):
+                       ("segmentation.png", plot_label_maps), ("quality.png", plot_quality_scatter)):
         if plot(history, run_dir / name):
             written.append(run_dir / name)
     return written

@@ -113,6 +113,8 @@ class Workload(ABC):
     curve_x: ClassVar[str | None] = None  # axis label to plot the key metric against examples used
     summary_metrics: ClassVar[tuple[str, ...]] = ()  # more final-round metrics for the summary table
     plot_metrics: ClassVar[tuple[str, ...]] = ()  # more per-round metrics plotted (<metric>.png)
+    # a metric's plot draws another (constant) metric as a dashed reference line: metric -> (reference, label)
+    reference_lines: ClassVar[dict[str, tuple[str, str]]] = {}
     # per-round counts (totals in the record) that deserve a warning when non-zero: name -> what it means
     warn_counts: ClassVar[dict[str, str]] = {}
     # the scenario fields a memory refusal names: what its estimate grows with

@@ -110,7 +110,8 @@ class PMTIQA(Workload, KnownClusters, DeviceFiles):
     key_metric = "srcc"
     higher_is_better = True
     summary_metrics = ("plcc", "srcc_level_scorer", *(f"srcc_{d}" for d in DISTORTIONS))
-    plot_metrics = ("plcc", "srcc_level_scorer")
+    plot_metrics = ("plcc",)
+    reference_lines = {"srcc": ("srcc_level_scorer", "per-level scorer (told distortion and level)")}
     schema = {
         "arms": ConfigField(list, list(ARMS), "arms compared: " + ", ".join(ARMS), _arms),
         "distortions": ConfigField(list, list(FAIR_DISTORTIONS), "distortion types (data module; the spec's "
