@@ -95,10 +95,12 @@ def tables(results: dict) -> str:
         if not seeds:
             continue
         names = list(per_seed[seeds[0]])
-        present = [d for d in DISTORTIONS if f"srcc_{d}" in per_seed[seeds[0]][names[0]]]
+        first = per_seed[seeds[0]][names[0]]
+        present = [f"srcc_{d}" for d in DISTORTIONS if f"srcc_{d}" in first]
+        present += [f"srcc_family{g}" for g in range(3) if f"srcc_family{g}" in first]
         lines += [f"#### {setting} (seeds {', '.join(seeds)}; seed s holds out fold s mod 5)", "",
                   "| arm | SRCC | PLCC | SRCC minus the level scorer (seeds above) | "
-                  + " | ".join(present) + (" | ARI |" if setting == "clustered" else " |"),
+                  + " | ".join(c.removeprefix("srcc_") for c in present) + (" | ARI |" if setting == "clustered" else " |"),
                   "|---|---|---|---|" + "---|" * len(present) + ("---|" if setting == "clustered" else "")]
         scorer = np.array([per_seed[k][names[0]]["srcc_level_scorer"] for k in seeds])
         for name in names:
@@ -106,7 +108,7 @@ def tables(results: dict) -> str:
             srcc = get("srcc")
             gap = srcc - scorer
             cells = [_ms(get("srcc")), _ms(get("plcc")), f"{gap.mean():+.3f} ({int((gap > 0).sum())}/{len(seeds)})"]
-            cells += [f"{np.nanmean(get(f'srcc_{d}')):.2f}" for d in present]
+            cells += [f"{np.nanmean(get(c)):.2f}" for c in present]
             if setting == "clustered":
                 cells.append(f"{np.nanmean(get('ari')):.2f}")
             lines.append(f"| {name} | " + " | ".join(cells) + " |")

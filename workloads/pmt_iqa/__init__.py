@@ -53,6 +53,7 @@ from workloads.pmt_iqa.model import ARMS, IQANet, arm_loss, multi_scale
 
 BASELINES = ("centralised",)
 USE_MS = "use_ms"  # 1: multi-scale features, 0: the last stage's (single-task)
+SCATTER_POINTS = 600
 
 _arms = some_of(ARMS, "arm", "an")
 _distortions = some_of(DISTORTIONS, "distortion")
@@ -389,12 +390,14 @@ class PMTIQA(Workload, KnownClusters, DeviceFiles):
         return out
 
     def final_report(self, models: Params) -> dict[str, Any]:
-        """The test patches' predicted against proxy scores, by distortion (a scatter)."""
+        """Test patches' predicted against proxy scores, by distortion (a scatter; at most
+        ``SCATTER_POINTS`` of them, evenly spaced, to keep the run record small)."""
         d, rows = self.dataset, self.test_rows
         pred = self.test_predictions(models)
-        return {"quality_scatter": {"predicted": np.round(pred, 2).tolist(),
-                                    "proxy": np.round(d.scores[rows], 2).tolist(),
-                                    "distortion": [DISTORTIONS[t] for t in d.distortion[rows]],
+        show = np.unique(np.linspace(0, len(rows) - 1, min(len(rows), SCATTER_POINTS)).astype(np.int64))
+        return {"quality_scatter": {"predicted": np.round(pred[show], 2).tolist(),
+                                    "proxy": np.round(d.scores[rows[show]], 2).tolist(),
+                                    "distortion": [DISTORTIONS[t] for t in d.distortion[rows[show]]],
                                     "family_names": [FAMILIES[f] for f in self.families]}}
 
 

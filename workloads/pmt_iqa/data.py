@@ -258,8 +258,10 @@ def split_clients(family: np.ndarray, train: np.ndarray, clients: int, families:
     home = rng.random(len(rows)) < share
     pick = rng.random(len(rows))
     owner = np.empty(len(rows), np.int64)
-    for i, (f, at_home, u) in enumerate(zip(family[rows], home, pick)):
-        pool = np.flatnonzero(of_client == f) if at_home or families == 1 else np.flatnonzero(of_client != f)
-        pool = pool if len(pool) else np.arange(clients)
-        owner[i] = pool[int(u * len(pool))]
+    for f in np.unique(family[rows]):
+        for at_home in (True, False):
+            at = (family[rows] == f) & ((home | (families == 1)) == at_home)
+            pool = np.flatnonzero((of_client == f) == at_home)
+            pool = pool if len(pool) else np.arange(clients)
+            owner[at] = pool[(pick[at] * len(pool)).astype(np.int64)]
     return [rows[owner == c] for c in range(clients)]
