@@ -394,6 +394,17 @@ def check_contract(cls: type) -> None:
 SIZE_BUCKETS = ("n1", "n2", "n3_10", "n11plus")
 
 
+def pooled_baseline(section: str, scenario: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Scenario overrides of the centralised reference run for a workload whose
+    ``<section>.pool_clients`` lets one client hold every client's data: FedAvg of that one
+    client, with as many local steps a round as the whole federation takes."""
+    fed, train = scenario["federation"], scenario["train"]
+    return {"run": {"strategies": ["fedavg"]},
+            "federation": {"clients": 1, "cohort_size": 1, "participation": 1.0, "dropout": 0.0},
+            "anchors": {"count": 0}, section: {"pool_clients": fed["clients"]},
+            "train": {"local_steps": train["local_steps"] * fed["clients"], "proximal_mu": 0.0}}
+
+
 def size_bucket(num_examples: np.ndarray) -> np.ndarray:
     return np.digitize(num_examples, [2, 3, 11])
 

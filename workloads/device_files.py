@@ -87,6 +87,12 @@ def offsets(sizes: list[int]) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
 
 
+def rows_of(starts: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """The rows of the clients at positions ``index`` in a concatenation cut by ``starts``."""
+    pieces = [np.arange(starts[j], starts[j + 1]) for j in index]
+    return np.concatenate(pieces) if pieces else np.empty(0, np.int64)
+
+
 def distinct_ids(files: list[Path], ids: list[int]) -> None:
     """A device's files hold different clients."""
     seen: dict[int, Path] = {}

@@ -41,9 +41,10 @@ from scipy.stats import pearsonr, spearmanr
 
 from workloads import streams, torch_train
 from workloads.base import (
-    ConfigField, DeviceFiles, KnownClusters, Params, TrainSettings, Workload, non_negative, positive, some_of,
+    ConfigField, DeviceFiles, KnownClusters, Params, TrainSettings, Workload, non_negative, pooled_baseline,
+    positive, some_of,
 )
-from workloads.device_files import offsets
+from workloads.device_files import offsets, rows_of
 from workloads.pmt_iqa import device
 from workloads.pmt_iqa.data import (
     DISTORTIONS, FAIR_DISTORTIONS, FAMILIES, FAMILY_OF, FOLDS, PROXIES, IQASettings, build_set, level_scorer,
@@ -87,11 +88,6 @@ class PatchCohort:
     @property
     def num_examples(self) -> np.ndarray:
         return np.diff(self.starts)
-
-
-def _rows(starts: np.ndarray, index: np.ndarray) -> np.ndarray:
-    pieces = [np.arange(starts[j], starts[j + 1]) for j in index]
-    return np.concatenate(pieces) if pieces else np.empty(0, np.int64)
 
 
 def _dihedral(x: torch.Tensor, code: int) -> torch.Tensor:
@@ -178,17 +174,8 @@ class PMTIQA(Workload, KnownClusters, DeviceFiles):
     @classmethod
     def baselines(cls, scenario: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
         """``centralised``: one client with every client's patches, as many steps as the federation."""
-        c, fed, train = scenario[cls.section], scenario["federation"], scenario["train"]
-        if c["pool_clients"]:
-            return {}
-        runs = {"centralised": {
-            "run": {"strategies": ["fedavg"]},
-            "federation": {"clients": 1, "cohort_size": 1, "participation": 1.0, "dropout": 0.0},
-            "anchors": {"count": 0},
-            "iqa": {"pool_clients": fed["clients"]},
-            "train": {"local_steps": train["local_steps"] * fed["clients"], "proximal_mu": 0.0},
-        }}
-        return {name: runs[name] for name in c["baselines"]}
+        c = scenario[cls.section]
+        return {} if c["pool_clients"] else {name: pooled_baseline(cls.section, scenario) for name in c["baselines"]}
 
     def __init__(self, scenario: dict[str, dict[str, Any]]) -> None:
         self.torch_device = torch_train.select_device(scenario)  # on the CPU: one thread
@@ -245,7 +232,7 @@ class PMTIQA(Workload, KnownClusters, DeviceFiles):
 
     def subset(self, data: PatchCohort, index: np.ndarray) -> PatchCohort:
         index = np.asarray(index, np.int64)
-        rows = _rows(data.starts, index)
+        rows = rows_of(data.starts, index)
         return replace(data, client_ids=data.client_ids[index], patches=data.patches[rows],
                        scores=data.scores[rows], starts=offsets(data.num_examples[index]),
                        groups=None if data.groups is None else data.groups[index])

@@ -44,7 +44,7 @@ from workloads import streams, torch_train
 from workloads.base import (
     ConfigField, DeviceFiles, Params, Stateful, TrainSettings, Workload, non_negative, positive, some_of,
 )
-from workloads.device_files import offsets
+from workloads.device_files import offsets, rows_of
 from workloads.digits import digits
 from workloads.snf import device
 from workloads.snf.data import SplitError, augment, fixed_views, generator, split_federation, upsample
@@ -114,11 +114,6 @@ class DigitsCohort:
     @property
     def num_examples(self) -> np.ndarray:
         return np.diff(self.starts)
-
-
-def _rows(starts: np.ndarray, index: np.ndarray) -> np.ndarray:
-    pieces = [np.arange(starts[j], starts[j + 1]) for j in index]
-    return np.concatenate(pieces) if pieces else np.empty(0, np.int64)
 
 
 class SNFPruning(Workload, Stateful, DeviceFiles):
@@ -251,7 +246,7 @@ class SNFPruning(Workload, Stateful, DeviceFiles):
         return replace(data, variant=bytes(np.asarray(state["arm"], np.uint8)).decode())
 
     def subset(self, data: DigitsCohort, index: np.ndarray) -> DigitsCohort:
-        rows, val_rows = _rows(data.starts, index), _rows(data.val_starts, index)
+        rows, val_rows = rows_of(data.starts, index), rows_of(data.val_starts, index)
         return replace(data, client_ids=data.client_ids[index], images=data.images[rows],
                        targets=data.targets[rows], starts=offsets(data.num_examples[index]),
                        val_images=data.val_images[val_rows], val_targets=data.val_targets[val_rows],
