@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,7 +40,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from simulations.launcher import baseline_runs  # noqa: E402
-from simulations.reference import Reference  # noqa: E402
+from simulations.reference import Reference, flower_against_in_process  # noqa: E402
 from simulations.scenarios import load_scenario  # noqa: E402
 
 OUT = Path(__file__).parent / "results"
@@ -137,17 +136,10 @@ def run(args: argparse.Namespace) -> dict:
 def flower_timing() -> dict:
     """s/round of the built-in scenario's FedAvg CeCo arm through Flower (simulation engine on
     Ray) and through the in-process engine, on the same federation and seed."""
-    from server.record import load_history
-    from simulations.launcher import simulate
-
-    sc = load_scenario("ceco-segmentation", ["ceco.arms=['ceco']", "run.strategies=['fedavg']", "ceco.baselines=[]"])
-    with tempfile.TemporaryDirectory() as tmp:
-        rows = load_history(simulate(sc, out=Path(tmp)))["strategies"]["fedavg/ceco"]
-    flower = float(np.median([r["wall_time_s"] for r in rows if r["round"] >= 2]))
-    local = Reference(sc).run("fedavg", variant="ceco", keep_models=False)
-    in_process = float(np.median([r["wall_time_s"] for r in local if r["round"] >= 2]))
-    return {"flower_s_per_round": flower, "in_process_s_per_round": in_process,
-            "same_final_miou": abs(rows[-1]["miou"] - local[-1]["miou"]) < 1e-9}
+    scenario = load_scenario("ceco-segmentation", ["ceco.arms=['ceco']", "run.strategies=['fedavg']", "ceco.baselines=[]"])
+    speed = flower_against_in_process(scenario, "fedavg", "ceco", "miou")
+    speed["same_final_miou"] = speed.pop("same_final")
+    return speed
 
 
 # ---- tables ------------------------------------------------------------------------------------

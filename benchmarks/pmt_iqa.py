@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,7 +37,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from simulations.reference import Reference  # noqa: E402
+from simulations.reference import Reference, flower_against_in_process  # noqa: E402
 from simulations.scenarios import load_scenario  # noqa: E402
 from workloads.pmt_iqa.data import DISTORTIONS  # noqa: E402
 
@@ -134,17 +133,10 @@ def tables(results: dict) -> str:
 
 def flower_timing() -> dict:
     """s/round of the scenario's PMT arm under FedAvg through Flower and in-process."""
-    from server.record import load_history
-    from simulations.launcher import simulate
-
     scenario = load_scenario("pmt-iqa", ["iqa.arms=['pmt']", "run.strategies=['fedavg']", "iqa.baselines=[]"])
-    with tempfile.TemporaryDirectory() as tmp:
-        rows = load_history(simulate(scenario, out=Path(tmp)))["strategies"]["fedavg/pmt"]
-    flower = float(np.median([r["wall_time_s"] for r in rows if r["round"] >= 2]))
-    local = Reference(scenario).run("fedavg", variant="pmt", keep_models=False)
-    in_process = float(np.median([r["wall_time_s"] for r in local if r["round"] >= 2]))
-    return {"flower_s_per_round": flower, "in_process_s_per_round": in_process,
-            "same_final_srcc": rows[-1]["srcc"] == local[-1]["srcc"]}
+    speed = flower_against_in_process(scenario, "fedavg", "pmt", "srcc")
+    speed["same_final_srcc"] = speed.pop("same_final")
+    return speed
 
 
 def main() -> None:

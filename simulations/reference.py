@@ -122,3 +122,25 @@ class Reference:
 def run_arm(scenario: dict[str, Any], name: str, **kwargs: Any) -> list[dict[str, Any]]:
     """``Reference(scenario).run(name, ...)`` as one function (picklable: for process pools)."""
     return Reference(scenario).run(name, **kwargs)
+
+
+def flower_against_in_process(scenario: dict[str, Any], strategy: str, variant: str, metric: str) -> dict[str, Any]:
+    """Median s/round (rounds after the first) of one arm through Flower's simulation engine
+    and through the in-process engine, same federation and seed, and whether both end at the
+    same ``metric`` (to 1e-9): the benchmarks' speed line."""
+    import tempfile
+    from pathlib import Path
+
+    from server.record import load_history
+    from simulations.launcher import simulate
+
+    label = f"{strategy}/{variant}" if variant else strategy
+    with tempfile.TemporaryDirectory() as tmp:
+        flower = load_history(simulate(scenario, out=Path(tmp)))["strategies"][label]
+    local = Reference(scenario).run(strategy, variant=variant, keep_models=False)
+
+    def per_round(rows: list[dict[str, Any]]) -> float:
+        return float(np.median([r["wall_time_s"] for r in rows if r["round"] >= 2]))
+
+    return {"flower_s_per_round": per_round(flower), "in_process_s_per_round": per_round(local),
+            "same_final": abs(flower[-1][metric] - local[-1][metric]) < 1e-9}
