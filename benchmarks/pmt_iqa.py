@@ -7,8 +7,10 @@ engine in one process (the same code as the Flower run):
 
 - ``centralised``: one client holding every client's patches (``iqa.pool_clients``),
   ``--central-rounds`` x ``--central-steps`` Adam steps;
-- ``fedavg``: the 4 clients, ``--fed-rounds`` rounds of ``--fed-steps`` local steps each
-  (the same total steps);
+- ``fedavg``: the 4 clients, ``--fed-rounds`` rounds of ``--fed-steps`` local steps each:
+  by default every client takes the 2,500 steps the centralised model takes (100 x 25), so
+  the averaged model moves as many steps (at 4x the gradient evaluations in all); 25 rounds
+  of 25 would give it a quarter of the centralised model's steps;
 - ``clustered`` (``--clustered``): clustered FedAvg (anchor models) and IFCA on the same
   federation: ARI against the families, SRCC per family.
 
@@ -18,9 +20,9 @@ rounds. The reference line is the per-(distortion, level) mean training score, a
 what the blind models must infer.
 
 Usage: python benchmarks/pmt_iqa.py [--seeds 0,1,2,3,4] [--settings centralised,fedavg]
-       [--central-rounds 10] [--central-steps 250] [--fed-rounds 25] [--fed-steps 25]
+       [--central-rounds 10] [--central-steps 250] [--fed-rounds 100] [--fed-steps 25]
        [--arms single-task,ms,ms-fixed,pmt] [--clustered] [--set iqa.proxy='ssim' ...]
-       [--flower] [--tables] [--tag NAME]
+       [--flower] [--inference] [--tables] [--tag NAME]
 Writes ``benchmarks/results/pmt_iqa[-TAG].json`` (after every run); prints Markdown tables.
 """
 
@@ -139,6 +141,31 @@ def flower_timing() -> dict:
     return speed
 
 
+def inference_speed(repeats: int = 3) -> dict:
+    """One forward pass over the pooled training patches (fold 0, benchmark size): all at
+    once against ``torch_train.in_chunks`` (512 rows), best of ``repeats``."""
+    from workloads import torch_train
+    from workloads.pmt_iqa.data import IQASettings, build_set
+    from workloads.pmt_iqa.model import IQANet
+
+    d = build_set(IQASettings(size=32, crops=32))
+    x = torch.from_numpy(d.patches[d.fold != 0])
+    net = IQANet().eval()
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    with torch.no_grad():
+        whole = best(lambda: net(x))
+    chunked = best(lambda: torch_train.in_chunks(net, x))
+    return {"patches": len(x), "whole_s": whole, "chunked_s": chunked, "speedup": whole / chunked}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0,1,2,3,4")
@@ -146,11 +173,13 @@ def main() -> None:
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--central-rounds", type=int, default=10)
     parser.add_argument("--central-steps", type=int, default=250)
-    parser.add_argument("--fed-rounds", type=int, default=25)
+    parser.add_argument("--fed-rounds", type=int, default=100)
     parser.add_argument("--fed-steps", type=int, default=25)
     parser.add_argument("--clustered", action="store_true", help="also clustered FedAvg and IFCA")
     parser.add_argument("--set", action="append", default=[], help="scenario override, e.g. iqa.proxy='ssim'")
     parser.add_argument("--flower", action="store_true", help="also time the scenario through Flower")
+    parser.add_argument("--inference", action="store_true", help="time one forward pass over the training "
+                        "patches, all at once against in chunks of 512, and stop")
     parser.add_argument("--tables", action="store_true", help="print the tables of the saved results and stop")
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
@@ -158,6 +187,11 @@ def main() -> None:
     path = OUT / (f"pmt_iqa-{args.tag}.json" if args.tag else "pmt_iqa.json")
     if args.tables:
         print(tables(json.loads(path.read_text())))
+        return
+    if args.inference:
+        r = inference_speed()
+        print(f"forward pass over {r['patches']} patches: all at once {r['whole_s']:.2f} s, in chunks of 512 "
+              f"{r['chunked_s']:.2f} s ({r['speedup']:.1f}x)")
         return
     arms = [a for a in args.arms.split(",") if a]
     if unknown := [a for a in arms if a not in ARMS]:

@@ -256,6 +256,25 @@ def test_central_metrics_pick_a_model_per_family_and_the_report_draws_the_scatte
     assert plot_metric(history, "srcc", tmp_path / "srcc.png")
 
 
+def test_a_cohort_memory_mapped_from_disk_trains_the_same_bits_as_in_memory(tmp_path):
+    # A Flower node memory-maps its cohort (client.cohort_store); the in-process engine holds it
+    # in memory. A channel axis left as a [:, None] view once sent convolutions down the
+    # channels-last path in memory only, and the two engines' runs drifted apart.
+    from client import cohort_store
+
+    _, wl = tiny()
+    ids = np.arange(2)
+    in_memory = wl.client_data(ids)
+    mapped, _ = cohort_store.cached(tmp_path / "cohort", lambda: wl.client_data(ids))
+    assert isinstance(mapped.patches, np.memmap)
+    start = stack_params(wl.initial_parameters(), 2)
+    settings = TrainSettings(local_steps=3, lr=0.01, server_round=2, variant="pmt")
+    a, b = wl.local_train(start, in_memory, settings), wl.local_train(start, mapped, settings)
+    assert all(np.array_equal(a[n], b[n]) for n in a)
+    model = {n: v[0] for n, v in a.items()}
+    assert np.array_equal(wl.local_loss(model, in_memory), wl.local_loss(model, mapped))
+
+
 def test_arms_are_the_variants_and_phase1_trains_the_multi_scale_regressor():
     _, wl = tiny()
     assert wl.variants() == ARMS

@@ -121,6 +121,39 @@ def test_index_sources():
         next(tt.numpy_epochs(0, 4, np.random.default_rng(0)))
 
 
+def test_inference_in_chunks_is_the_whole_pass_row_by_row():
+    model, (x, _) = fresh(), data(3, n=23)
+    with torch.no_grad():
+        whole = model(x)
+    for rows in (1, 5, 23, 64):
+        chunked = tt.in_chunks(model, x, rows=rows)
+        assert chunked.shape == whole.shape and not chunked.requires_grad
+        assert torch.allclose(chunked, whole, atol=1e-6)
+    assert tt.in_chunks(model, x[:0]).shape == (0, 3)
+
+
+def test_bundled_digits_train_a_conv_net_the_same_bits_in_memory_and_memory_mapped(tmp_path):
+    from workloads.digits import digits
+
+    images, targets = digits()
+    rows = np.arange(0, 400, 3)  # a client's subset, by fancy indexing as the workloads do
+    np.save(tmp_path / "x.npy", images[rows])
+    mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
+
+    def trained(x: np.ndarray) -> list[np.ndarray]:
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 10))
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        for _ in range(3):
+            loss = F.cross_entropy(net(torch.as_tensor(x)), torch.as_tensor(targets[rows]))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return [p.detach().numpy().copy() for p in net.parameters()]
+
+    assert all(np.array_equal(a, b) for a, b in zip(trained(images[rows]), trained(np.array(mapped))))
+
+
 def test_cpu_by_default_with_one_thread():
     assert tt.select_device({"run": {"num_gpus": 0.0}}).type == "cpu"
     assert tt.select_device({"run": {}}).type == "cpu"

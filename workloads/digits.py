@@ -13,5 +13,7 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 
     data = load_digits()
-    images = (data.images / 16.0).astype(np.float32)[:, None]
+    # copied after [:, None]: canonical strides, so torch's convolutions take the same path for
+    # these images in memory and memory-mapped (a view's channel axis reads as channels-last)
+    images = (data.images / 16.0).astype(np.float32)[:, None].copy()
     return images, data.target.astype(np.int64)

@@ -283,8 +283,7 @@ class PMTIQA(Workload, KnownClusters, DeviceFiles):
     def predict(self, params: Params, patches: np.ndarray | torch.Tensor) -> np.ndarray:
         """Predicted scores (0..100 units) of a model on patches, with the features it was trained on."""
         net, ms = self._load(params)
-        with torch.no_grad():
-            return net(torch.as_tensor(patches), ms).double().numpy()
+        return torch_train.in_chunks(partial(net, multi_scale=ms), torch.as_tensor(patches)).double().numpy()
 
     def _l1(self, params: Params, data: PatchCohort) -> np.ndarray:
         err = np.abs(self.predict(params, data.patches) - data.scores)

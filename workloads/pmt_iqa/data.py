@@ -230,7 +230,10 @@ def build_set(settings: IQASettings) -> IQASet:
                     refs.append(ref)
                     groups.append(group)
             ref += 1
-    return IQASet(patches=np.stack(patches)[:, None], scores=np.array(scores, np.float32),
+    # [:, None] alone leaves the channel axis a stride of 0 (1 after fancy indexing), which torch's
+    # convolutions read as channels-last: the same patches trained differently in memory and
+    # memory-mapped from disk (a Flower node's cohort). Copied, the strides are the canonical ones.
+    return IQASet(patches=np.stack(patches)[:, None].copy(), scores=np.array(scores, np.float32),
                   distortion=np.array(kinds, np.int64), level=np.array(levels, np.int64),
                   reference=np.array(refs, np.int64), group=np.array(groups, np.int64))
 
