@@ -186,8 +186,9 @@ def train_steps(
 
 def in_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, rows: int = 512) -> torch.Tensor:
     """``fn`` over ``x`` a chunk of ``rows`` at a time, concatenated, without autograd. On a CPU a
-    conv net's forward pass over ten thousand patches at once runs 4-5x slower per patch than
-    in chunks of 512 (the activations leave the caches; `benchmarks/pmt_iqa.py --inference`)."""
+    conv net's forward pass over ten thousand patches at once is 2.5x slower than in chunks of
+    512, best of three, and slower still in a long-lived process (the activations leave the
+    caches; ``benchmarks/pmt_iqa.py --inference``)."""
     with torch.no_grad():
         return torch.cat([fn(x[i:i + rows]) for i in range(0, len(x), rows)]) if len(x) else fn(x)
 
