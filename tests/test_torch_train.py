@@ -151,7 +151,7 @@ def test_bundled_digits_train_a_conv_net_the_same_bits_in_memory_and_memory_mapp
             opt.step()
         return [p.detach().numpy().copy() for p in net.parameters()]
 
-    assert all(np.array_equal(a, b) for a, b in zip(trained(images[rows]), trained(np.array(mapped))))
+    assert all(np.array_equal(a, b) for a, b in zip(trained(images[rows]), trained(mapped)))
 
 
 def test_cpu_by_default_with_one_thread():
