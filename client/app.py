@@ -74,7 +74,7 @@ def cohort(msg: Message, context: Context) -> tuple[Workload, CohortData, bool]:
             path = Path(root) / f"{digest}-{pid}-of-{parts}"
             _cohorts[key], generated = cohort_store.cached(path, lambda: workload.client_data(ids))
         else:
-            _cohorts[key], generated = workload.client_data(ids), True
+            _cohorts[key], generated = cohort_store.as_stored(workload.client_data(ids)), True
     return workload, _cohorts[key], generated
 
 

@@ -48,6 +48,25 @@ def load(path: Path) -> CohortData:
     return cls(**{f: np.load(path / f"{f}.npy", mmap_mode="r") for f in meta["fields"]})
 
 
+def _canonical(a: np.ndarray) -> bool:
+    """Whether an array has the strides ``np.load`` gives it (C order, size-1 axes included)."""
+    expected = [a.itemsize * int(np.prod(a.shape[i + 1:])) for i in range(a.ndim)]
+    return list(a.strides) == expected
+
+
+def as_stored(data: CohortData) -> CohortData:
+    """An in-memory cohort laid out as the store loads it: every array field with canonical
+    strides (copied only where they differ). A ``[:, None]`` view's channel axis reads as
+    channels-last to torch's convolutions, which then round differently from the same values
+    memory-mapped here: a node without a data cache (the in-process engine) would train other
+    bits than a Flower node with one."""
+    if not dataclasses.is_dataclass(data):
+        return data
+    odd = {f.name: np.copy(v) for f in dataclasses.fields(data) if f.init
+           for v in [getattr(data, f.name)] if isinstance(v, np.ndarray) and not _canonical(v)}
+    return dataclasses.replace(data, **odd) if odd else data
+
+
 def cached(path: Path, make: Callable[[], CohortData]) -> tuple[CohortData, bool]:
     """(the cohort stored at ``path``, whether this call generated it)."""
     if (path / META).is_file():

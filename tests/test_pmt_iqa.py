@@ -304,8 +304,9 @@ def test_umbel_deploy_run_carries_pmt_iqa_to_devices_and_matches_the_simulation(
     rows = history["strategies"]["fedavg/pmt"]
     assert [r["round"] for r in rows] == [0, 1, 2]
     no_labels_no_drops(rows, clients=2)
-    # float32 training in other processes agrees to about 1e-6, not bit for bit; the rank metrics
-    # (SRCC) of round 1's near-constant scores can then swap ties, so the evaluator is compared
-    # on its mean absolute error, a continuous function of every prediction
+    # Compared at 1e-4 on the MAE since a fresh clone saw the in-process reference differ by about
+    # 1e-6 (and SRCC swap ties among round 1's near-constant scores). The cause was the patches'
+    # [:, None] strides (channels-last convolutions in memory only), fixed at the data and in
+    # client.cohort_store.as_stored; the looser comparison is kept, not yet re-tightened.
     matches_the_simulation(run_dir, load_scenario("pmt-iqa", overrides), "fedavg", rows, ("mae",), variant="pmt",
                            atol=1e-4)

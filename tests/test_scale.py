@@ -115,6 +115,21 @@ def test_cohort_store_round_trip_maps_the_same_arrays(tmp_path):
         assert np.array_equal(getattr(again, name), getattr(wl.client_data(np.arange(10, 30)), name))
 
 
+def test_an_in_memory_cohort_is_laid_out_as_the_store_loads_it(tmp_path):
+    from workloads.pmt_iqa.data import IQASet
+
+    n = 6
+    patches = np.random.default_rng(0).random((n, 8, 8)).astype(np.float32)[:, None][np.arange(n)]  # channel stride 1
+    odd = IQASet(patches=patches, scores=np.arange(n, dtype=np.float32), distortion=np.zeros(n, np.int64),
+                 level=np.ones(n, np.int64), reference=np.arange(n), group=np.zeros(n, np.int64))
+    cohort_store.save(odd, tmp_path / "c")
+    loaded, fixed = cohort_store.load(tmp_path / "c"), cohort_store.as_stored(odd)
+    assert odd.patches.strides != loaded.patches.strides
+    assert fixed.patches.strides == loaded.patches.strides and np.array_equal(fixed.patches, odd.patches)
+    assert fixed.scores is odd.scores  # canonical arrays are not copied
+    assert cohort_store.as_stored(fixed) is fixed
+
+
 def test_batched_products_and_small_eigenproblems_match_the_direct_formulas():
     wl = MixedRegression(client_view(load_scenario("default", ["federation.clients=300"])))
     data = wl.client_data(np.arange(300))
