@@ -93,7 +93,22 @@ def summary_table(history: dict[str, Any], status: str | None = None) -> str:
             str(sum(r.get("dropped", 0) for r in rows)),
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + data_tables(history)) + "\n"
+
+
+def data_tables(history: dict[str, Any]) -> list[str]:
+    """Tables of the data rather than of an arm (the same in every arm's ``final["data_tables"]``:
+    a list of ``title``, ``header``, ``rows``), drawn once below the summary."""
+    tables = next(iter(finals(history, "data_tables").values()), [])
+    lines: list[str] = []
+    for table in tables:
+        lines += ["", f"### {table['title']}"]
+        if not table["header"]:  # a finding in one line
+            continue
+        lines += ["", "| " + " | ".join(table["header"]) + " |", "|" + "---|" * len(table["header"])]
+        lines += ["| " + " | ".join(_fmt(c) if not isinstance(c, str) else c for c in row) + " |"
+                  for row in table["rows"]]
+    return lines
 
 
 def group_metrics(history: dict[str, Any]) -> list[str]:
@@ -248,6 +263,32 @@ def plot_quality_scatter(history: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def plot_artifact_maps(history: dict[str, Any], path: Path) -> bool:
+    """One frame and its maps, a panel each (the first arm's ``final["artifact_maps"]``:
+    ``names`` and same-sized 2-D ``maps``, the frame first; a title per map)."""
+    figure = next(iter(finals(history, "artifact_maps").values()), None)
+    if not figure or not figure["maps"]:
+        return False
+    names, maps = figure["names"], figure["maps"]
+    cols = min(5, len(maps))
+    rows = -(-len(maps) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.0 * rows), squeeze=False)
+    for ax, name, image in zip(axes.ravel(), names, maps):
+        shown = ax.imshow(image, cmap="gray" if name == "frame" else "magma", interpolation="nearest")
+        if name != "frame":
+            fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
+        ax.set_title(name, fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in axes.ravel()[len(maps):]:
+        ax.axis("off")
+    fig.suptitle(f"{history['name']}: {figure.get('caption', 'a frame and its maps')}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def plot_metric(history: dict[str, Any], metric: str, path: Path) -> bool:
     """One figure, one line per strategy; log scale when the values span decades."""
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
@@ -387,7 +428,8 @@ def write_report(run_dir: Path) -> list[Path]:
         if plot_curve(history, path):
             written.append(path)
     for name, plot in (("rollout.png", plot_rollout), ("fields.png", plot_fields), ("tradeoff.png", plot_tradeoff),
-                       ("segmentation.png", plot_label_maps), ("quality.png", plot_quality_scatter)):
+                       ("segmentation.png", plot_label_maps), ("quality.png", plot_quality_scatter),
+                       ("artifacts.png", plot_artifact_maps)):
         if plot(history, run_dir / name):
             written.append(run_dir / name)
     return written

@@ -24,7 +24,7 @@ BIN = Path(sys.executable).parent
 # finish together instead of one worker running the long files alone at the end.
 LONGEST_FIRST = ["test_deploy_workloads.py", "test_deploy_processes.py", "test_koopman.py", "test_clustered.py",
                  "test_backdoor.py", "test_interrupt.py", "test_mgtab.py", "test_active_learning.py", "test_ceco.py",
-                 "test_pmt_iqa.py"]
+                 "test_pmt_iqa.py", "test_sstam.py"]
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -24,6 +24,7 @@ WORKLOADS: dict[str, str] = {
     "snf_pruning": "workloads.snf:SNFPruning",
     "ceco_segmentation": "workloads.ceco:CeCoSegmentation",
     "pmt_iqa": "workloads.pmt_iqa:PMTIQA",
+    "sstam_video": "workloads.sstam:SSTAMVideo",
 }
 
 _checked: dict[str, type[Workload]] = {}
