@@ -108,7 +108,8 @@ def federated(rounds: int) -> dict:
             last = ref.run(strategy, variant="sstam", keep_models=False)[-1]
             row[strategy] = {k: last.get(k) for k in ("srcc", "srcc_within", "srcc_h264", "srcc_mpeg2", "ari")}
         base = SSTAMVideo.baselines(scenario)["centralised"]
-        overrides = [f"{section}.{k}={json.dumps(v)}" for section, table in base.items() for k, v in table.items()]
+        overrides = [f"{section}.{k}={json.dumps(v)}" for section, table in base.items() for k, v in table.items()
+                     if (section, k) != ("train", "proximal_mu")]  # FedAvg already: 0 is the default
         central = load_scenario("sstam-video", [f"sstam.fold={fold}", "sstam.arms=['sstam']", f"run.rounds={rounds}",
                                                 "sstam.baselines=[]", *overrides])
         last = Reference(central).run("fedavg", variant="sstam", keep_models=False)[-1]
