@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/mgtab.py --speed --flower --long uniform,scenario
 	$(BIN)/python benchmarks/snf.py --flower
 	$(BIN)/python benchmarks/ceco.py --flower
+	$(BIN)/python benchmarks/sstam.py
 
 clean:
 	rm -rf runs .pytest_cache benchmarks/results

@@ -181,6 +181,11 @@ def test_each_arm_reads_its_own_features_and_marks_its_model():
     assert np.array_equal(x["sstam"][:, :5], x["classical-temporal"][:, :5])  # same saliency-weighted spatial
     assert not np.allclose(x["sstam"][:, 5:7], x["classical-temporal"][:, 5:7])  # model against classical
     assert not np.allclose(x["sstam"], x["no-saliency"])
+    raw = np.array(data.features[:1])
+    raw[0, 0, FEATURES.index("blocking")] = 1e6  # far beyond anything the detector-training set saw
+    assert wl.inputs(raw, "sstam")[0, 0] == 3.0  # clipped at 3 sd: one row cannot steer the fit
+    _, mlp = tiny(["sstam.hidden=4", "sstam.optimizer='adam'"])
+    assert sorted(mlp.initial_parameters()) == [ARM, "net.0.bias", "net.0.weight", "net.2.bias", "net.2.weight"]
     for arm in ARMS:
         out = wl.local_train(start, data, TrainSettings(local_steps=2, lr=0.01, server_round=1, variant=arm))
         assert out[ARM][0].tolist() == np.eye(len(ARMS))[ARMS.index(arm)].tolist()
@@ -189,15 +194,15 @@ def test_each_arm_reads_its_own_features_and_marks_its_model():
 
 
 def test_training_ranks_unseen_contents_within_and_across_ladders():
-    """Seed 0, fold 1, the pooled client, 100 Adam steps of the SSTAM arm against the untrained
-    model. Pilot (tiny set, folds 0 and 1, 50/100/300 steps): with two held-out contents the
-    pooled SRCC swings from -0.24 to 0.88 between folds and step counts; fold 1 at 100 steps
-    gives 0.88 pooled and 0.98 within ladders, from -0.12 and -0.28."""
+    """Seed 0, fold 1, the pooled client, 100 SGD steps of the SSTAM arm against the untrained
+    model. Pilot (tiny set, folds 0-3, 100 and 300 steps, every arm): pooled SRCC 0.63-0.94
+    from -0.68-0.09, within-ladder 0.24-1.0 (fold 0 is the weak one); fold 1 at 100 steps:
+    0.91 pooled and 1.00 within, from -0.44 and -0.77."""
     _, wl = tiny(["federation.clients=1", "sstam.pool_clients=4", "anchors.count=0", "sstam.fold=1"])
     start = stack_params(wl.initial_parameters(), 1)
     before = wl.central_metrics(start)
     trained = wl.local_train(start, wl.client_data(np.array([0])),
-                             TrainSettings(local_steps=100, lr=0.01, server_round=1, variant="sstam"))
+                             TrainSettings(local_steps=100, lr=0.05, server_round=1, variant="sstam"))
     after = wl.central_metrics(trained)
     assert after["srcc"] > before["srcc"] + 0.5, (before, after)
     assert after["srcc_within"] >= 0.9 and after["srcc_within"] > before["srcc_within"] + 0.5, (before, after)
@@ -251,10 +256,10 @@ def test_central_metrics_pick_a_model_per_codec_and_the_report_draws_the_tables_
     assert {"srcc", "plcc", "srcc_within", "srcc_h264", "srcc_mpeg2"} == set(m)
     two = {n: np.stack([v[0], v[0]]) for n, v in models.items()}
     d, rows = wl.dataset, wl.test_rows
-    two["net.2.weight"][:] = 0.0  # constant predictions: the output bias
+    two["net.0.weight"][:] = 0.0  # constant predictions: the output bias (the default regressor is linear)
     for g in range(2):
         target = ssim_logit(d.ssim[rows][d.codec[rows] == g]).mean()
-        two["net.2.bias"][:, 0] = [target, -50.0]
+        two["net.0.bias"][:, 0] = [target, -50.0]
         assert np.allclose(wl.test_predictions(two)[d.codec[rows] == g], target)
     final = wl.final_report(models)
     assert len(final["artifact_maps"]["maps"]) == 2 + len(detectors.DETECTORS)

@@ -12,8 +12,9 @@ The detectors and the saliency model are ``detectors``; the temporal attention m
 Each client is a video service: it holds the encodes of its own contents, all from one
 codec (client c is of codec c mod 2, H.264 or MPEG-2: the hidden groups of
 ``clustered-fedavg`` with ``anchor-models`` and IFCA; ARI in the record), computes the
-features locally, and the clients federate the quality regressor: a small MLP from the
-features to the logit of SSIM. One fold of contents (``sstam.fold``) is held out as the
+features locally, and the clients federate the quality regressor: a linear model with an L2
+penalty (the spec's ridge; ``hidden > 0``: one hidden layer) from the features to the logit
+of SSIM. One fold of contents (``sstam.fold``) is held out as the
 server's test set: unseen content. The arms (``ARMS``) differ in the features they read:
 
 - ``sstam``: saliency-weighted detectors, the temporal model's flicker and floating;
@@ -64,6 +65,10 @@ ARM_FEATURES: dict[str, tuple[bool, tuple[str, ...]]] = {
     "classical-temporal": (True, SPATIAL_AND_CONTEXT + ("flicker", "floating", "activity", "motion")),
 }
 INPUTS = 9
+# standardised features are clipped to +-3 sd of the detector-training set: the deblocking-off
+# encodes' blocking reaches 19 sd, and one such row steers a least-squares fit (and SGD's step)
+CLIP_SD = 3.0
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 ARM = "arm"  # the one-hot entry that names a model's arm
 BASELINES = ("centralised",)
 LOGIT_FLOOR = 1e-3
@@ -97,12 +102,14 @@ class VideoCohort:
         return np.diff(self.starts)
 
 
-class QualityMLP(nn.Module):
-    """Features (standardised) -> logit SSIM, about the detector-training set's mean."""
+class QualityModel(nn.Module):
+    """Features (standardised) -> logit SSIM: linear (``hidden = 0``, the spec's ridge when
+    trained with weight decay) or one tanh hidden layer."""
 
     def __init__(self, hidden: int) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(INPUTS, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        layers = [nn.Linear(INPUTS, hidden), nn.Tanh(), nn.Linear(hidden, 1)] if hidden else [nn.Linear(INPUTS, 1)]
+        self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x).squeeze(-1)
@@ -138,7 +145,13 @@ class SSTAMVideo(Workload, KnownClusters, DeviceFiles):
         "data_seed": ConfigField(int, 0, "seed of the contents (not the federation's)", non_negative),
         "fold": ConfigField(int, 0, f"held-out fold of contents (0..{FOLDS - 1}): content i is in fold i mod {FOLDS}",
                             choices=tuple(range(FOLDS))),
-        "hidden": ConfigField(int, 16, "width of the regressor's hidden layer", positive),
+        "hidden": ConfigField(int, 0, "width of the regressor's hidden layer (0: a linear regressor)",
+                              non_negative),
+        "optimizer": ConfigField(str, "sgd", "local optimiser: sgd (FedAvg of least squares converges to the "
+                                 "pooled fit) or adam (a fresh Adam per round normalises every client's steps)",
+                                 choices=tuple(OPTIMIZERS)),
+        "weight_decay": ConfigField(float, 0.05, "L2 penalty of local training (Adam's weight_decay: ridge)",
+                                    non_negative),
         "batch_size": ConfigField(int, 16, "local minibatch size", positive),
         "pool_clients": ConfigField(int, 0, "> 0: client 0 holds the encodes of clients 0..pool_clients-1 "
                                     "(the centralised baseline)", non_negative),
@@ -183,7 +196,7 @@ class SSTAMVideo(Workload, KnownClusters, DeviceFiles):
         self.options = dict(scenario[self.section])
         self.settings = SSTAMSettings.from_options(self.options)
         self.arms = tuple(self.options["arms"])
-        self._model = QualityMLP(int(self.options["hidden"]))
+        self._model = QualityModel(int(self.options["hidden"]))
         self._trainer = torch_train.on_device(self._model, self.torch_device)
 
     def variants(self) -> tuple[str, ...]:
@@ -229,16 +242,16 @@ class SSTAMVideo(Workload, KnownClusters, DeviceFiles):
     # ---- features and the model ------------------------------------------------------------
 
     def inputs(self, raw: np.ndarray, arm: str) -> torch.Tensor:
-        """The arm's standardised input columns of raw features (N, 2, F)."""
+        """The arm's standardised input columns of raw features (N, 2, F), clipped to +-``CLIP_SD``."""
         saliency, names = ARM_FEATURES[arm]
         d = self.dataset
-        x = (transform(raw[:, 0 if saliency else 1]) - d.feature_mean) / d.feature_sd
+        x = np.clip((transform(raw[:, 0 if saliency else 1]) - d.feature_mean) / d.feature_sd, -CLIP_SD, CLIP_SD)
         return torch.from_numpy(x[:, [FEATURES.index(n) for n in names]].astype(np.float32))
 
     def _draw(self, seed: int, j: int) -> Params:
         with torch.random.fork_rng():
             torch.manual_seed(int(np.random.SeedSequence([seed, streams.SSTAM_INIT, j]).generate_state(1)[0]))
-            net = QualityMLP(int(self.options["hidden"]))
+            net = QualityModel(int(self.options["hidden"]))
         params = torch_train.get_params(net)
         params[ARM] = np.eye(len(ARMS), dtype=np.float32)[ARMS.index(self.arms[0])]
         return params
@@ -277,11 +290,12 @@ class SSTAMVideo(Workload, KnownClusters, DeviceFiles):
             yield x[idx].to(self.torch_device), y[idx].to(self.torch_device)
 
     def local_train(self, start: Params, data: VideoCohort, settings: TrainSettings) -> Params:
-        """``local_steps`` Adam steps of squared error per client, on its arm's features."""
+        """``local_steps`` steps (``sstam.optimizer``) of squared error per client, on its arm's features."""
         arm = settings.variant or self.arms[0]
         if arm not in ARMS:
             raise ValueError(f"unknown SSTAM arm {arm!r}; expected one of {list(ARMS)}")
-        optimizer = partial(torch.optim.Adam, lr=settings.lr)
+        optimizer = partial(OPTIMIZERS[self.options["optimizer"]], lr=settings.lr,
+                            weight_decay=float(self.options["weight_decay"]))
 
         def train(j: int, model: torch.nn.Module) -> None:
             cid = int(data.client_ids[j])
@@ -408,5 +422,5 @@ def _plcc(a: np.ndarray, b: np.ndarray) -> float:
     return float(pearsonr(a, b).statistic)
 
 
-def _squared_error(model: QualityMLP, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _squared_error(model: QualityModel, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return ((model(x) - y) ** 2).mean()
