@@ -284,6 +284,21 @@ def test_the_set_is_read_back_from_the_disk_cache_unchanged(tmp_path, monkeypatc
     assert data.cache_path(wl.settings) != data.cache_path(data.SSTAMSettings(contents=12))
 
 
+def test_a_device_measures_its_own_encode_into_the_sets_features_with_the_stored_temporal_model():
+    """The real device path: a service renders (here: regenerates) a source, encodes it,
+    decodes it and measures it with the set's stored temporal model; the features are the
+    set's row for that encode, so a device's file means what the simulation's does."""
+    from workloads.sstam.data import measure
+
+    _, wl = tiny()
+    d = wl.dataset
+    row = int(np.flatnonzero((d.content == 1) & (d.ladder == 2) & (d.level == 1))[0])
+    content = video.contents(wl.settings.contents, wl.settings.data_seed)[1]
+    ladder = list(video.LADDERS)[2]
+    (y, u, v), _ = video.encode(video.render(content), ladder, video.LADDERS[ladder][1][1])
+    np.testing.assert_allclose(measure(y, u, v, d.temporal_model()), d.features[row], rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.slow
 def test_umbel_deploy_run_carries_sstam_to_devices_and_matches_the_simulation(tmp_path):
     """Two devices (one per codec), two rounds of the SSTAM arm under FedAvg: each device

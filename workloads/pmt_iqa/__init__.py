@@ -37,7 +37,6 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from scipy.stats import pearsonr, spearmanr
 
 from workloads import streams, torch_train
 from workloads.base import (
@@ -51,6 +50,7 @@ from workloads.pmt_iqa.data import (
     quality_level, split_clients,
 )
 from workloads.pmt_iqa.model import ARMS, IQANet, arm_loss, multi_scale
+from workloads.quality_metrics import plcc, srcc
 
 BASELINES = ("centralised",)
 USE_MS = "use_ms"  # 1: multi-scale features, 0: the last stage's (single-task)
@@ -254,7 +254,7 @@ class PMTIQA(Workload, KnownClusters, DeviceFiles):
         """SRCC of the per-(distortion, level) mean score of the training folds on the test fold."""
         d = self.dataset
         train = np.flatnonzero(d.fold != int(self.options["fold"]))
-        return float(spearmanr(level_scorer(d, train, self.test_rows), d.scores[self.test_rows]).statistic)
+        return srcc(level_scorer(d, train, self.test_rows), d.scores[self.test_rows])
 
     # ---- the model ------------------------------------------------------------------------
 
@@ -364,14 +364,14 @@ class PMTIQA(Workload, KnownClusters, DeviceFiles):
             return {}
         d, rows = self.dataset, self.test_rows
         pred, truth = self.test_predictions(models), d.scores[rows].astype(np.float64)
-        out = {"srcc": _srcc(pred, truth), "plcc": _plcc(pred, truth), "srcc_level_scorer": self.level_scorer_srcc}
+        out = {"srcc": srcc(pred, truth), "plcc": plcc(pred, truth), "srcc_level_scorer": self.level_scorer_srcc}
         for t, kind in enumerate(DISTORTIONS):
             at = d.distortion[rows] == t
             if at.any():
-                out[f"srcc_{kind}"] = _srcc(pred[at], truth[at])
+                out[f"srcc_{kind}"] = srcc(pred[at], truth[at])
         fam = self.family_index[d.distortion[rows]]
         for g, f in enumerate(self.families):
-            out[f"srcc_family{g}"] = _srcc(pred[fam == g], truth[fam == g])
+            out[f"srcc_family{g}"] = srcc(pred[fam == g], truth[fam == g])
         out["mae"] = float(np.mean(np.abs(pred - truth)))
         return out
 
@@ -385,18 +385,6 @@ class PMTIQA(Workload, KnownClusters, DeviceFiles):
                                     "proxy": np.round(d.scores[rows[show]], 2).tolist(),
                                     "distortion": [DISTORTIONS[t] for t in d.distortion[rows[show]]],
                                     "family_names": [FAMILIES[f] for f in self.families]}}
-
-
-def _srcc(a: np.ndarray, b: np.ndarray) -> float:
-    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
-        return 0.0  # a constant prediction ranks nothing
-    return float(spearmanr(a, b).statistic)
-
-
-def _plcc(a: np.ndarray, b: np.ndarray) -> float:
-    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
-        return 0.0
-    return float(pearsonr(a, b).statistic)
 
 
 def _objective(model: IQANet, x: torch.Tensor, score: torch.Tensor, level: torch.Tensor, *, arm: str,

@@ -41,7 +41,6 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from scipy.stats import pearsonr, spearmanr
 from torch import nn
 
 from workloads import streams, torch_train
@@ -50,19 +49,19 @@ from workloads.base import (
     positive, some_of,
 )
 from workloads.device_files import offsets, rows_of
+from workloads.quality_metrics import plcc, srcc
 from workloads.sstam import device
 from workloads.sstam.data import FEATURES, FIGURE, FOLDS, SSTAMSettings, SSTAMSet, build_set, transform
-from workloads.sstam.detectors import DETECTORS
+from workloads.sstam.detectors import DETECTORS, SPATIAL
 from workloads.sstam.temporal import HEADS, auc
 from workloads.sstam.video import CODECS, LADDERS
 
 ARMS = ("sstam", "no-saliency", "classical-temporal")
-SPATIAL_AND_CONTEXT = ("blocking", "blur", "sharpness", "ringing", "bleeding")
 # arm -> (saliency weights?, the feature columns it reads)
 ARM_FEATURES: dict[str, tuple[bool, tuple[str, ...]]] = {
-    "sstam": (True, SPATIAL_AND_CONTEXT + ("flicker_model", "floating_model", "activity", "motion")),
-    "no-saliency": (False, SPATIAL_AND_CONTEXT + ("flicker_model", "floating_model", "activity", "motion")),
-    "classical-temporal": (True, SPATIAL_AND_CONTEXT + ("flicker", "floating", "activity", "motion")),
+    "sstam": (True, SPATIAL + ("flicker_model", "floating_model", "activity", "motion")),
+    "no-saliency": (False, SPATIAL + ("flicker_model", "floating_model", "activity", "motion")),
+    "classical-temporal": (True, SPATIAL + ("flicker", "floating", "activity", "motion")),
 }
 INPUTS = 9
 # standardised features are clipped to +-3 sd of the detector-training set: the deblocking-off
@@ -371,12 +370,12 @@ class SSTAMVideo(Workload, KnownClusters, DeviceFiles):
             return {}
         d, rows = self.dataset, self.test_rows
         pred, truth = self.test_predictions(models), d.ssim[rows]
-        out = {"srcc": _srcc(pred, truth), "plcc": _plcc(pred, ssim_logit(truth))}
+        out = {"srcc": srcc(pred, truth), "plcc": plcc(pred, ssim_logit(truth))}
         test = replace(d, level=d.level[rows], content=d.content[rows], ladder=d.ladder[rows])
-        out["srcc_within"] = float(np.mean([_srcc(pred[at], truth[at]) for at in _ladders(test)]))
+        out["srcc_within"] = float(np.mean([srcc(pred[at], truth[at]) for at in _ladders(test)]))
         for g, codec in enumerate(CODECS):
             at = d.codec[rows] == g
-            out[f"srcc_{codec}"] = _srcc(pred[at], truth[at])
+            out[f"srcc_{codec}"] = srcc(pred[at], truth[at])
         return out
 
     def final_report(self, models: Params) -> dict[str, Any]:
@@ -400,7 +399,7 @@ def directions(d: SSTAMSet, detector: int, ladder: int | None = None) -> np.ndar
     """Spearman rho of a detector (saliency-weighted) with the level, per (content, ladder)
     (only ``ladder`` when given), sign flipped for sharpness (which should fall)."""
     sign = -1.0 if DETECTORS[detector] == "sharpness" else 1.0
-    return np.array([sign * _srcc(d.level[at], d.features[at, 0, detector]) for at in _ladders(d)
+    return np.array([sign * srcc(d.level[at], d.features[at, 0, detector]) for at in _ladders(d)
                      if ladder is None or d.ladder[at][0] == ladder])
 
 
@@ -408,18 +407,6 @@ def _ladders(d: SSTAMSet) -> list[np.ndarray]:
     """Row masks of each (content, ladder) pair present."""
     return [(d.content == c) & (d.ladder == l) for c in np.unique(d.content) for l in np.unique(d.ladder)
             if np.any((d.content == c) & (d.ladder == l))]
-
-
-def _srcc(a: np.ndarray, b: np.ndarray) -> float:
-    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
-        return 0.0  # a constant ranks nothing
-    return float(spearmanr(a, b).statistic)
-
-
-def _plcc(a: np.ndarray, b: np.ndarray) -> float:
-    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
-        return 0.0
-    return float(pearsonr(a, b).statistic)
 
 
 def _squared_error(model: QualityModel, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

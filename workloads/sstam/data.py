@@ -36,7 +36,7 @@ import numpy as np
 
 from workloads.sstam import detectors, temporal, video
 
-VERSION = 1
+VERSION = 2
 TEMPORAL_FEATURES = ("flicker_model", "floating_model")
 CONTEXT = ("activity", "motion")
 FEATURES = detectors.DETECTORS + TEMPORAL_FEATURES + CONTEXT
@@ -78,6 +78,7 @@ class SSTAMSet:
     clip_model: np.ndarray  # (m, 2) the temporal model's probabilities
     clip_classical: np.ndarray  # (m, 2) the classical detectors
     figure: np.ndarray  # (2 + len(DETECTORS), bh', bw') a frame, its saliency map, each detector's map
+    temporal_weights: np.ndarray  # the temporal model's parameters, flattened (``temporal_model``)
     content_names: tuple[str, ...] = ()
 
     @property
@@ -87,6 +88,15 @@ class SSTAMSet:
     @property
     def fold(self) -> np.ndarray:
         return self.content % FOLDS
+
+    def temporal_model(self) -> temporal.TinyTimeSformer:
+        """The trained temporal model: what a device needs, with ``measure``, to compute the
+        features of its own encodes."""
+        import torch
+
+        model = temporal.TinyTimeSformer()
+        torch.nn.utils.vector_to_parameters(torch.from_numpy(self.temporal_weights), model.parameters())
+        return model.eval()
 
     def transformed(self, saliency: bool = True) -> np.ndarray:
         """(n, F) features after the log and the detector-training set's standardisation."""
@@ -160,6 +170,8 @@ def label(flicker: np.ndarray, floating: np.ndarray, thresholds: tuple[float, fl
 
 
 def compute_set(settings: SSTAMSettings) -> SSTAMSet:
+    import torch
+
     model, thresholds, detector_features = train_temporal(settings)
     reference_features = transform(detector_features)
     rows: dict[str, list] = {k: [] for k in ("features", "ssim", "psnr", "size", "content", "ladder", "level")}
@@ -189,7 +201,9 @@ def compute_set(settings: SSTAMSettings) -> SSTAMSet:
         feature_mean=reference_features.mean(axis=0), feature_sd=reference_features.std(axis=0) + 1e-9,
         clip_video=np.concatenate(clip_rows["video"]).astype(np.int64), clip_labels=np.concatenate(clip_rows["labels"]),
         clip_model=np.concatenate(clip_rows["model"]), clip_classical=np.concatenate(clip_rows["classical"]),
-        figure=np.zeros((0, 0, 0)) if figure is None else figure, content_names=tuple(c.name for c in names))
+        figure=np.zeros((0, 0, 0)) if figure is None else figure,
+        temporal_weights=torch.nn.utils.parameters_to_vector(model.parameters()).detach().numpy().copy(),
+        content_names=tuple(c.name for c in names))
 
 
 def figure_maps(y: np.ndarray, u: np.ndarray, v: np.ndarray, frame: int) -> np.ndarray:
@@ -198,12 +212,9 @@ def figure_maps(y: np.ndarray, u: np.ndarray, v: np.ndarray, frame: int) -> np.n
     maps = detectors.all_maps(y, u, v)
     out = [detectors.blocks(y[frame:frame + 1])[0] / detectors.BLOCK ** 2, detectors.saliency(y)[frame]]
     for name in detectors.DETECTORS:
-        at = frame if name in detectors.SPATIAL else frame - 1
-        one = tuple(m[at:at + 1] for m in maps[name])
-        ones = np.ones_like(one[0])
-        a, ca, b, cb = one
-        out.append(((a / np.maximum(ca, detectors.EPS)) / np.maximum(b / np.maximum(cb, detectors.EPS),
-                                                                        detectors.EPS))[0] * (ones[0] > 0))
+        at = frame if name in detectors.SPATIAL else frame - 1  # a temporal map's step into this frame
+        a, ca, b, cb = (m[at] for m in maps[name])
+        out.append((a / np.maximum(ca, detectors.EPS)) / np.maximum(b / np.maximum(cb, detectors.EPS), detectors.EPS))
     return np.stack(out)
 
 

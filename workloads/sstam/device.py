@@ -7,7 +7,8 @@
 | ``ssim`` | (n,) float | each encode's luma SSIM against its source, in (0, 1] (the service has its masters) |
 
 A device measures its own encodes with ``workloads.sstam.data.measure`` (the detectors, the
-saliency model and the temporal model), so no video leaves it. No codec (the hidden group)
+saliency model, and the temporal model the set stores: ``SSTAMSet.temporal_model()``), so no
+video leaves it. No codec (the hidden group)
 is stored: a device's clients are clustered by what they train on.
 """
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from workloads import streams
-from workloads.sstam.detectors import BLOCK, EPS
+from workloads.sstam.detectors import BLOCK
 
 CLIP = 8
 PATCH = 32
@@ -177,5 +177,5 @@ def auc(score: np.ndarray, label: np.ndarray) -> float:
     return float(roc_auc_score(label[keep], score[keep]))
 
 
-__all__ = ["CLIP", "EPS", "HEADS", "PATCH", "TinyTimeSformer", "auc", "classical_scores", "clip_weights", "clips",
+__all__ = ["CLIP", "HEADS", "PATCH", "TinyTimeSformer", "auc", "classical_scores", "clip_weights", "clips",
            "intensities", "predict", "train"]
