@@ -12,7 +12,7 @@ from server.run_config import ScenarioError, client_view
 from simulations.scenarios import load_scenario
 from workloads.base import TrainSettings, stack_params
 from workloads.device_files import DeviceDataError
-from workloads.sstam import ARM, ARMS, SSTAMVideo, split_contents, ssim_logit
+from workloads.sstam import ARM, ARMS, SSTAMVideo, directions, split_contents, ssim_logit
 from workloads.sstam import detectors, temporal, video
 from workloads.sstam.data import FEATURES
 
@@ -59,6 +59,22 @@ def test_the_same_content_renders_and_encodes_to_the_same_bytes():
     assert np.array_equal(a, b)
     assert np.array_equal(video.encode(a, "mpeg2", 16)[0][0], video.encode(b, "mpeg2", 16)[0][0])
     assert video.contents(2, seed=5) != video.contents(2, seed=6)
+
+
+def test_an_encode_is_the_same_bytes_whatever_cpus_the_process_may_use():
+    """x264 sizes its thread pool by the CPUs it may use and its bitstream follows: pinned to
+    one thread, a process bound to one CPU (as a Ray worker or a small device may be)
+    decodes the same video as this one."""
+    import hashlib
+    import subprocess
+    import sys
+
+    script = ("import os, hashlib; os.sched_setaffinity(0, {0}); from workloads.sstam import video as v; "
+              "c = v.contents(3, seed=0)[2]; (y, _, _), n = v.encode(v.render(c), 'h264', 28); "
+              "print(hashlib.sha1(y.tobytes()).hexdigest(), n)")
+    bound = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    (y, _, _), size = video.encode(video.render(video.contents(3, seed=0)[2]), "h264", 28)
+    assert bound == [hashlib.sha1(y.tobytes()).hexdigest(), str(size)]
 
 
 # ---- the detectors, by hand -----------------------------------------------------------------
@@ -209,20 +225,18 @@ def test_training_ranks_unseen_contents_within_and_across_ladders():
 
 
 def test_the_data_tables_hold_the_gated_detector_directions_and_the_temporal_models_auc():
+    """The issue's gates on the tiny set (8 contents): blocking's mean rho with compression
+    >= 0.9 and deblocking off blockier than on in every pair; blur and sharpness >= 0.85.
+    The tiny temporal model (60 steps, 2 contents) beats the classical flicker detector
+    (pilot: AUC 0.88 against 0.78); on floating it is only asked to rank (0.90 against 0.89)."""
     _, wl = tiny()
     m = wl.data_metrics
-    d = wl.dataset
-    for i, name in enumerate(detectors.DETECTORS):
-        per_ladder = [np.mean(np.array([r for r in __import__("workloads.sstam", fromlist=["directions"])
-                                       .directions(d, i, li)])) for li in range(3)]
-        if name == "blocking":
-            assert min(per_ladder) >= 0.9, per_ladder
-        if name in ("blur", "sharpness"):
-            assert np.mean(per_ladder) >= 0.85, (name, per_ladder)
+    assert m["direction_blocking"] >= 0.9 and m["direction_blur"] >= 0.85 and m["direction_sharpness"] >= 0.85, m
+    assert np.mean(directions(wl.dataset, detectors.DETECTORS.index("blocking"), 1)) == 1.0  # deblocking off
     tables = wl.data_tables()
     assert [t["header"][0] if t["header"] else "" for t in tables] == ["detector", "", "artifact"]
     assert "in 48 of 48 pairs" in tables[1]["title"]  # deblocking off is blockier, every content and CRF
-    assert m["auc_floating_model"] > 0.5 and m["auc_flicker_model"] > 0.5
+    assert m["auc_floating_model"] > 0.6 and m["auc_flicker_model"] > m["auc_flicker_classical"] + 0.05, m  # 0.88 vs 0.78
 
 
 def test_device_files_read_back_as_the_simulated_clients_without_codecs_and_bad_ones_are_named(tmp_path):

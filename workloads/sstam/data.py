@@ -36,7 +36,7 @@ import numpy as np
 
 from workloads.sstam import detectors, temporal, video
 
-VERSION = 2
+VERSION = 3
 TEMPORAL_FEATURES = ("flicker_model", "floating_model")
 CONTEXT = ("activity", "motion")
 FEATURES = detectors.DETECTORS + TEMPORAL_FEATURES + CONTEXT

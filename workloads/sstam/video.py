@@ -16,7 +16,8 @@
   must predict from the decoded video alone.
 
 Everything is a pure function of the content, the ladder and the level: the same bytes on
-every machine that has the pinned PyAV (its wheel bundles FFmpeg and x264).
+every machine that has the pinned PyAV (its wheel bundles FFmpeg and x264), whatever its core
+count, since the encoders run on one thread.
 """
 
 from __future__ import annotations
@@ -180,8 +181,12 @@ def encode(video: np.ndarray, ladder: str, level: int) -> tuple[tuple[np.ndarray
     with av.open(buffer, "w", format="mp4" if codec == "libx264" else "mpeg") as container:
         stream = container.add_stream(codec, rate=24)
         stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        # One encoder thread: x264 sizes its thread pool by the CPUs it may use, and its
+        # bitstream depends on that (measured: another stream under taskset -c 0), so without
+        # this a Ray worker, a device and the server would measure different videos.
+        stream.codec_context.thread_count = 1
         if codec == "libx264":
-            params = f"keyint={GOP}:min-keyint={GOP}:scenecut=0" + (":no-deblock=1" if ladder.endswith("nodeblock")
+            params = f"keyint={GOP}:min-keyint={GOP}:scenecut=0:threads=1" + (":no-deblock=1" if ladder.endswith("nodeblock")
                                                                      else "")
             stream.options = {"crf": str(level), "preset": "veryfast", "x264-params": params}
         else:
