@@ -36,7 +36,7 @@ import numpy as np
 
 from workloads.sstam import detectors, temporal, video
 
-VERSION = 3
+VERSION = 4
 TEMPORAL_FEATURES = ("flicker_model", "floating_model")
 CONTEXT = ("activity", "motion")
 FEATURES = detectors.DETECTORS + TEMPORAL_FEATURES + CONTEXT
@@ -227,19 +227,29 @@ def cache_path(settings: SSTAMSettings) -> Path:
     return cache_dir() / f"sstam-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
 
 
+def _load(path: Path) -> SSTAMSet:
+    with np.load(path) as stored:
+        arrays = {k: stored[k] for k in stored.files}
+    names = tuple(str(n) for n in arrays.pop("content_names"))
+    return SSTAMSet(**arrays, content_names=names)
+
+
 @lru_cache(maxsize=4)
 def build_set(settings: SSTAMSettings) -> SSTAMSet:
-    """The set for ``settings``: read from the disk cache, or computed and written there
-    (atomically: concurrent builders write the same bytes; the last rename wins)."""
+    """The set for ``settings``: read from the disk cache, or computed and written there.
+    The first writer wins (a hard link fails when the file exists) and every builder then
+    reads the file back, so all processes on a machine share one copy bit for bit, even
+    were a build ever to differ between processes."""
     path = cache_path(settings)
-    if path.exists():
-        with np.load(path) as stored:
-            arrays = {k: stored[k] for k in stored.files}
-        names = tuple(str(n) for n in arrays.pop("content_names"))
-        return SSTAMSet(**arrays, content_names=names)
-    data = compute_set(settings)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as tmp:
-        np.savez(tmp, **{f.name: np.asarray(getattr(data, f.name)) for f in fields(data)})
-    os.replace(tmp.name, path)
-    return data
+    if not path.exists():
+        data = compute_set(settings)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as tmp:
+            np.savez(tmp, **{f.name: np.asarray(getattr(data, f.name)) for f in fields(data)})
+        try:
+            os.link(tmp.name, path)
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp.name)
+    return _load(path)

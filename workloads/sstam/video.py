@@ -17,7 +17,7 @@
 
 Everything is a pure function of the content, the ladder and the level: the same bytes on
 every machine that has the pinned PyAV (its wheel bundles FFmpeg and x264), whatever its core
-count, since the encoders run on one thread.
+count, since the encoders run on one thread and x264 without its macroblock tree.
 """
 
 from __future__ import annotations
@@ -161,12 +161,16 @@ def _planes(frames: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return np.ascontiguousarray(y), np.ascontiguousarray(chroma[:, 0]), np.ascontiguousarray(chroma[:, 1])
 
 
-def to_yuv(video: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The source's planes through the same RGB -> yuv420p conversion the encoder is fed."""
+def _yuv420p(video: np.ndarray) -> list[np.ndarray]:
+    """Each RGB frame as a yuv420p array (H * 3/2, W), converted by FFmpeg's swscale."""
     import av
 
-    return _planes([av.VideoFrame.from_ndarray(f, format="rgb24").reformat(format="yuv420p").to_ndarray()
-                    for f in video])
+    return [av.VideoFrame.from_ndarray(f, format="rgb24").reformat(format="yuv420p").to_ndarray() for f in video]
+
+
+def to_yuv(video: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The source's planes through the same RGB -> yuv420p conversion the encoder is fed."""
+    return _planes(_yuv420p(video))
 
 
 def encode(video: np.ndarray, ladder: str, level: int) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], int]:
@@ -181,19 +185,22 @@ def encode(video: np.ndarray, ladder: str, level: int) -> tuple[tuple[np.ndarray
     with av.open(buffer, "w", format="mp4" if codec == "libx264" else "mpeg") as container:
         stream = container.add_stream(codec, rate=24)
         stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
-        # One encoder thread: x264 sizes its thread pool by the CPUs it may use, and its
-        # bitstream depends on that (measured: another stream under taskset -c 0), so without
-        # this a Ray worker, a device and the server would measure different videos.
+        # Reproducible streams (measured, PyAV 18.1's x264): its thread pool follows the CPUs a
+        # process may use and the bitstream follows the pool (another stream under taskset -c 0);
+        # and its macroblock-tree rate control gave a different stream on every call for grainy
+        # content even on one thread. One thread, no mbtree: the same bytes in every process.
         stream.codec_context.thread_count = 1
         if codec == "libx264":
-            params = f"keyint={GOP}:min-keyint={GOP}:scenecut=0:threads=1" + (":no-deblock=1" if ladder.endswith("nodeblock")
+            params = f"keyint={GOP}:min-keyint={GOP}:scenecut=0:threads=1:no-mbtree=1" + (":no-deblock=1" if ladder.endswith("nodeblock")
                                                                      else "")
             stream.options = {"crf": str(level), "preset": "veryfast", "x264-params": params}
         else:
             stream.gop_size = GOP
             stream.codec_context.qmin = stream.codec_context.qmax = int(level)
-        for frame in video:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        for t, frame in enumerate(_yuv420p(video)):
+            picture = av.VideoFrame.from_ndarray(frame, format="yuv420p")
+            picture.pts = t  # timestamps in 1/24 s, as the stream's rate says
+            container.mux(stream.encode(picture))
         container.mux(stream.encode())
     data = buffer.getvalue()
     with av.open(io.BytesIO(data)) as container:
