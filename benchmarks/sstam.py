@@ -138,7 +138,8 @@ def federated(rounds: int, seeds: list[int], overrides: list[str]) -> dict:
     print("\nstrategy | pooled SRCC, 4-fold CV (per seed) | within-ladder | H.264 | MPEG-2 | ARI")
     for name, runs in out.items():
         ari = [r["ari"] for r in runs if r["ari"] is not None]
-        print(f"{name} | {np.mean([r['pooled'] for r in runs]):.3f} ({', '.join(format(r['pooled'], '.3f') for r in runs)})"
+        seeds = ", ".join(format(r["pooled"], ".3f") for r in runs)
+        print(f"{name} | {np.mean([r['pooled'] for r in runs]):.3f} ({seeds})"
               f" | {np.mean([r['within'] for r in runs]):.3f} | {np.mean([r['pooled_h264'] for r in runs]):.3f} | "
               f"{np.mean([r['pooled_mpeg2'] for r in runs]):.3f} | {np.mean(ari) if ari else float('nan'):.2f}")
     gaps = [f["pooled"] - c["pooled"] for f, c in zip(out["fedavg"], out["centralised"])]

@@ -239,7 +239,8 @@ def test_the_data_tables_hold_the_gated_detector_directions_and_the_temporal_mod
     tables = wl.data_tables()
     assert [t["header"][0] if t["header"] else "" for t in tables] == ["detector", "", "artifact"]
     assert "in 48 of 48 pairs" in tables[1]["title"]  # deblocking off is blockier, every content and CRF
-    assert m["auc_floating_model"] > 0.6 and m["auc_flicker_model"] > m["auc_flicker_classical"] + 0.05, m  # 0.88 vs 0.78
+    assert m["auc_flicker_model"] > m["auc_flicker_classical"] + 0.05, m  # pilot: 0.88 against 0.78
+    assert m["auc_floating_model"] > 0.6, m
 
 
 def test_device_files_read_back_as_the_simulated_clients_without_codecs_and_bad_ones_are_named(tmp_path):

@@ -149,7 +149,7 @@ class SSTAMVideo(Workload, KnownClusters, DeviceFiles):
         "optimizer": ConfigField(str, "sgd", "local optimiser: sgd (FedAvg of least squares converges to the "
                                  "pooled fit) or adam (a fresh Adam per round normalises every client's steps)",
                                  choices=tuple(OPTIMIZERS)),
-        "weight_decay": ConfigField(float, 0.05, "L2 penalty of local training (Adam's weight_decay: ridge)",
+        "weight_decay": ConfigField(float, 0.05, "L2 penalty of local training (the optimiser's weight_decay: ridge)",
                                     non_negative),
         "batch_size": ConfigField(int, 16, "local minibatch size", positive),
         "pool_clients": ConfigField(int, 0, "> 0: client 0 holds the encodes of clients 0..pool_clients-1 "
@@ -252,6 +252,8 @@ class SSTAMVideo(Workload, KnownClusters, DeviceFiles):
             torch.manual_seed(int(np.random.SeedSequence([seed, streams.SSTAM_INIT, j]).generate_state(1)[0]))
             net = QualityModel(int(self.options["hidden"]))
         params = torch_train.get_params(net)
+        # the untrained model is marked as the first arm's: round 0 scores every arm's start on
+        # those features; from round 1 on, the clients mark the model with their own arm
         params[ARM] = np.eye(len(ARMS), dtype=np.float32)[ARMS.index(self.arms[0])]
         return params
 
@@ -281,7 +283,8 @@ class SSTAMVideo(Workload, KnownClusters, DeviceFiles):
     def local_evaluate(self, params: Params, data: VideoCohort) -> dict[str, np.ndarray]:
         return {"loss": self._squared(params, data)}
 
-    def _batches(self, data: VideoCohort, j: int, arm: str, rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, ...]]:
+    def _batches(self, data: VideoCohort, j: int, arm: str,
+                 rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, ...]]:
         lo, hi = int(data.starts[j]), int(data.starts[j + 1])
         x = self.inputs(np.asarray(data.features[lo:hi]), arm)
         y = torch.from_numpy(ssim_logit(data.ssim[lo:hi]).astype(np.float32))

@@ -15,7 +15,7 @@ The temporal model is trained first, on a separate *detector-training* set of co
 (``feature_mean``, ``feature_sd``): nothing about the evaluated contents leaks into either.
 Its clip-level labels and scores on the evaluated contents are kept for the AUC table.
 
-Building takes about a minute on one core; the result is cached on disk
+Building takes about two minutes on one core at the defaults; the result is cached on disk
 (``$UMBEL_CACHE``, default ``~/.cache/umbel``) under a hash of the settings and of
 ``VERSION``, so every process of a run (server, Ray workers) and every later run reads it.
 Bump ``VERSION`` when a change here would change the numbers.

@@ -118,7 +118,8 @@ def ringing(y: np.ndarray) -> Maps:
     band = ndimage.maximum_filter(edges, size=(1, 5, 5)) & ~edges
     flat = (g < FLAT) & ~band
     hp2 = _highpass(y) ** 2
-    return blocks(hp2 * band), blocks(band.astype(y.dtype)), blocks(hp2 * flat) + EPS, blocks(flat.astype(y.dtype)) + EPS
+    return (blocks(hp2 * band), blocks(band.astype(y.dtype)), blocks(hp2 * flat) + EPS,
+            blocks(flat.astype(y.dtype)) + EPS)
 
 
 def bleeding(y: np.ndarray, u: np.ndarray, v: np.ndarray) -> Maps:

@@ -191,8 +191,9 @@ def encode(video: np.ndarray, ladder: str, level: int) -> tuple[tuple[np.ndarray
         # content even on one thread. One thread, no mbtree: the same bytes in every process.
         stream.codec_context.thread_count = 1
         if codec == "libx264":
-            params = f"keyint={GOP}:min-keyint={GOP}:scenecut=0:threads=1:no-mbtree=1" + (":no-deblock=1" if ladder.endswith("nodeblock")
-                                                                     else "")
+            params = f"keyint={GOP}:min-keyint={GOP}:scenecut=0:threads=1:no-mbtree=1"
+            if ladder.endswith("nodeblock"):
+                params += ":no-deblock=1"
             stream.options = {"crf": str(level), "preset": "veryfast", "x264-params": params}
         else:
             stream.gop_size = GOP
