@@ -405,6 +405,13 @@ def pooled_baseline(section: str, scenario: dict[str, dict[str, Any]]) -> dict[s
             "train": {"local_steps": train["local_steps"] * fed["clients"], "proximal_mu": 0.0}}
 
 
+def pooled_baselines(section: str, scenario: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """``pooled_baseline`` overrides for every name in ``<section>.baselines``; none when the
+    run is itself the pooled one (``<section>.pool_clients > 0``)."""
+    c = scenario[section]
+    return {} if c["pool_clients"] else {name: pooled_baseline(section, scenario) for name in c["baselines"]}
+
+
 def size_bucket(num_examples: np.ndarray) -> np.ndarray:
     return np.digitize(num_examples, [2, 3, 11])
 

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 from workloads import streams, torch_train
 from workloads.base import (
-    ConfigField, DeviceFiles, KnownClusters, Params, TrainSettings, Workload, non_negative, pooled_baseline,
+    ConfigField, DeviceFiles, KnownClusters, Params, TrainSettings, Workload, non_negative, pooled_baselines,
     positive, some_of,
 )
 from workloads.ceco import device
@@ -75,11 +75,6 @@ def _widths(v: list) -> str | None:
     if not v or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in v):
         return "must be a non-empty list of positive integers (channels per level)"
     return None
-
-
-def _baselines(v: list) -> str | None:
-    unknown = [b for b in v if b not in BASELINES]
-    return f"unknown baseline {unknown[0]!r}; expected some of {list(BASELINES)}" if unknown else None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -136,7 +131,7 @@ class CeCoSegmentation(Workload, KnownClusters, DeviceFiles):
         "pool_clients": ConfigField(int, 0, "> 0: client 0 holds the scenes of clients 0..pool_clients-1 "
                                     "(the centralised baseline)", non_negative),
         "baselines": ConfigField(list, ["centralised"], "reference runs after the federation (in-process): "
-                                 + ", ".join(BASELINES), _baselines),
+                                 + ", ".join(BASELINES), some_of(BASELINES, "baseline", empty_ok=True)),
     }
 
     # ---- scenario -------------------------------------------------------------------------
@@ -172,8 +167,7 @@ class CeCoSegmentation(Workload, KnownClusters, DeviceFiles):
     @classmethod
     def baselines(cls, scenario: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
         """``centralised``: one client with every client's scenes, as many steps as the federation."""
-        c = scenario[cls.section]
-        return {} if c["pool_clients"] else {name: pooled_baseline(cls.section, scenario) for name in c["baselines"]}
+        return pooled_baselines(cls.section, scenario)
 
     def __init__(self, scenario: dict[str, dict[str, Any]]) -> None:
         self.torch_device = torch_train.select_device(scenario)  # on the CPU: one thread

@@ -40,7 +40,7 @@ import torch
 
 from workloads import streams, torch_train
 from workloads.base import (
-    ConfigField, DeviceFiles, KnownClusters, Params, TrainSettings, Workload, non_negative, pooled_baseline,
+    ConfigField, DeviceFiles, KnownClusters, Params, TrainSettings, Workload, non_negative, pooled_baselines,
     positive, some_of,
 )
 from workloads.device_files import offsets, rows_of
@@ -64,11 +64,6 @@ def _widths(v: list) -> str | None:
     if len(v) != 4 or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in v):
         return "must be four positive integers (channels of the four stages)"
     return None
-
-
-def _baselines(v: list) -> str | None:
-    unknown = [b for b in v if b not in BASELINES]
-    return f"unknown baseline {unknown[0]!r}; expected some of {list(BASELINES)}" if unknown else None
 
 
 def _share(v: float) -> str | None:
@@ -133,7 +128,7 @@ class PMTIQA(Workload, KnownClusters, DeviceFiles):
         "pool_clients": ConfigField(int, 0, "> 0: client 0 holds the patches of clients 0..pool_clients-1 "
                                     "(the centralised baseline)", non_negative),
         "baselines": ConfigField(list, ["centralised"], "reference runs after the federation (in-process): "
-                                 + ", ".join(BASELINES), _baselines),
+                                 + ", ".join(BASELINES), some_of(BASELINES, "baseline", empty_ok=True)),
     }
 
     # ---- scenario -------------------------------------------------------------------------
@@ -174,8 +169,7 @@ class PMTIQA(Workload, KnownClusters, DeviceFiles):
     @classmethod
     def baselines(cls, scenario: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
         """``centralised``: one client with every client's patches, as many steps as the federation."""
-        c = scenario[cls.section]
-        return {} if c["pool_clients"] else {name: pooled_baseline(cls.section, scenario) for name in c["baselines"]}
+        return pooled_baselines(cls.section, scenario)
 
     def __init__(self, scenario: dict[str, dict[str, Any]]) -> None:
         self.torch_device = torch_train.select_device(scenario)  # on the CPU: one thread

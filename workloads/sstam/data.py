@@ -124,8 +124,7 @@ def measure(y: np.ndarray, u: np.ndarray, v: np.ndarray, model: temporal.TinyTim
             clip_probs: np.ndarray | None = None) -> np.ndarray:
     """(2, F) raw features of one decoded video: saliency-weighted, then equal weights."""
     maps = detectors.all_maps(y, u, v)
-    clip_x = temporal.clips(y)
-    probs = temporal.predict(model, clip_x) if clip_probs is None else clip_probs
+    probs = temporal.predict(model, temporal.clips(y)) if clip_probs is None else clip_probs
     out = []
     for weights in (detectors.saliency(y), np.full((y.shape[0], *maps["blocking"][0].shape[1:]), 1.0)):
         w_clip = temporal.clip_weights(weights)
@@ -135,21 +134,23 @@ def measure(y: np.ndarray, u: np.ndarray, v: np.ndarray, model: temporal.TinyTim
 
 
 def _encodes(content: video.Content):
-    """(ladder index, level index, decoded planes, bytes, source planes) of every encode."""
+    """(ladder index, level index, decoded planes, bytes, the source's luma, the source's clips)
+    of every encode; the source's luma and clips are made once per content."""
     source = video.render(content)
-    reference = video.to_yuv(source)
+    reference = video.to_yuv(source)[0]
+    reference_clips = temporal.clips(reference)
     for li, (ladder, (_, levels)) in enumerate(video.LADDERS.items()):
         for vi, level in enumerate(levels):
             planes, size = video.encode(source, ladder, level)
-            yield li, vi, planes, size, reference
+            yield li, vi, planes, size, reference, reference_clips
 
 
 def train_temporal(settings: SSTAMSettings) -> tuple[temporal.TinyTimeSformer, tuple[float, float], np.ndarray]:
     """The temporal model, its label thresholds and the detector-training set's raw features."""
     x, flick, floats, raw = [], [], [], []
     for content in video.contents(settings.detector_contents, settings.data_seed + 1):
-        for _, _, (y, u, v), _, reference in _encodes(content):
-            decoded, source = temporal.clips(y), temporal.clips(reference[0])
+        for _, _, (y, u, v), _, _, source in _encodes(content):
+            decoded = temporal.clips(y)
             f, g = temporal.intensities(source, decoded)
             x.append(np.round(decoded * 255).astype(np.uint8))
             flick.append(f)
@@ -179,15 +180,15 @@ def compute_set(settings: SSTAMSettings) -> SSTAMSet:
     figure = None
     names = video.contents(settings.contents, settings.data_seed)
     for ci, content in enumerate(names):
-        for li, vi, (y, u, v), size, reference in _encodes(content):
+        for li, vi, (y, u, v), size, reference, reference_clips in _encodes(content):
             decoded = temporal.clips(y)
             probs = temporal.predict(model, decoded)
-            flick, floats = temporal.intensities(temporal.clips(reference[0]), decoded)
+            flick, floats = temporal.intensities(reference_clips, decoded)
             clip_rows["video"].append(np.full(len(decoded), len(rows["ssim"])))
             clip_rows["labels"].append(label(flick, floats, thresholds))
             clip_rows["model"].append(probs)
             clip_rows["classical"].append(temporal.classical_scores(decoded))
-            ssim, psnr = video.proxy(reference[0], y)
+            ssim, psnr = video.proxy(reference, y)
             for key, value in (("features", measure(y, u, v, model, probs)), ("ssim", ssim), ("psnr", psnr),
                                ("size", size), ("content", ci), ("ladder", li), ("level", vi)):
                 rows[key].append(value)
