@@ -29,6 +29,8 @@ from workloads import workload_class
 from workloads.base import Stateful
 from workloads.federation import num_nodes
 
+STOPPING_GRACE_S = 15.0  # how long --resume waits for a stopped run's process to let go of its lock
+
 
 class LaunchError(ValueError):
     """The run cannot start (bad launch option); nothing was written."""
@@ -321,6 +323,14 @@ def check_resumable(run_dir: str | Path) -> dict[str, Any]:
     except DamagedRecord as err:
         raise LaunchError(f"--resume {run_dir}: {err}") from None
     status = record_status(run_dir, history)
+    # A stopped run's process may still be exiting when its stop is reported (seen once: a
+    # deployment's ServerApp held the lock just after the SuperLink said "stopped"): wait a
+    # moment for it before calling the run live.
+    deadline = time.monotonic() + STOPPING_GRACE_S
+    while status == "running" and time.monotonic() < deadline:
+        time.sleep(0.2)
+        history = load_history(run_dir)
+        status = record_status(run_dir, history)
     if status == "finished":
         raise LaunchError(f"--resume {run_dir}: that run has finished; nothing to resume")
     if status == "running":
