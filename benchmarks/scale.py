@@ -36,7 +36,7 @@ from server.record import RunObserver, load_history  # noqa: E402
 from server.run_config import client_view  # noqa: E402
 from simulations.launcher import simulate  # noqa: E402
 from simulations.scenarios import load_scenario  # noqa: E402
-from workloads.mixed_regression import STEP_CAP, LinearCohort, MixedRegression  # noqa: E402
+from workloads.mixed_regression import LinearCohort, MixedRegression  # noqa: E402
 
 
 def _children(pid: int) -> set[int]:
@@ -155,7 +155,9 @@ def limit(clients: int, rounds: int = 5) -> dict:
                         np.concatenate([p.labels for p in parts]), np.concatenate([p.x for p in parts]),
                         np.concatenate([p.y for p in parts]))
     del parts
-    step = np.minimum(scenario["train"]["lr"], STEP_CAP / data.lambda_max)
+    train = scenario["train"]
+    step = np.full(len(data.client_ids), train["lr"]) if train["step_cap"] == 0 else \
+        np.minimum(train["lr"], train["step_cap"] / data.lambda_max)
     w = wl.true_models + 0.05 * np.random.default_rng(0).standard_normal(wl.true_models.shape)
     times = []
     for _ in range(rounds):

@@ -128,6 +128,7 @@ def _settings(config: ConfigRecord) -> TrainSettings:
         local_steps=int(config["local-steps"]),
         lr=float(config["lr"]),
         proximal_mu=float(config.get("proximal-mu", 0.0)),
+        step_cap=float(config.get("step-cap", 0.5)),
         variant=str(config.get("variant", "")),
     )
 
@@ -180,6 +181,7 @@ def train(msg: Message, context: Context) -> Message:
         federation=workload.federation,
         extra_metrics=extra,
         clipping_norm=float(config["clipping_norm"]) if "clipping_norm" in config else None,
+        refine=str(config.get("refine", "first-order")),
     )
     if not k_models and result.batch is not None:  # Flower's FedAvg/FedProx: one model
         result.batch.metrics.pop(CLUSTER)

@@ -12,17 +12,20 @@ import numpy as np
 
 from proto.exact_sum import DD, dd_add, dd_sum
 from proto.wire import (
-    ANCHOR_TRAIN, CLIENT_ID, CLUSTER, LOSS_BEFORE, REDUCE_ROWS, ClientBatch, CohortResult, cluster_sums,
+    ANCHOR_TRAIN, CLIENT_ID, CLUSTER, LOSS_BEFORE, NORMAL_MATRIX, NORMAL_VECTOR, REDUCE_ROWS, ClientBatch,
+    CohortResult, cluster_sums, combine_sums,
 )
 from workloads.base import (
-    SIZE_BUCKETS, CoarseStatistics, CohortData, KnownClusters, Params, Stateful, TrainSettings, Workload,
-    size_bucket,
+    SIZE_BUCKETS, CoarseStatistics, CohortData, KnownClusters, NormalEquations, Params, Stateful, TrainSettings,
+    Workload, size_bucket,
 )
 from workloads.federation import round_participation, update_scales
 
 SELECTIONS = ("min-loss", "true-label", "single")
 COARSE_CHUNK = 2048  # clients per pass of a Phase-1 statistic
 REPLIES = ("clients", "sums")
+REFINEMENTS = ("first-order", "second-order")
+NORMAL_BYTES = 2**28  # second-order: clients per pass so that their P x P matrices stay under this
 NORM_BIT = "norm_bit"  # Flower's name (flwr.supercore.differential_privacy.KEY_NORM_BIT)
 
 
@@ -113,6 +116,7 @@ def train_cohort(
     federation: dict[str, Any],
     extra_metrics: dict[str, np.ndarray] | None = None,
     clipping_norm: float | None = None,
+    refine: str = "first-order",
 ) -> CohortResult:
     """Each active client picks a model, trains it from there, and the cohort replies.
 
@@ -124,9 +128,17 @@ def train_cohort(
     each client's update is clipped to that L2 norm, and ``norm_bit`` says whom it clipped.
     Clients the scenario makes attackers (``federation.scaled_update_fraction``) then scale
     their update.
+
+    ``refine = "second-order"``: clients do not train; each sends its normal equations
+    (``NormalEquations``: per-example X'X/n and X'y/n) for the cluster it picked, and the
+    server solves each cluster's least squares.
     """
     if reply not in REPLIES:
         raise ValueError(f"unknown reply form {reply!r}; expected one of {REPLIES}")
+    if refine not in REFINEMENTS:
+        raise ValueError(f"unknown refinement {refine!r}; expected one of {REFINEMENTS}")
+    if refine == "second-order" and not isinstance(workload, NormalEquations):
+        raise ValueError(f"second-order refinement needs normal equations, which {workload.name!r} does not provide")
     k = len(next(iter(models.values())))
     participation = round_participation(federation, data.client_ids, round_)
     outcomes = participation.counts()
@@ -138,9 +150,11 @@ def train_cohort(
     sub = data if len(idx) == len(data.client_ids) else workload.subset(data, idx)
     choice, loss = select_models(workload, sub, models, selection)
     confusion = confusion_counts(workload, sub, choice, k, slice(None))
+    counts = sub.num_examples
+    if refine == "second-order":
+        return normal_equations_reply(workload, sub, choice, loss * counts, k, reply, confusion, outcomes)
     start = {name: v[choice] for name, v in models.items()}
     trained = workload.local_train(start, sub, replace(settings, server_round=round_))
-    counts = sub.num_examples
     extra = {name: np.asarray(v, np.float64)[idx] for name, v in (extra_metrics or {}).items()}
     if clipping_norm is not None:
         trained, clipped = clip_updates(trained, start, clipping_norm)
@@ -153,6 +167,34 @@ def train_cohort(
         return CohortResult(None, cluster_sums(choice, counts, trained, loss_sums, k), confusion, outcomes)
     batch = ClientBatch(sub.client_ids, counts, trained,
                         {LOSS_BEFORE: loss_sums, CLUSTER: choice.astype(np.float64), **extra})
+    return CohortResult(batch, None, confusion, outcomes)
+
+
+def normal_equations_reply(
+    workload: Workload, data: CohortData, choice: np.ndarray, loss_sums: np.ndarray, k: int, reply: str,
+    confusion: np.ndarray | None, outcomes: np.ndarray | None,
+) -> CohortResult:
+    """Second-order refinement's reply: each client's normal equations under the cluster it
+    picked, per client or summed per cluster (computed a pass of clients at a time, so the
+    P x P matrices of a large cohort never exist at once; the double-double sums do not
+    depend on the passes)."""
+    assert isinstance(workload, NormalEquations)
+    counts, num = data.num_examples, len(data.client_ids)
+    size = sum(v.size for v in workload.initial_parameters().values())
+    per_pass = max(1, NORMAL_BYTES // (8 * size * size))
+    passes = [np.arange(lo, min(lo + per_pass, num)) for lo in range(0, num, per_pass)]
+    parts = []
+    for index in passes:
+        part = data if len(index) == num else workload.subset(data, index)
+        matrix, vector = workload.normal_equations(part)
+        parts.append((index, {NORMAL_MATRIX: matrix, NORMAL_VECTOR: vector}))
+        if reply == "sums":  # add this pass now, keep no matrices
+            parts[-1] = cluster_sums(choice[index], counts[index], parts[-1][1], loss_sums[index], k)
+    if reply == "sums":
+        return CohortResult(None, combine_sums(parts), confusion, outcomes)
+    params = {name: np.concatenate([p[name] for _, p in parts]) for name in (NORMAL_MATRIX, NORMAL_VECTOR)}
+    batch = ClientBatch(data.client_ids, counts, params,
+                        {LOSS_BEFORE: loss_sums, CLUSTER: choice.astype(np.float64)})
     return CohortResult(batch, None, confusion, outcomes)
 
 
@@ -201,14 +243,14 @@ def coarse_cohort(
 ) -> dict[str, np.ndarray]:
     """A Phase-1 step: the workload's statistics, summed over the cohort or as rows.
 
-    Computed ``COARSE_CHUNK`` clients at a time (per-client statistics such as d x d
-    moments would not fit for a large cohort at once); double-double sums make the
-    result independent of the chunking.
+    Computed ``COARSE_CHUNK`` clients at a time, or the workload's ``coarse_chunk`` (per-client
+    statistics such as d x d moments would not fit for a large cohort at once); double-double
+    sums make the result independent of the chunking.
     """
     num = len(data.client_ids)
-    parts = [data] if num <= COARSE_CHUNK else [
-        workload.subset(data, np.arange(lo, min(lo + COARSE_CHUNK, num)))
-        for lo in range(0, num, COARSE_CHUNK)
+    chunk = workload.coarse_chunk() if isinstance(workload, CoarseStatistics) else COARSE_CHUNK
+    parts = [data] if num <= chunk else [
+        workload.subset(data, np.arange(lo, min(lo + chunk, num))) for lo in range(0, num, chunk)
     ]
     rows: dict[str, list[np.ndarray]] = {}
     sums: dict[str, DD] = {}

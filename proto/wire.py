@@ -41,6 +41,12 @@ SECOND_MOMENT = "second-moment"  # sums of y^2 x x' (Y2XX), y^2 (Y2) and n (N)
 SECOND_MOMENT_PRODUCT = "second-moment-product"  # y^2 x (x'V) (Y2XV), y^2, n
 ANCHOR_FIT = "anchor-fit"  # each anchor's fit inside a subspace (ESTIMATE rows)
 ANCHOR_TRAIN = "anchor-train"  # each anchor's model trained from a common start (ESTIMATE rows)
+NORMAL_EQUATIONS = "normal-equations"  # sums of X'X (XX), X'y (XY) and n (N): a global least-squares fit
+CENTRE = "centre"  # a moment request's model: the moments are of the residuals y - <x, centre>
+XX, XY = "xx", "xy"
+# Second-order refinement: what a client sends instead of a trained model (per-example means,
+# so that the example-weighted cluster sums are the cluster's X'X and X'y).
+NORMAL_MATRIX, NORMAL_VECTOR = "normal-matrix", "normal-vector"
 REDUCE_SUM, REDUCE_ROWS = "sum", "rows"  # statistics summed over clients, or one row per anchor
 CLIENT_ID, ESTIMATE = "client-id", "estimate"
 Y2XX, Y2XV, Y2, N = "y2xx", "y2xv", "y2", "n"

@@ -33,7 +33,7 @@ from server.record import RunObserver, RunRecord, new_run_dir
 from server.run_config import client_view, label_settings, round_lr, scenario_from_run_config
 from strategies import K_MODEL, STRATEGIES, ReportingStrategy, build_strategy, catalog
 from strategies.data_union import UploadTrainer
-from workloads import workload_class
+from workloads import streams, workload_class
 from workloads.base import KnownClusters, TrainsOnUploads, Workload
 from workloads.federation import num_nodes
 
@@ -59,14 +59,18 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float = NODE_WAIT_S) -> N
         time.sleep(0.05)
 
 
-def initial_models(workload: Workload, init: str, seed: int) -> Params:
-    """The k models handed to a k-model strategy (``clustered.init``)."""
+def initial_models(workload: Workload, init: str, seed: int, scale: float = 1.0) -> Params:
+    """The k models handed to a k-model strategy (``clustered.init``; ``scale``: of the
+    bernoulli starts, ``clustered.init_scale``)."""
     k = workload.num_clusters
     base = workload.initial_parameters()
     if init == "zeros":
         return {n: np.zeros((k, *v.shape)) for n, v in base.items()}
     if init == "random":
         return workload.random_models(k, seed)
+    if init == "bernoulli":  # IFCA's synthetic starts: every coordinate scale x Bernoulli(1/2)
+        rng = np.random.default_rng(np.random.SeedSequence([seed, streams.BERNOULLI_INIT]))
+        return {n: scale * rng.integers(0, 2, size=(k, *v.shape)).astype(np.float64) for n, v in base.items()}
     truth = workload.true_parameters() if isinstance(workload, KnownClusters) else None
     if truth is None:
         raise ValueError(f"clustered.init = {init!r} needs true models; this workload has none")
@@ -103,7 +107,7 @@ def strategy_for(label: str, scenario: dict[str, Any], workload: Workload, nodes
             name, nodes, proximal_mu=own["train"]["proximal_mu"], k=workload.num_clusters,
             dim=sum(v.size for v in base.values()), seed=scenario["federation"]["seed"],
             clustered=own["clustered"], timeout=scenario["run"]["round_timeout"],
-            start=flatten(base), lr=scenario["train"]["lr"], robust=own["robust"],
+            start=flatten(base), lr=own["train"]["lr"], robust=own["robust"],
             uploads=upload_trainer(workload),
         )
     skip_forced_collections()  # Flower's strategies collect garbage once per client reply otherwise
@@ -112,14 +116,18 @@ def strategy_for(label: str, scenario: dict[str, Any], workload: Workload, nodes
     return inner if isinstance(inner, ReportingStrategy) else catalog.FlowerAdapter(inner, label)
 
 
-def client_config(scenario: dict[str, Any], label: str = "", variant: str = "", data_cache: str = "") -> ConfigRecord:
+def client_config(scenario: dict[str, Any], label: str = "", variant: str = "", data_cache: str = "",
+                  train: dict[str, Any] | None = None) -> ConfigRecord:
     """What every message of an arm tells the clients: the scenario they rebuild their
-    workload from, the local training settings, the arm (clients keep state per arm) and
-    variant, and where cohorts cache their data (``data_cache``; empty: in memory)."""
+    workload from, the local training settings (``train``: the arm's, default the
+    scenario's), the arm (clients keep state per arm) and variant, and where cohorts cache
+    their data (``data_cache``; empty: in memory)."""
+    train = train or scenario["train"]
     return ConfigRecord({
         "scenario": json.dumps(client_view(scenario), sort_keys=True),
-        "local-steps": scenario["train"]["local_steps"],
-        "lr": scenario["train"]["lr"],
+        "local-steps": train["local_steps"],
+        "lr": train["lr"],
+        "step-cap": train["step_cap"],
         "variant": variant,
         "arm": label,
         "data-cache": data_cache,
@@ -133,14 +141,15 @@ def new_arm(name: str, scenario: dict[str, Any], workload: Workload, nodes: int,
     ``start`` overrides the models handed in (one model, or k stacked for a k-model
     strategy); by default the workload's initial model, or ``clustered.init``'s k models.
     ``label`` names the arm (default ``arm_label(name, variant)``)."""
-    run, train, fed = scenario["run"], scenario["train"], scenario["federation"]
+    run, fed, own = scenario["run"], scenario["federation"], label_settings(scenario, name)
+    train, clustered = own["train"], own["clustered"]  # the label's own, over the scenario's
     k_model = catalog.target(scenario, name) in K_MODEL
     if start is None:
-        start = initial_models(workload, scenario["clustered"]["init"], fed["seed"]) if k_model \
+        start = initial_models(workload, clustered["init"], fed["seed"], clustered["init_scale"]) if k_model \
             else workload.initial_parameters()
     label = label or arm_label(name, variant)
     arm = Arm(label=label, strategy=strategy_for(name, scenario, workload, nodes), arrays=params_to_record(start),
-              config=client_config(scenario, label, variant, data_cache), rounds=run["rounds"],
+              config=client_config(scenario, label, variant, data_cache, train), rounds=run["rounds"],
               timeout=run["round_timeout"], lr=lambda rnd: round_lr(train, rnd, run["rounds"]))
     return arm, start if k_model else {n: v[None] for n, v in start.items()}
 

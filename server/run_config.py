@@ -20,7 +20,8 @@ from strategies import CLUSTER_RULES, K_MODEL, PHASE1, SINGLE_MODEL, STRATEGIES,
 from strategies.robust import ROBUST
 from workloads import WORKLOADS, workload_class
 from workloads.base import (
-    REQUIRED, CoarseStatistics, ConfigField, TrainsOnUploads, Workload, non_negative, positive,
+    REQUIRED, CoarseStatistics, ConfigField, DeviceFiles, NormalEquations, TrainsOnUploads, Workload, non_negative,
+    positive,
 )
 from workloads.federation import AVAILABILITY_TRACES, SIZE_LAWS
 from workloads.federation import ATTACK_DEFAULTS as ATTACKS
@@ -56,7 +57,15 @@ def _aggregate_rule(v: str) -> str | None:
 
 
 LR_SCHEDULES = ("constant", "cosine")
-INITS = ("random", "zeros", "true-first", "truth")
+INITS = ("random", "zeros", "true-first", "truth", "bernoulli")
+REFINEMENTS = ("first-order", "second-order")
+TRAIN_OVERRIDES = ("lr", "local_steps", "step_cap", "lr_schedule")  # per label, any own strategy
+
+
+def _client_ids(v: list) -> str | None:
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v):
+        return "expected non-negative client ids (integers)"
+    return "names a client twice" if len(set(v)) != len(v) else None
 
 
 def _fraction(v: float) -> str | None:
@@ -149,13 +158,42 @@ CORE_SCHEMA: dict[str, dict[str, ConfigField]] = {
         ),
     },
     "anchors": {
-        "count": ConfigField(int, 0, "anchor clients (ids 0..count-1)", non_negative),
-        "size": ConfigField(int, 65, "points held by each anchor client", positive),
+        "count": ConfigField(int, 0, "anchor clients: ids 0..count-1 (choice = first) or a seeded "
+                             "random draw of that many (choice = random)", non_negative),
+        "choice": ConfigField(str, "first", "which clients are anchors when ids is empty",
+                              choices=("first", "random")),
+        "ids": ConfigField(list, [], "explicit anchor client ids (overrides count and choice)", _client_ids),
+        "size": ConfigField(int, 65, "points held by each anchor client (generated federations)", positive),
+    },
+    "data": {
+        "folder": ConfigField(str, "", "a folder of client files in the workload's device format, one per "
+                              "client (ids 0..clients-1), used instead of generated data; empty: generated"),
+        "truth": ConfigField(str, "", "optional ground-truth file (relative to data.folder) that enables the "
+                             "truth-based metrics; empty: none are recorded"),
     },
     "clustered": {
         "init": ConfigField(
-            str, "random", "initial k models handed to the k-model strategies",
+            str, "random", "initial k models handed to the k-model strategies (bernoulli: "
+            "init_scale x Bernoulli(1/2) coordinates, IFCA's starts)",
             choices=INITS,
+        ),
+        "init_scale": ConfigField(float, 1.0, "scale of the bernoulli initial models", positive),
+        "refine": ConfigField(
+            str, "first-order", "Phase 2's model update: first-order (clients train, the server "
+            "averages) or second-order (clients send per-cluster normal equations, the server solves "
+            "each cluster's least squares; workloads with NormalEquations)",
+            choices=REFINEMENTS,
+        ),
+        "ridge": ConfigField(float, 1e-6, "second-order: ridge weight towards the cluster's previous model, "
+                             "relative to the mean normal matrix", non_negative),
+        "update": ConfigField(
+            str, "mean", "how a cluster's model moves: mean (example-weighted mean of its clients' models) "
+            "or official (IFCA's code: the summed update over all of the round's examples)",
+            choices=("mean", "official"),
+        ),
+        "server_lr": ConfigField(float, 1.0, "first-order: server step on each cluster's averaged update", positive),
+        "server_momentum": ConfigField(
+            float, 0.0, "first-order: heavy-ball momentum of each cluster's server step (0: none)", _probability,
         ),
         "phase1": ConfigField(
             str, "subspace-kmeans", "coarse-estimate routine of the clustered strategies",
@@ -163,6 +201,12 @@ CORE_SCHEMA: dict[str, dict[str, ConfigField]] = {
         ),
         "moments_from": ConfigField(
             str, "all", "whose second moments estimate the subspace", choices=("all", "anchors")
+        ),
+        "moments": ConfigField(
+            str, "residual", "Phase 1's second moments: of the residuals after a global least-squares "
+            "fit (residual: the direction every cluster shares is removed, which keeps the clusters' "
+            "directions above sampling noise in high dimension) or of the raw labels (raw)",
+            choices=("residual", "raw"),
         ),
         "kmeans_restarts": ConfigField(int, 10, "k-means++ restarts on anchor estimates", positive),
         "anchor_steps": ConfigField(int, 100, "local steps of each anchor from the common start (phase1 = anchor-models)", positive),
@@ -185,7 +229,11 @@ CORE_SCHEMA: dict[str, dict[str, ConfigField]] = {
     },
     "train": {
         "local_steps": ConfigField(int, 1, "local gradient steps per round", positive),
-        "lr": ConfigField(float, 0.02, "local step size (capped per client)", positive),
+        "lr": ConfigField(float, 0.02, "local step size (capped per client by step_cap)", positive),
+        "step_cap": ConfigField(
+            float, 0.5, "each client's step is at most step_cap / (the largest curvature of its own "
+            "loss), which keeps tiny clients' local steps contractive; 0: no cap", non_negative,
+        ),
         "proximal_mu": ConfigField(float, 40.0, "FedProx proximal weight", positive),
         "lr_schedule": ConfigField(
             str, "constant", "local step size across rounds: constant, or cosine decay from lr "
@@ -283,6 +331,12 @@ def resolve(raw: dict[str, Any], source: str = "<scenario>") -> dict[str, dict[s
             out[key] = value
         resolved[section] = out
     resolved[STRATEGY_TABLES] = copy.deepcopy(tables)
+    if not problems and resolved["anchors"]["ids"]:  # the ids decide how many anchors there are
+        anchors = resolved["anchors"]
+        if anchors["count"] not in (0, len(anchors["ids"])):
+            problems.append(("anchors.count", f"{anchors['count']} anchors but anchors.ids names "
+                             f"{len(anchors['ids'])}; give one of the two (or the same number)"))
+        anchors["count"] = len(anchors["ids"])
     if not problems:
         problems += _strategy_checks(resolved)
     if not problems:
@@ -304,14 +358,16 @@ def own_settings() -> dict[str, set[str]]:
         keys = set(CORE_SCHEMA["clustered"]) if name in K_MODEL else set()
         keys |= set(CORE_SCHEMA["robust"]) if name in ROBUST else set()
         keys |= {"proximal_mu"} if name in ("fedprox", "clustered-fedprox") else set()
-        out[name] = keys
+        out[name] = keys | set(TRAIN_OVERRIDES)
     return out
 
 
 def label_settings(scenario: dict[str, Any], label: str) -> dict[str, dict[str, Any]]:
     """The sections an own strategy's label reads, with its table's overrides applied."""
     given = catalog.settings(scenario, label)
-    train = {**scenario["train"], **{k: v for k, v in given.items() if k == "proximal_mu"}}
+    own = catalog.target(scenario, label) in STRATEGIES  # others' tables are constructor arguments
+    train = {**scenario["train"], **{k: v for k, v in given.items()
+                                     if own and k in ("proximal_mu", *TRAIN_OVERRIDES)}}
     return {section: {**scenario[section], **{k: v for k, v in given.items() if k in scenario[section]}}
             for section in ("clustered", "robust")} | {"train": train}
 
@@ -328,7 +384,7 @@ def _strategy_checks(s: dict[str, Any]) -> list[tuple[str, str]]:
         found = catalog.check_label(s, label, own, own)
         if not found and catalog.target(s, label) in own:  # overrides of section keys: their own checks
             for key, value in catalog.settings(s, label).items():
-                spec = CORE_SCHEMA["train" if key == "proximal_mu" else
+                spec = CORE_SCHEMA["train" if key in ("proximal_mu", *TRAIN_OVERRIDES) else
                                    "clustered" if key in CORE_SCHEMA["clustered"] else "robust"][key]
                 _, problem = _check_value(f"{STRATEGY_TABLES}.{label}.{key}", value, spec)
                 if problem:
@@ -356,8 +412,69 @@ def _cross_checks(s: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
         if catalog.target(s, label) in K_MODEL and clustered["aggregate"] != "mean" and clustered["reply"] != "clients":
             problems.append(("clustered.aggregate", f"{clustered['aggregate']!r} needs every client's model: "
                              "set clustered.reply = \"clients\""))
+    for label in s["run"]["strategies"]:
+        if catalog.target(s, label) in K_MODEL:
+            problems += _refinement_checks(cls, s, label)
+    problems += _anchor_checks(s) + _data_checks(cls, s)
     if any(runs_phase1(name) for name in strategies):
         problems += _phase1_checks(cls, s)
+    return problems
+
+
+def _refinement_checks(cls: type[Workload], s: dict[str, Any], label: str) -> list[tuple[str, str]]:
+    """What a k-model label's refinement needs of the workload and of the other settings."""
+    c, where = label_settings(s, label)["clustered"], f"{STRATEGY_TABLES}.{label}" \
+        if label in s[STRATEGY_TABLES] else "clustered"
+    if c["refine"] != "second-order":
+        return []
+    if not issubclass(cls, NormalEquations):
+        return [(f"{where}.refine", f"second-order needs per-client normal equations, which {cls.name} does "
+                 "not provide (workloads.base.NormalEquations); use first-order")]
+    clash = [(key, bad) for key, bad in (("aggregate", c["aggregate"] != "mean"), ("update", c["update"] != "mean"),
+                                         ("server_momentum", c["server_momentum"] > 0))
+             if bad]
+    problems = [(f"{where}.{key}", f"{c[key]!r} acts on the clients' models; second-order refinement "
+                 "solves each cluster's least squares from their normal equations instead") for key, _ in clash]
+    if s["federation"]["scaled_update_fraction"] > 0:
+        problems.append(("federation.scaled_update_fraction", "simulated attackers scale model updates; "
+                         f"{label!r} refines by second order (no updates): use first-order"))
+    return problems
+
+
+def _anchor_checks(s: dict[str, Any]) -> list[tuple[str, str]]:
+    anchors, clients = s["anchors"], s["federation"]["clients"]
+    outside = [i for i in anchors["ids"] if i >= clients]
+    if outside:
+        return [("anchors.ids", f"client {outside[0]} does not exist: ids run 0..{clients - 1}")]
+    return []
+
+
+def _data_checks(cls: type[Workload], s: dict[str, Any]) -> list[tuple[str, str]]:
+    """A data folder: the workload reads device files, the folder holds one file per client,
+    and what needs true models or labels has a truth file."""
+    data = s["data"]
+    if not data["folder"]:
+        return [("data.truth", "a truth file belongs to a data.folder; set the folder")] if data["truth"] else []
+    if not issubclass(cls, DeviceFiles):
+        return [("data.folder", f"{cls.name} has no device file format (workloads.base.DeviceFiles)")]
+    folder = Path(data["folder"]).expanduser()
+    if not folder.is_dir():
+        return [("data.folder", f"{str(folder)!r} is not a folder")]
+    problems = []
+    truth = folder / data["truth"] if data["truth"] else None
+    files = [p for p in folder.glob("*.npz") if p != truth]
+    if len(files) != s["federation"]["clients"]:
+        problems.append(("federation.clients", f"{s['federation']['clients']} clients but {str(folder)!r} "
+                         f"holds {len(files)} client files (*.npz); expected one per client"))
+    if truth is not None and not truth.is_file():
+        problems.append(("data.truth", f"{str(truth)!r} is not a file"))
+    if truth is None:
+        needs = [label for label in s["run"]["strategies"] if catalog.target(s, label) == "oracle"]
+        if needs:
+            problems.append(("run.strategies", f"{needs[0]!r} uses the true clusters; a data folder without "
+                             "data.truth has none"))
+        if s["clustered"]["init"] in ("truth", "true-first"):
+            problems.append(("clustered.init", f"{s['clustered']['init']!r} needs the true models: set data.truth"))
     return problems
 
 
@@ -439,5 +556,6 @@ def client_view(scenario: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "run": {"workload": run["workload"], "rounds": run["rounds"], "num_gpus": run.get("num_gpus", 0.0)},
         "federation": scenario["federation"],
         "anchors": scenario["anchors"],
+        "data": scenario["data"],
         workload.section: scenario[workload.section],
     }

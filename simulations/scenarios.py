@@ -76,8 +76,16 @@ def load_scenario(
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise ScenarioError(str(path), [("file", f"not valid TOML: {err}")]) from None
+    file_tables = set(raw.get(STRATEGY_SECTION, {})) if isinstance(raw.get(STRATEGY_SECTION), dict) else set()
     for item in overrides:
         apply_override(raw, item, str(path))
+    listed = raw.get("run", {}).get("strategies")
+    if isinstance(listed, list) and file_tables and isinstance(raw.get(STRATEGY_SECTION), dict):
+        # ``--set run.strategies=[...]`` replaces the file's list: its tables of labels no
+        # longer run are dropped (a table given by ``--set`` is still checked)
+        wrapped = {t.get("wraps") for t in raw[STRATEGY_SECTION].values() if isinstance(t, dict)}
+        for label in file_tables - set(listed) - wrapped:
+            raw[STRATEGY_SECTION].pop(label, None)
     if seed is not None:
         raw.setdefault("federation", {})["seed"] = seed
     return resolve(raw, source=str(path))

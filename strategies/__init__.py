@@ -62,6 +62,7 @@ def coarse_init_for(
     return init_cls(
         k, dim, seed, restarts=clustered.get("kmeans_restarts", 10),
         anchors_only=clustered.get("moments_from", "all") == "anchors",
+        residual=clustered.get("moments", "residual") == "residual",
     )
 
 
@@ -122,6 +123,11 @@ def build_strategy(
         reply=opts.get("reply", "clients"),
         timeout=timeout,
         rule=cluster_rule(opts.get("aggregate", "mean"), robust or {}),
+        refine=opts.get("refine", "first-order"),
+        ridge=opts.get("ridge", 1e-6),
+        update=opts.get("update", "mean"),
+        server_lr=opts.get("server_lr", 1.0),
+        server_momentum=opts.get("server_momentum", 0.0),
     )
 
 

@@ -5,6 +5,10 @@ clients pick the model with the smallest local loss (``client.compute.assign_clu
 send the refined model; the server averages per cluster, weighted by examples, and an empty cluster
 keeps its previous model.
 
+Besides the mean: IFCA's official divisor (``official_means``), a server step with momentum
+on each cluster's averaged update (``server_step``), and the second-order refinement
+(``cluster_least_squares``), where clients send normal equations instead of models.
+
 Aggregation is decomposable: ``proto.wire.cluster_sums`` turns any set of clients into
 per-cluster sums (double-double, see ``proto.exact_sum``), and ``combine_sums`` adds such sums. A cohort can thus
 send either every client's result or its partial sums, and the new models are the same.
@@ -15,7 +19,9 @@ from __future__ import annotations
 import numpy as np
 
 from proto.exact_sum import dd_value
-from proto.wire import CLUSTER, LOSS_BEFORE, ClientBatch, ClusterSums, Params, cluster_sums, combine_sums
+from proto.wire import (
+    CLUSTER, LOSS_BEFORE, NORMAL_MATRIX, NORMAL_VECTOR, ClientBatch, ClusterSums, Params, cluster_sums, combine_sums,
+)
 from strategies.aggregation import merge_batches
 
 
@@ -46,6 +52,64 @@ def cluster_means(sums: ClusterSums, previous: Params) -> Params:
         empty = (sums.examples == 0).reshape(-1, *([1] * (prev.ndim - 1)))
         new[name] = np.where(empty, prev, mean)
     return new
+
+
+def official_means(sums: ClusterSums, previous: Params) -> Params:
+    """IFCA's official update: each cluster moves by its clients' summed update divided by
+    all of the round's examples, not the cluster's (with one step and equal local sizes,
+    theta_j - lr/m * sum over its machines of their gradients, as in the authors' code)."""
+    total = max(int(sums.examples.sum()), 1)
+    new = {}
+    for name, prev in previous.items():
+        shape = (-1, *([1] * (prev.ndim - 1)))
+        moved = dd_value(sums.weighted[name]) - sums.examples.reshape(shape) * prev
+        new[name] = prev + moved / total
+    return new
+
+
+def cluster_least_squares(sums: ClusterSums, previous: Params, ridge: float) -> Params:
+    """Second-order refinement: each cluster's least squares from its clients' summed normal
+    equations (``NORMAL_MATRIX``, ``NORMAL_VECTOR``: example-weighted sums of X'X/n and X'y/n),
+    with a ridge towards the cluster's previous model of ``ridge`` times the mean curvature
+    (tr A / P): (A + r I) w = b + r w_prev. An empty cluster keeps its model."""
+    rows = flat_models(previous)
+    matrix, vector = dd_value(sums.weighted[NORMAL_MATRIX]), dd_value(sums.weighted[NORMAL_VECTOR])
+    for j in np.flatnonzero(sums.examples > 0):
+        a, b = matrix[j] / sums.examples[j], vector[j] / sums.examples[j]
+        r = ridge * max(float(np.trace(a)) / len(a), np.finfo(float).tiny)
+        rows[j] = np.linalg.solve(a + r * np.eye(len(a)), b + r * rows[j])
+    return unflatten(rows, previous)
+
+
+def server_step(previous: Params, averaged: Params, velocity: Params | None, lr: float, momentum: float,
+                empty: np.ndarray) -> tuple[Params, Params]:
+    """Each cluster's server step on its averaged update (heavy ball): v = momentum v +
+    (averaged - previous), new = previous + lr v. An empty cluster keeps its model and
+    forgets its velocity. Returns (new models, velocities)."""
+    new, velocities = {}, {}
+    for name, prev in previous.items():
+        keep = empty.reshape(-1, *([1] * (prev.ndim - 1)))
+        v = (averaged[name] - prev) + (momentum * velocity[name] if velocity is not None else 0.0)
+        velocities[name] = np.where(keep, 0.0, v)
+        new[name] = prev + lr * velocities[name]
+    return new, velocities
+
+
+def flat_models(models: Params) -> np.ndarray:
+    """(k, P): each of the k stacked models as one float64 row, in the parameters' order."""
+    k = len(next(iter(models.values())))
+    return np.concatenate([np.asarray(v, np.float64).reshape(k, -1) for v in models.values()], axis=1)
+
+
+def unflatten(rows: np.ndarray, reference: Params) -> Params:
+    """(k, P) flattened models -> named arrays stacked on the model axis, as ``reference``."""
+    out, offset = {}, 0
+    for name, ref in reference.items():
+        shape = ref.shape[1:]
+        size = int(np.prod(shape))
+        out[name] = rows[:, offset:offset + size].reshape(len(rows), *shape)
+        offset += size
+    return out
 
 
 # ---- k-means++ with restarts (used on anchor estimates in Phase 1) -------------------------

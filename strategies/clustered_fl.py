@@ -4,7 +4,8 @@ One class, configured three ways (see ``strategies.build_strategy``):
 - the clustered mixed-regression algorithm (Su, Xu, Yang 2022): Phase 1 (a ``CoarseInit``)
   runs inside the first ``configure_train``, replacing the models handed in; then every round
   each client picks its min-loss model and refines it with FedAvg steps or FedProx;
-- IFCA (Ghosh et al. 2020): the same rounds from the models handed in, without Phase 1;
+- IFCA (Ghosh et al. 2020): the same rounds from the models handed in, without Phase 1
+  (``update = "official"``: the authors' divisor);
 - the oracle: every client uses its true cluster (synthetic data only).
 
 It works under Flower's own ``Strategy.start`` as well as under umbel's round engine, and
@@ -26,6 +27,8 @@ from proto.exact_sum import dd_add, dd_value
 from proto.wire import (
     CLUSTER,
     COARSE_ACTION,
+    NORMAL_MATRIX,
+    NORMAL_VECTOR,
     MalformedBatch,
     Params,
     decode_clustered_batch,
@@ -35,7 +38,9 @@ from proto.wire import (
     record_to_params,
 )
 from strategies.aggregation import merge_batches
-from strategies.clustered import aggregate_results, cluster_means
+from strategies.clustered import (
+    aggregate_results, cluster_least_squares, cluster_means, flat_models, official_means, server_step, unflatten,
+)
 from strategies.coarse_init import CoarseInit, CoarseInitError, CoarseResult, reduce_coarse
 from strategies.fedavg import decode_replies, unshared
 from strategies.result import ReportingStrategy, RoundResult
@@ -53,11 +58,22 @@ class ClusteredStrategy(ReportingStrategy):
         reply: str = "clients",
         timeout: float = 600.0,
         rule: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+        refine: str = "first-order",
+        ridge: float = 1e-6,
+        update: str = "mean",
+        server_lr: float = 1.0,
+        server_momentum: float = 0.0,
     ) -> None:
         """``rule``: each cluster's aggregation over its clients' flattened models and
         example counts (``strategies.aggregation``: median, trimmed mean, Krum, or yours);
-        None: the example-weighted mean (exact sums, any reply form)."""
-        self.rule = rule
+        None: the example-weighted mean (exact sums, any reply form).
+        ``refine``: ``first-order`` (clients train; the cluster's new model is the rule's,
+        or IFCA's official update with ``update = "official"``, then a server step of
+        ``server_lr`` with ``server_momentum``) or ``second-order`` (clients send normal
+        equations; each cluster's least squares, ``ridge`` towards its previous model)."""
+        self.rule, self.refine, self.ridge, self.update = rule, refine, ridge, update
+        self.server_lr, self.server_momentum = server_lr, server_momentum
+        self.velocity: Params | None = None  # the server step's momentum, per cluster model
         self.k, self.num_nodes, self.selection = k, num_nodes, selection
         self.coarse_init, self.proximal_mu, self.reply = coarse_init, proximal_mu, reply
         self.timeout = timeout
@@ -68,7 +84,17 @@ class ClusteredStrategy(ReportingStrategy):
     def summary(self) -> None:
         log(INFO, "\t├── k = %d, selection %s, replies as %s", self.k, self.selection, self.reply)
         log(INFO, "\t├── Phase 1: %s", self.coarse_init.name if self.coarse_init else "none")
-        log(INFO, "\t└── refinement: %s", f"FedProx mu={self.proximal_mu}" if self.proximal_mu else "FedAvg")
+        log(INFO, "\t└── refinement: %s", self.describe_refinement())
+
+    def describe_refinement(self) -> str:
+        if self.refine == "second-order":
+            return f"second-order (per-cluster least squares, ridge {self.ridge:g})"
+        local = f"FedProx mu={self.proximal_mu}" if self.proximal_mu else "FedAvg"
+        if self.update == "official":
+            local += " (IFCA's official update)"
+        if self.server_lr != 1.0 or self.server_momentum:
+            local += f", server step {self.server_lr:g} with momentum {self.server_momentum:g}"
+        return local
 
     # ---- messages -----------------------------------------------------------------------
 
@@ -133,6 +159,7 @@ class ClusteredStrategy(ReportingStrategy):
                 "selection": self.selection,
                 "reply": self.reply,
                 "proximal-mu": self.proximal_mu,
+                "refine": self.refine,
             }
         )
         content = RecordDict({"arrays": arrays, "config": cfg})
@@ -143,12 +170,13 @@ class ClusteredStrategy(ReportingStrategy):
         result = RoundResult(sent=self.sent, k_models=True, phase1_warnings=self.phase1_warnings)
         self.phase1_warnings = None
         models = record_to_params(self.sent)
+        expected = models if self.refine == "first-order" else normal_equations_shapes(models)
 
         def decode(content: RecordDict):
             conf = decode_confusion(content, None)
             if "sums" in content:
-                return decode_sums(content["sums"], models), None, conf
-            return None, decode_clustered_batch(content, models), conf
+                return decode_sums(content["sums"], expected), None, conf
+            return None, decode_clustered_batch(content, expected), conf
 
         decoded = decode_replies(replies, decode, result)
         result.telemetry.confusion = sum_confusion([d[2] for _, d in decoded], result)
@@ -160,9 +188,24 @@ class ClusteredStrategy(ReportingStrategy):
         result.clients, result.examples = int(total.clients.sum()), int(total.examples.sum())
         result.cluster_clients = total.clients.tolist()
         result.metrics = {"loss-before": float(dd_value(total.loss).sum() / total.examples.sum())}
-        new = cluster_means(total, models) if self.rule is None else per_cluster(merge_batches(batches), models, self.rule)
-        result.arrays = params_to_record(new)
+        result.arrays = params_to_record(self.new_models(total, batches, models))
         return result
+
+    def new_models(self, total, batches, models: Params) -> Params:
+        """The round's models from its sums (and, for a robust rule, its per-client batches)."""
+        if self.refine == "second-order":
+            return cluster_least_squares(total, models, self.ridge)
+        if self.rule is not None:
+            averaged = per_cluster(merge_batches(batches), models, self.rule)
+        elif self.update == "official":
+            averaged = official_means(total, models)
+        else:
+            averaged = cluster_means(total, models)
+        if self.server_lr == 1.0 and self.server_momentum == 0.0:
+            return averaged
+        new, self.velocity = server_step(models, averaged, self.velocity, self.server_lr, self.server_momentum,
+                                         total.examples == 0)
+        return new
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -216,8 +259,7 @@ def sum_confusion(parts: list[np.ndarray | None], result: RoundResult) -> np.nda
 def per_cluster(batch, previous: Params, rule: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Params:
     """Each cluster's new model by ``rule`` over the clients that chose it (flattened, in
     client-id order); an empty cluster keeps its model."""
-    rows = np.stack([np.concatenate([np.asarray(v[j], np.float64).ravel() for v in previous.values()])
-                     for j in range(len(next(iter(previous.values()))))])
+    rows = flat_models(previous)
     if batch is not None:
         choice = batch.metrics[CLUSTER].astype(np.int64)
         flat = np.concatenate([np.asarray(batch.params[n], np.float64).reshape(len(batch), -1)
@@ -229,12 +271,7 @@ def per_cluster(batch, previous: Params, rule: Callable[[np.ndarray, np.ndarray]
     return unflatten(rows, previous)
 
 
-def unflatten(rows: np.ndarray, reference: Params) -> Params:
-    """(k, P) flattened models -> named arrays stacked on the model axis, as ``reference``."""
-    out, offset = {}, 0
-    for name, ref in reference.items():
-        shape = ref.shape[1:]
-        size = int(np.prod(shape))
-        out[name] = rows[:, offset:offset + size].reshape(len(rows), *shape)
-        offset += size
-    return out
+def normal_equations_shapes(models: Params) -> Params:
+    """What a second-order reply carries per cluster: a P x P normal matrix and a P-vector."""
+    k, size = len(next(iter(models.values()))), sum(v[0].size for v in models.values())
+    return {NORMAL_MATRIX: np.zeros((k, size, size)), NORMAL_VECTOR: np.zeros((k, size))}

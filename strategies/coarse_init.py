@@ -39,8 +39,8 @@ import numpy as np
 
 from proto.exact_sum import dd_add, dd_value
 from proto.wire import (
-    ANCHOR_FIT, ANCHOR_TRAIN, CLIENT_ID, ESTIMATE, N, REDUCE_ROWS, REDUCE_SUM, SECOND_MOMENT, SECOND_MOMENT_PRODUCT, Y2, Y2XV, Y2XX,
-    Params,
+    ANCHOR_FIT, ANCHOR_TRAIN, CENTRE, CLIENT_ID, ESTIMATE, N, NORMAL_EQUATIONS, REDUCE_ROWS, REDUCE_SUM, SECOND_MOMENT,
+    SECOND_MOMENT_PRODUCT, XX, XY, Y2, Y2XV, Y2XX, Params,
 )
 from strategies.clustered import kmeans
 
@@ -57,6 +57,7 @@ class CoarseResult:
     basis: np.ndarray | None  # (d, k) subspace (None: Phase 1 without one)
     anchors: int
     warnings: list[str] = field(default_factory=list)
+    centre: np.ndarray | None = None  # the global least-squares fit (residual moments)
 
 
 class CoarseInit(ABC):
@@ -84,65 +85,96 @@ class CoarseInit(ABC):
 
 
 class MomentInit(CoarseInit):
-    """Linear models: a subspace from second moments, anchors' fits inside it, k-means++."""
+    """Linear models: a subspace from second moments, anchors' fits inside it, k-means++.
+
+    ``residual`` (default): the moments are of the residuals after a global least-squares
+    fit (one extra exchange: the summed normal equations). E[r^2 x x'] - E[r^2] I is then
+    2 sum_j p_j delta_j delta_j', delta_j = theta_j - the fit, of rank k - 1; the subspace is
+    the fit's direction plus its top k - 1 eigenvectors. This removes what every cluster
+    shares from the moment, whose sampling noise scales with E[y^2]: at d = 1000 with
+    100-point clients (IFCA's benchmark) the raw moment buries the clusters' directions in
+    that noise, the residual one keeps them above it (README, Phase 1).
+    """
 
     def __init__(
-        self, k: int, dim: int, seed: int, restarts: int = 10, anchors_only: bool = False
+        self, k: int, dim: int, seed: int, restarts: int = 10, anchors_only: bool = False,
+        residual: bool = True,
     ) -> None:
         super().__init__(k, dim, seed, restarts)
-        self.anchors_only = anchors_only
+        self.anchors_only, self.residual = anchors_only, residual
+        self.spectrum: np.ndarray | None = None  # the moment's top eigenvalues (for the warnings)
 
     @abstractmethod
-    def subspace(self, exchange: Exchange) -> np.ndarray:
-        """(d, k) orthonormal basis of the estimated span of the k models."""
+    def subspace(self, exchange: Exchange, centre: np.ndarray | None) -> np.ndarray:
+        """(d, k) orthonormal basis of the estimated span of the k models (with ``centre``:
+        its direction and the top k - 1 directions of the residual moment)."""
 
     def anchor_request(self, basis: np.ndarray) -> Params:
         return {"basis": basis}
 
     def estimate(self, exchange: Exchange) -> CoarseResult:
-        basis = self.subspace(exchange)
+        centre = self.global_fit(exchange) if self.residual else None
+        basis = self.subspace(exchange, centre)
         estimates = exchange(ANCHOR_FIT, self.anchor_request(basis), REDUCE_ROWS)[ESTIMATE]
         self._check_anchors(estimates)
         centres = kmeans(estimates, self.k, self.restarts, self.seed)
-        return CoarseResult(centres, basis, len(estimates), coverage_warnings(estimates, centres))
+        warnings = coverage_warnings(estimates, centres, self.spectrum, self.k - 1 if self.residual else self.k)
+        return CoarseResult(centres, basis, len(estimates), warnings, centre)
 
-    def _moment_matrix_request(self) -> Params:
-        """Whose second moments estimate the subspace: every client (default) or anchors."""
-        return {"anchors-only": np.array(int(self.anchors_only))}
+    def global_fit(self, exchange: Exchange) -> np.ndarray:
+        """One least-squares model over every client's data (from their summed normal
+        equations; a tiny ridge keeps it defined with fewer points than dimensions)."""
+        stats = exchange(NORMAL_EQUATIONS, self._moment_matrix_request(), REDUCE_SUM)
+        gram = stats[XX] / max(float(np.sum(stats[N])), 1.0)
+        ridge = 1e-9 * max(float(np.trace(gram)) / len(gram), np.finfo(float).tiny)
+        return np.linalg.solve(gram + ridge * np.eye(len(gram)), stats[XY] / max(float(np.sum(stats[N])), 1.0))
+
+    def _moment_matrix_request(self, centre: np.ndarray | None = None) -> Params:
+        """Whose second moments estimate the subspace: every client (default) or anchors;
+        of the residuals from ``centre`` when given."""
+        request = {"anchors-only": np.array(int(self.anchors_only))}
+        return request if centre is None else {**request, CENTRE: centre}
 
 
 class SubspaceKMeans(MomentInit):
     name = "subspace-kmeans"
-    steps = (SECOND_MOMENT, ANCHOR_FIT)
+    steps = (NORMAL_EQUATIONS, SECOND_MOMENT, ANCHOR_FIT)
 
-    def subspace(self, exchange: Exchange) -> np.ndarray:
-        stats = exchange(SECOND_MOMENT, self._moment_matrix_request(), REDUCE_SUM)
-        return top_subspace(stats[Y2XX], stats[Y2], stats[N], self.k)
+    def subspace(self, exchange: Exchange, centre: np.ndarray | None) -> np.ndarray:
+        stats = exchange(SECOND_MOMENT, self._moment_matrix_request(centre), REDUCE_SUM)
+        vectors, self.spectrum = top_subspace(stats[Y2XX], stats[Y2], stats[N], self.k, spectrum=True)
+        return vectors if centre is None else with_centre(centre, vectors[:, :self.k - 1])
 
 
 class MomentDescent(MomentInit):
     name = "moment-descent"
-    steps = (SECOND_MOMENT_PRODUCT, ANCHOR_FIT)
+    steps = (NORMAL_EQUATIONS, SECOND_MOMENT_PRODUCT, ANCHOR_FIT)
 
     def __init__(self, k: int, dim: int, seed: int, restarts: int = 10,
-                 anchors_only: bool = False, iterations: int = 50, descent_steps: int = 200):
-        super().__init__(k, dim, seed, restarts, anchors_only)
+                 anchors_only: bool = False, residual: bool = True, iterations: int = 50,
+                 descent_steps: int = 200):
+        super().__init__(k, dim, seed, restarts, anchors_only, residual)
         self.iterations, self.descent_steps = iterations, descent_steps
 
-    def subspace(self, exchange: Exchange) -> np.ndarray:
-        """Subspace iteration on the second-moment operator from a seeded random start."""
+    def subspace(self, exchange: Exchange, centre: np.ndarray | None) -> np.ndarray:
+        """Subspace iteration on the second-moment operator from a seeded random start
+        (clients send d x k products, never d x d matrices); with ``centre``, k - 1
+        directions of the residual moment beside the centre's."""
+        width = self.k if centre is None else self.k - 1
+        if width == 0:
+            return with_centre(centre, np.empty((self.dim, 0)))
         rng = np.random.default_rng(self.seed)
-        basis, _ = np.linalg.qr(rng.standard_normal((self.dim, self.k)))
+        basis, _ = np.linalg.qr(rng.standard_normal((self.dim, width)))
+        request = self._moment_matrix_request(centre)
         for _ in range(self.iterations):
-            stats = exchange(
-                SECOND_MOMENT_PRODUCT, {"basis": basis, **self._moment_matrix_request()}, REDUCE_SUM
-            )
+            stats = exchange(SECOND_MOMENT_PRODUCT, {"basis": basis, **request}, REDUCE_SUM)
             n = float(np.sum(stats[N]))  # scalars may travel as 1-element arrays
             new, _ = np.linalg.qr(stats[Y2XV] / n - (float(np.sum(stats[Y2])) / n) * basis)
             if subspace_distance(basis, new) < 1e-9:
-                return new
+                basis = new
+                break
             basis = new
-        return basis
+        return basis if centre is None else with_centre(centre, basis)
 
     def anchor_request(self, basis: np.ndarray) -> Params:
         return {"basis": basis, "descent-steps": np.array(self.descent_steps)}
@@ -198,13 +230,21 @@ def reduce_coarse(parts: list[dict[str, np.ndarray]], reduce: str) -> dict[str, 
     return out
 
 
-def top_subspace(y2xx: np.ndarray, y2: np.ndarray, n: np.ndarray, k: int) -> np.ndarray:
-    """Top-k eigenvectors of E[y^2 x x'] - E[y^2] I (whose span is that of the k models)."""
+def top_subspace(y2xx: np.ndarray, y2: np.ndarray, n: np.ndarray, k: int, spectrum: bool = False):
+    """Top-k eigenvectors of E[y^2 x x'] - E[y^2] I (whose span is that of the k models);
+    with ``spectrum``, also its top k + 1 eigenvalues."""
     d = y2xx.shape[0]
     n = float(np.sum(n))  # scalars may travel as 1-element arrays
     moment = y2xx / n - (float(np.sum(y2)) / n) * np.eye(d)
-    _, vectors = np.linalg.eigh((moment + moment.T) / 2)
-    return vectors[:, ::-1][:, :k]
+    values, vectors = np.linalg.eigh((moment + moment.T) / 2)
+    top = vectors[:, ::-1][:, :k]
+    return (top, values[::-1][:k + 1]) if spectrum else top
+
+
+def with_centre(centre: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """An orthonormal basis of the centre's direction and ``vectors`` (d x (m + 1))."""
+    basis, _ = np.linalg.qr(np.column_stack([centre, vectors]))
+    return basis
 
 
 def subspace_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -212,20 +252,37 @@ def subspace_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a @ a.T - b @ b.T, 2))
 
 
-def coverage_warnings(estimates: np.ndarray, centres: np.ndarray) -> list[str]:
+SIGNAL_GAP = 2.0  # the moment's last signal eigenvalue over the next: below this, noise
+
+
+def coverage_warnings(estimates: np.ndarray, centres: np.ndarray, spectrum: np.ndarray | None = None,
+                      signal: int | None = None) -> list[str]:
     """Warn when the anchors do not seem to cover k distinct clusters: two centres closer
     than twice the spread of the estimates around their centres, or than a quarter of the
-    typical centre distance (one true cluster split in two)."""
+    typical centre distance (one true cluster split in two). The advice follows the cause:
+    when the moment's ``signal``-th eigenvalue (of ``spectrum``, its top ones) does not stand
+    above the next, the subspace is noise and no anchor can help; otherwise the anchors are
+    too few to cover every cluster or too small to fit inside the subspace."""
     label = np.argmin(((estimates[:, None] - centres[None]) ** 2).sum(-1), axis=1)
     spread = np.sqrt(((estimates - centres[label]) ** 2).sum(-1)).max()
     gaps = [np.linalg.norm(a - b) for i, a in enumerate(centres) for b in centres[i + 1:]]
     warnings = []
     if gaps and (min(gaps) < 2 * spread or min(gaps) < np.median(gaps) / 4):
-        warnings.append(
-            f"anchor estimates do not separate into {len(centres)} groups (closest centres "
-            f"{min(gaps):.3g} apart, spread {spread:.3g}): anchors may not cover every cluster; "
-            "raise anchors.count or anchors.size"
-        )
+        found = (f"anchor estimates do not separate into {len(centres)} groups (closest centres "
+                 f"{min(gaps):.3g} apart, spread {spread:.3g})")
+        weak = spectrum is not None and signal and len(spectrum) > signal and \
+            not spectrum[signal - 1] > SIGNAL_GAP * max(spectrum[signal], 0.0)
+        if weak:
+            warnings.append(
+                f"{found}: the second moments do not lift the clusters' directions above sampling noise "
+                f"(eigenvalue {signal} is {spectrum[signal - 1]:.3g}, the next {spectrum[signal]:.3g}), so more or "
+                "larger anchors cannot help; what can: clustered.moments = \"residual\", moments from every client "
+                "(clustered.moments_from = \"all\"), more points per dimension, or fewer clusters")
+        else:
+            warnings.append(
+                f"{found}: the subspace is clear of noise, so the anchors are the limit: raise anchors.count "
+                "(random anchors miss a cluster often: with k clusters and m anchors about k(1 - 1/k)^m of "
+                "the time) or anchors.size (points per anchor, to fit inside the subspace)")
     if np.bincount(label, minlength=len(centres)).min() == 0:
         warnings.append("a k-means centre has no anchor: some cluster has no anchor estimate")
     return warnings

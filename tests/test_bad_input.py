@@ -129,7 +129,7 @@ def test_rounds_without_replies_keep_phase_1s_models_and_are_marked_empty():
 
     rows = Reference(load_scenario("deploy-tiny", ["federation.dropout=0.99"])).run("clustered-fedavg")
     phase1 = rows[0]["estimation_error"]
-    assert phase1 == pytest.approx(0.2328, abs=1e-4)  # the measurement
+    assert phase1 == pytest.approx(0.2140, abs=1e-4)  # residual moments (0.2328 on the raw ones)
     assert rows[0]["handed_in_estimation_error"] > 3 * phase1  # Phase 1 did replace the random start
     for row in rows[1:]:
         assert row["empty"] is True and row["clients"] == 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, ClassVar, Protocol
 
 import numpy as np
@@ -79,6 +80,7 @@ class TrainSettings:
     local_steps: int
     lr: float
     proximal_mu: float = 0.0
+    step_cap: float = 0.5  # each client's step <= step_cap / its loss's largest curvature; 0: none
     server_round: int = 0  # seeds per-round randomness of local training (e.g. minibatch order)
     variant: str = ""  # the arm's variant ("" when the workload has none, and in Phase 1)
 
@@ -94,7 +96,8 @@ class Workload(ABC):
 
     ``__init__(scenario)`` receives the client view of the scenario (``run``, ``federation``,
     ``anchors`` and the workload's own table) and calls ``super().__init__(scenario)``, which
-    keeps ``federation``, ``seed``, ``num_clients`` and ``anchor_count``.
+    keeps ``federation``, ``seed``, ``num_clients``, ``anchor_ids`` (sorted; ``anchor_count``
+    of them) and ``data_folder`` (the scenario's ``data.folder``, or None: generated data).
 
     Everything else the platform reads is here with a default, or in one of the opt-in
     capabilities below (``Stateful``, ``KnownClusters``, ``CoarseStatistics``,
@@ -124,7 +127,11 @@ class Workload(ABC):
         fed = scenario["federation"]
         self.federation = dict(fed)
         self.seed, self.num_clients = int(fed["seed"]), int(fed["clients"])
-        self.anchor_count = int(scenario.get("anchors", {}).get("count", 0))
+        self.anchor_ids = anchor_ids(scenario.get("anchors", {}), self.num_clients, self.seed)
+        self.anchor_count = len(self.anchor_ids)
+        data = scenario.get("data", {})
+        self.data_folder = Path(data["folder"]).expanduser() if data.get("folder") else None
+        self.truth_file = self.data_folder / data["truth"] if self.data_folder and data.get("truth") else None
 
     # ---- scenario-level hooks (class methods: no instance needed) ------------------------
 
@@ -206,8 +213,9 @@ class Workload(ABC):
     # ---- Phase 1 of the clustered strategy: anchors train from a common start --------------
 
     def is_anchor(self, client_ids: np.ndarray) -> np.ndarray:
-        """Anchor clients are ids ``0 .. anchors.count - 1``."""
-        return np.asarray(client_ids) < self.anchor_count
+        """Whether each client is an anchor (``anchors.ids``, or ``anchors.count`` of the
+        first ids or of a seeded random draw)."""
+        return np.isin(np.asarray(client_ids), self.anchor_ids)
 
     def anchor_models(self, request: Params, data: CohortData) -> dict[str, np.ndarray]:
         """Phase 1 for any trainable model (the ``anchor-train`` step): each anchor trains
@@ -302,6 +310,10 @@ class CoarseStatistics(ABC):
         decides whether they are summed over clients or sent as rows (anchors). Raw data
         never leave the client."""
 
+    def coarse_chunk(self) -> int:
+        """Clients per pass of a statistic (fewer when per-client statistics are large)."""
+        return 2048
+
 
 class TrainsOnUploads(ABC):
     """Server-side training on what clients upload (``data-union``): clients send small
@@ -343,6 +355,16 @@ class SimulatedAttacks(ABC):
         """The server-side workload receives the round's probes before its central metrics."""
 
 
+class NormalEquations(ABC):
+    """Second-order refinement: a client's mean loss is a quadratic of the flattened model,
+    ``w'A w - 2 b'w + c``, and the client sends (A, b) (for least squares: X'X/n and X'y/n).
+    The server adds them per cluster and solves each cluster's least squares."""
+
+    @abstractmethod
+    def normal_equations(self, data: CohortData) -> tuple[np.ndarray, np.ndarray]:
+        """((B, P, P), (B, P)): each client's per-example normal matrix and vector."""
+
+
 class DeviceFiles(ABC):
     """Deployment: one client's data in one file (``umbel data export`` writes them, a
     SuperNode's ``data-path`` names them; see ``workloads.device_files``). Device files
@@ -361,11 +383,23 @@ class DeviceFiles(ABC):
 
 
 CAPABILITIES: tuple[type, ...] = (
-    Stateful, KnownClusters, CoarseStatistics, TrainsOnUploads, SimulatedAttacks, DeviceFiles,
+    Stateful, KnownClusters, CoarseStatistics, TrainsOnUploads, SimulatedAttacks, DeviceFiles, NormalEquations,
 )
 CAPABILITY_ATTRIBUTES = {  # declared values a capability needs besides its methods
     CoarseStatistics: ("coarse_steps",), TrainsOnUploads: ("upload_classes",), DeviceFiles: ("device_format",),
 }
+
+
+def anchor_ids(anchors: dict[str, Any], clients: int, seed: int) -> np.ndarray:
+    """The anchor clients' ids, sorted: ``anchors.ids`` when given, else ``anchors.count`` ids,
+    the first ones (``choice = "first"``) or drawn without replacement from the seed."""
+    if anchors.get("ids"):
+        return np.sort(np.asarray(anchors["ids"], dtype=np.int64))
+    count = int(anchors.get("count", 0))
+    if anchors.get("choice", "first") == "random":
+        rng = np.random.default_rng(np.random.SeedSequence([seed, streams.ANCHORS]))
+        return np.sort(rng.choice(clients, size=min(count, clients), replace=False).astype(np.int64))
+    return np.arange(count, dtype=np.int64)
 
 
 class WorkloadContractError(TypeError):

@@ -100,3 +100,29 @@ def distinct_ids(files: list[Path], ids: list[int]) -> None:
         if cid in seen:
             raise DeviceDataError(f"{path}: client_id {cid} is also in {seen[cid]}")
         seen[cid] = path
+
+
+_folders: dict[tuple[str, str], dict[int, Path]] = {}
+
+
+def folder_index(folder: Path, num_clients: int, exclude: Path | None = None) -> dict[int, Path]:
+    """``data.folder``'s client files by client id (read once per process): every id
+    ``0 .. num_clients - 1`` exactly once, else a ``DeviceDataError`` naming the gap."""
+    key = (str(folder), str(exclude))
+    if key not in _folders:
+        paths = sorted(p for p in Path(folder).glob("*.npz") if p != exclude)
+        ids = [client_id(p, read_npz(p, {"client_id": 0}), num_clients) for p in paths]
+        distinct_ids(paths, ids)
+        index = dict(zip(ids, paths))
+        missing = sorted(set(range(num_clients)) - set(index))
+        if missing:
+            raise DeviceDataError(f"{folder}: no file holds client {missing[0]} ({len(missing)} of "
+                                  f"{num_clients} clients missing); expected one file per client id")
+        _folders[key] = index
+    return _folders[key]
+
+
+def folder_cohort(workload, client_ids: np.ndarray):
+    """A cohort read from the scenario's data folder, as a device reads its files."""
+    index = folder_index(workload.data_folder, workload.num_clients, workload.truth_file)
+    return workload.read_device_files([index[int(i)] for i in client_ids])

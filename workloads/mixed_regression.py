@@ -3,8 +3,13 @@
 Client i belongs to one of k clusters z_i and holds n_i points
 ``y = <x, theta*_{z_i}> + noise`` with ``x ~ N(0, I_d)`` and noise ``N(0, sigma^2)``.
 The k true models sit on a sphere, scaled so that their minimum pairwise distance equals
-``separation``. Anchor clients (ids ``0..anchors.count-1``) hold ``anchors.size`` points and
+``separation``. Anchor clients (``Workload.anchor_ids``) hold ``anchors.size`` points and
 cover the clusters round-robin.
+
+With ``data.folder`` the clients' data are the folder's files instead (the device format),
+and the truth is the folder's ``data.truth`` file, when there is one: ``models`` (k, dim)
+and optionally ``labels`` (clients,). Without it no truth-based metric is computed, and the
+run's key metric is the clients' mean squared error.
 
 Everything is vectorised over a cohort: the points of all its clients are concatenated and
 per-client sums use ``np.add.reduceat``, whose per-segment sums are sequential. Per-client
@@ -23,13 +28,17 @@ from typing import Any, Iterator
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from proto.wire import ANCHOR_FIT, CLIENT_ID, ESTIMATE, N, SECOND_MOMENT, SECOND_MOMENT_PRODUCT, Y2, Y2XV, Y2XX
+from proto.wire import (
+    ANCHOR_FIT, CENTRE, CLIENT_ID, ESTIMATE, N, NORMAL_EQUATIONS, SECOND_MOMENT, SECOND_MOMENT_PRODUCT, XX, XY, Y2,
+    Y2XV, Y2XX,
+)
 from workloads.base import (
     CoarseStatistics,
     CohortData,
     ConfigField,
     DeviceFiles,
     KnownClusters,
+    NormalEquations,
     Params,
     TrainSettings,
     Workload,
@@ -38,17 +47,19 @@ from workloads.base import (
     positive,
     size_bucket,
 )
-from workloads.device_files import DeviceDataError, by_client, check_shape, client_id, optional_cluster, read_npz
-from workloads.federation import BLOCK, STREAM_TRUTH, block_rng, draw_sizes, mean_size
+from workloads.device_files import (
+    DeviceDataError, by_client, check_shape, client_id, folder_cohort, optional_cluster, read_npz,
+)
+from workloads.federation import BLOCK, STREAM_TRUTH, block_rng, draw_sizes, mean_size, num_nodes
 
 # Fixed costs, calibrated on benchmarks/scale.py (PSS of all processes: 0.85 GiB at 10^4
 # clients, where the data are negligible, and 2.30 GiB at 10^6).
 RAY_WORKER_BYTES = 250e6  # a Ray worker with numpy and flwr imported
 DRIVER_BYTES = 400e6  # the driver: Ray's head processes, Flower's engine, the server
 
-# Local GD step cap for tiny clients: eta_i = min(eta, STEP_CAP / lambda_max(X_i'X_i / n_i)).
-# The Hessian of the mean squared loss is 2 X'X/n, so this keeps every step contractive.
-STEP_CAP = 0.5
+# Local GD steps are capped per client (``train.step_cap``, default 0.5):
+# eta_i = min(eta, step_cap / lambda_max(X_i'X_i / n_i)). The Hessian of the mean squared loss
+# is 2 X'X/n, so a cap below 1 keeps every local step contractive.
 
 
 BLOCKS_KEPT = 2  # generation blocks kept in memory (neighbouring cohorts share one)
@@ -131,7 +142,7 @@ def client_products(a: np.ndarray, b: np.ndarray, starts: np.ndarray, num_exampl
     return out
 
 
-class MixedRegression(Workload, KnownClusters, CoarseStatistics, DeviceFiles):
+class MixedRegression(Workload, KnownClusters, CoarseStatistics, DeviceFiles, NormalEquations):
     name = "mixed_regression"
     section = "mixed_regression"
     key_metric = "estimation_error"
@@ -220,9 +231,34 @@ class MixedRegression(Workload, KnownClusters, CoarseStatistics, DeviceFiles):
         weights = mr["cluster_weights"] or [1.0] * self.k
         self.cluster_weights = np.asarray(weights, dtype=float) / float(np.sum(weights))
         self.anchor_size = int(anchors["size"])
-        self.true_models = true_models(self.seed, self.k, self.dim, self.separation)
         self._blocks: dict[int, LinearCohort] = {}
         self._oracle: dict[str, Any] | None = None
+        self._truth: dict[str, np.ndarray | None] | None = None  # a folder's truth file, read when first needed
+        if self.data_folder is not None and self.truth_file is None:
+            self.key_metric = self.loss_name  # nothing to score against: the clients' loss is the key metric
+
+    @cached_property
+    def true_models(self) -> np.ndarray | None:
+        """(k, dim): generated, or a data folder's truth file (read on first use, so a device,
+        which has none, never reads it); None for a data folder without a truth file."""
+        if self.data_folder is None:
+            return true_models(self.seed, self.k, self.dim, self.separation)
+        return None if self.truth_file is None else self.folder_truth()["models"]
+
+    def folder_truth(self) -> dict[str, np.ndarray | None]:
+        """``data.truth``: ``models`` (k, dim) and optional ``labels`` (clients,) in [0, k)."""
+        if self._truth is None:
+            path = self.truth_file
+            f = read_npz(path, {"models": 2})
+            check_shape(path, "models", f["models"], (self.k, self.dim))
+            labels = f.get("labels")
+            if labels is not None:
+                check_shape(path, "labels", labels, (self.num_clients,))
+                if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= self.k:
+                    raise DeviceDataError(f"{path}: labels must be integers in [0, {self.k})")
+                labels = labels.astype(np.int64)
+            self._truth = {"models": f["models"].astype(np.float64), "labels": labels}
+        return self._truth
 
     # ---- data -------------------------------------------------------------------------
 
@@ -240,9 +276,9 @@ class MixedRegression(Workload, KnownClusters, CoarseStatistics, DeviceFiles):
             if self.single_point_fraction > 0:  # drawn only when asked: other data unchanged
                 sizes[rng.random(BLOCK) < self.single_point_fraction] = 1
             labels = rng.choice(self.k, size=BLOCK, p=self.cluster_weights)
-            is_anchor = ids < self.anchor_count
+            is_anchor = self.is_anchor(ids)
             sizes[is_anchor] = self.anchor_size
-            labels[is_anchor] = ids[is_anchor] % self.k
+            labels[is_anchor] = np.searchsorted(self.anchor_ids, ids[is_anchor]) % self.k  # round-robin
             x = rng.standard_normal((int(sizes.sum()), self.dim))
             noise = self.noise * rng.standard_normal(len(x))
             y = np.einsum("pd,pd->p", x, self.true_models[np.repeat(labels, sizes)]) + noise
@@ -316,6 +352,12 @@ class MixedRegression(Workload, KnownClusters, CoarseStatistics, DeviceFiles):
                 f"client ids must lie in [0, {self.num_clients}); got "
                 f"[{client_ids.min()}, {client_ids.max()}]"
             )
+        if self.data_folder is not None:  # the user's files; their labels from the truth file, if any
+            data = folder_cohort(self, client_ids)
+            if self.truth_file is not None and data.labels is None:
+                labels = self.folder_truth()["labels"]
+                data.labels = None if labels is None else labels[data.client_ids]
+            return data
         parts_x, parts_y, sizes, labels = [], [], [], []
         blocks = client_ids // BLOCK
         for b in np.unique(blocks):
@@ -344,9 +386,10 @@ class MixedRegression(Workload, KnownClusters, CoarseStatistics, DeviceFiles):
     def true_clusters(self, data: LinearCohort) -> np.ndarray | None:
         return data.labels
 
-    def true_parameters(self) -> Params:
-        """The k true models, stacked (for truth-started references and tests)."""
-        return {"w": self.true_models.copy()}
+    def true_parameters(self) -> Params | None:
+        """The k true models, stacked (for truth-started references and tests); None for a
+        data folder without a truth file."""
+        return None if self.true_models is None else {"w": self.true_models.copy()}
 
     memory_fields = ("federation.clients", "federation.cohort_size", "mixed_regression.dim")
 
@@ -363,12 +406,19 @@ class MixedRegression(Workload, KnownClusters, CoarseStatistics, DeviceFiles):
         k = scenario[cls.section]["clusters"]
         data = points * (d + 2) * 8 + 2 * k * d * d * 8  # the server's label oracle: k Gram matrices
         working = cohort_points * (d + 4) * 8 * 2 + fed["cohort_size"] * (d + 8) * 8 * 4
+        per_pass = min(fed["cohort_size"], max(1, 2**28 // (8 * d * d)))  # clients per pass (coarse_chunk)
         if any(s.startswith("clustered-") for s in scenario["run"]["strategies"]) and \
                 scenario["clustered"]["phase1"] != "anchor-models":
-            # Phase 1's second moments: two dense d x d statistics per worker, their sum and
-            # the server's copies (the (2, d, d) arrays a cohort replies with)
-            working += 2 * d * d * 8
+            # Phase 1's d x d statistics: a pass of clients' per-client matrices and their
+            # double-double sum per worker; the server's copies of the cohorts' sums
+            working += (per_pass + 2) * d * d * 8
             data += 3 * 2 * d * d * 8
+        if scenario["clustered"]["refine"] == "second-order" or any(
+                t.get("refine") == "second-order" for t in scenario.get("strategy", {}).values()):
+            # second-order replies: a pass of per-client d x d normal matrices, k double-double
+            # sums per worker, and the server's copies of every cohort's
+            working += (per_pass + 2 * k) * d * d * 8
+            data += 2 * k * d * d * 8 * min(num_nodes(fed["clients"], fed["cohort_size"]), 64)
         return data + actors * (working + RAY_WORKER_BYTES) + DRIVER_BYTES
 
     @property
@@ -401,7 +451,8 @@ class MixedRegression(Workload, KnownClusters, CoarseStatistics, DeviceFiles):
                 rhs = 2.0 * moment / data.num_examples[c0:c1, None] + mu * w[c0:c1]
                 w[c0:c1] = np.linalg.solve(2.0 * data.gram(c0, c1) + mu * eye, rhs[..., None])[..., 0]
             return {"w": w}
-        step = np.minimum(settings.lr, STEP_CAP / data.lambda_max)
+        step = np.full(len(data.client_ids), settings.lr) if settings.step_cap == 0 else \
+            np.minimum(settings.lr, settings.step_cap / data.lambda_max)
         for c0, c1, p0, p1 in data.chunks():
             x, y, owner = data.x[p0:p1], data.y[p0:p1], data.owner(c0, c1)
             starts, n = data.starts[c0:c1] - p0, data.num_examples[c0:c1, None]
@@ -411,15 +462,30 @@ class MixedRegression(Workload, KnownClusters, CoarseStatistics, DeviceFiles):
                 wc -= step[c0:c1, None] * (2.0 * np.add.reduceat(x * residual[:, None], starts, axis=0) / n)
         return {"w": w}
 
+    def normal_equations(self, data: CohortData) -> tuple[np.ndarray, np.ndarray]:
+        """Each client's X'X/n (B, d, d) and X'y/n (B, d): its mean squared error is
+        w'(X'X/n)w - 2(X'y/n)'w + y'y/n."""
+        assert isinstance(data, LinearCohort)
+        n = data.num_examples.astype(np.float64)
+        gram = client_products(data.x, data.x, data.starts, data.num_examples) / n[:, None, None]
+        return gram, np.add.reduceat(data.x * data.y[:, None], data.starts, axis=0) / n[:, None]
+
     # ---- Phase 1 statistics (anchors send statistics, never raw data) ----------------------
 
-    coarse_steps = (SECOND_MOMENT, SECOND_MOMENT_PRODUCT, ANCHOR_FIT)
+    coarse_steps = (NORMAL_EQUATIONS, SECOND_MOMENT, SECOND_MOMENT_PRODUCT, ANCHOR_FIT)
+
+    def coarse_chunk(self) -> int:
+        """Clients per pass: their d x d statistics stay under about 256 MB."""
+        return max(1, min(2048, 2**28 // (8 * self.dim * self.dim)))
 
     def coarse_statistics(self, step: str, request: Params, data: CohortData) -> dict[str, np.ndarray]:
         """Steps of the coarse estimate:
 
+        - ``normal-equations``: per client X'X (d x d), X'y and n (to sum: a global least
+          squares fit);
         - ``second-moment``: per client sum of y^2 x x' (d x d) and of y^2, and n (to sum);
         - ``second-moment-product``: the same moment times a basis V (d x k): y^2 x (x'V);
+          with ``request["centre"]`` (a model) both use the residual y - <x, centre> for y;
         - ``anchor-fit``: each anchor's least squares inside the subspace U (d x k), returned
           as U beta (a row per anchor). ``request["descent-steps"] > 0`` reaches it by that many
           gradient steps on the anchor's second moment of residuals from beta = 0 instead
@@ -427,13 +493,19 @@ class MixedRegression(Workload, KnownClusters, CoarseStatistics, DeviceFiles):
         Requests may restrict the moments to anchors (``request["anchors-only"] = 1``).
         """
         assert isinstance(data, LinearCohort)
-        is_anchor = data.client_ids < self.anchor_count
+        is_anchor = self.is_anchor(data.client_ids)
+        if step in (NORMAL_EQUATIONS, SECOND_MOMENT, SECOND_MOMENT_PRODUCT) and _scalar(request, "anchors-only"):
+            data = self.subset(data, np.flatnonzero(is_anchor))  # only the anchors' moments: drop the rest first
+        if step == NORMAL_EQUATIONS:
+            return {XX: client_products(data.x, data.x, data.starts, data.num_examples),
+                    XY: np.add.reduceat(data.x * data.y[:, None], data.starts, axis=0),
+                    N: data.num_examples.astype(np.float64), CLIENT_ID: data.client_ids}
         if step in (SECOND_MOMENT, SECOND_MOMENT_PRODUCT):
-            if _scalar(request, "anchors-only"):  # only the anchors' moments: drop the rest first
-                data = self.subset(data, np.flatnonzero(is_anchor))
-            y2 = data.y**2
+            y = data.y if CENTRE not in request else \
+                data.y - np.einsum("pd,d->p", data.x, np.asarray(request[CENTRE], np.float64))  # row by row
+            y2 = y**2
             out = {Y2: np.add.reduceat(y2, data.starts), N: data.num_examples.astype(np.float64)}
-            z = data.x * np.abs(data.y)[:, None]  # y^2 x x' = z z'
+            z = data.x * np.abs(y)[:, None]  # y^2 x x' = z z'
             other = z if step == SECOND_MOMENT else z @ request["basis"]  # (P, d) or (P, k)
             name = Y2XX if step == SECOND_MOMENT else Y2XV
             out[name] = client_products(z, other, data.starts, data.num_examples)
@@ -464,9 +536,17 @@ class MixedRegression(Workload, KnownClusters, CoarseStatistics, DeviceFiles):
     def central_metrics(
         self, models: Params, confusion: np.ndarray | None = None
     ) -> dict[str, float]:
+        """Distances to the true models (none without a truth): ``estimation_error`` (the
+        worst matched model), ``nearest_error`` (IFCA's: the mean over the learned models of
+        the distance to the nearest true one), the label oracle's error, misclustering."""
+        if self.true_models is None:
+            return {}
         estimates = models["w"].reshape(-1, self.dim)
         error, match = best_matching(estimates, self.true_models)
-        out = {"estimation_error": error, "oracle_error": self.oracle()["error"]}
+        out = {"estimation_error": error, "nearest_error": nearest_error(estimates, self.true_models)}
+        oracle = self.oracle()
+        if oracle is not None:
+            out["oracle_error"] = oracle["error"]
         if confusion is not None and len(estimates) == self.k and confusion.sum() > 0:
             # confusion[j, l, b]: clients of true cluster l and size bucket b that chose j
             total = confusion.sum(axis=(0, 1))
@@ -476,10 +556,13 @@ class MixedRegression(Workload, KnownClusters, CoarseStatistics, DeviceFiles):
                 out[f"misclustering_{name}"] = float(w / t) if t else None
         return out
 
-    def oracle(self) -> dict[str, Any]:
+    def oracle(self) -> dict[str, Any] | None:
         """The label oracle (per-cluster least squares with the true labels, over all clients)
         and the argmin rule evaluated at the true models (the Bayes-like misclustering per
-        size bucket). One pass over the federation's data, cached."""
+        size bucket). One pass over the federation's data, cached; None when the clients'
+        true clusters are unknown (a data folder whose truth file has no labels)."""
+        if self.data_folder is not None and (self.truth_file is None or self.folder_truth()["labels"] is None):
+            return None
         if self._oracle is None:
             gram = np.zeros((self.k, self.dim, self.dim))
             moment = np.zeros((self.k, self.dim))
@@ -555,6 +638,13 @@ def best_matching(estimates: np.ndarray, truth: np.ndarray) -> tuple[float, np.n
             match[rows] = cols
             return float(threshold), match
     raise AssertionError("unreachable: the largest distance always admits a matching")
+
+
+def nearest_error(estimates: np.ndarray, truth: np.ndarray) -> float:
+    """IFCA's accuracy measure: the mean over the estimates of the distance to the nearest
+    true model (Ghosh et al. 2020, synthetic experiments)."""
+    dist = np.linalg.norm(estimates[:, None, :] - truth[None, :, :], axis=2)
+    return float(dist.min(axis=1).mean())
 
 
 def estimation_error(estimates: np.ndarray, truth: np.ndarray) -> float:

@@ -72,13 +72,18 @@ IQA_SPLIT = 82  # who holds which training patches
 IQA_INIT = 83  # the network's initialisation (IFCA's draws too)
 IQA_TRAIN = 84  # minibatch order and flips of local training
 
-
-def all_tags() -> dict[str, int]:
-    """Name -> tag of every stream (a test checks that no two share a value)."""
-    return {n: v for n, v in globals().items() if n.isupper() and isinstance(v, int)}
 # compressed-video quality, SSTAM (workloads.sstam)
 SSTAM_CONTENT = 91  # each content's scene: photo window, motion, shapes, grain
 SSTAM_CLIPS = 92  # which clips of the detector-training set train the temporal model, and its batches
 SSTAM_TEMPORAL_INIT = 93  # the temporal attention model's initialisation
 SSTAM_INIT = 94  # the quality regressor's initialisation (IFCA's draws too)
 SSTAM_TRAIN = 95  # minibatch order of local training
+
+# the platform, continued
+ANCHORS = 101  # anchors.choice = "random": which clients are anchors
+BERNOULLI_INIT = 102  # clustered.init = "bernoulli": IFCA's starting models
+
+
+def all_tags() -> dict[str, int]:
+    """Name -> tag of every stream (a test checks that no two share a value)."""
+    return {n: v for n, v in globals().items() if n.isupper() and isinstance(v, int)}
