@@ -1,9 +1,10 @@
 """IFCA's synthetic benchmark (Ghosh et al. 2020), run through umbel on a folder of client files.
 
-The generator follows the paper's rules: m machines in p clusters of m/p, n points each,
-x ~ N(0, I_d), y = <x, theta_j> + N(0, sigma^2), theta_j = r * Bernoulli(1/2)^d; success is
-IFCA's measure, the mean over the learned models of the distance to the nearest true model,
-below 0.6 sigma + 0.001. Defaults: m=200, p=4, n=100, d=1000, sigma=0.1, 300 rounds.
+The generator (``simulations.ifca_synthetic``) follows the paper's rules: m machines in p
+clusters of m/p, n points each, x ~ N(0, I_d), y = <x, theta_j> + N(0, sigma^2),
+theta_j = r * Bernoulli(1/2)^d; success is IFCA's measure, the mean over the learned models
+of the distance to the nearest true model, below 0.6 sigma + 0.001. Defaults: m=200, p=4,
+n=100, d=1000, sigma=0.1, 300 rounds.
 
 Each data seed is written as a data folder (one ``.npz`` per machine in the device format,
 plus ``truth.npz``) and run as a user's own data would be (``data.folder``), through the
@@ -14,7 +15,8 @@ Arms:
   moments, one local gradient step at lr 0.4, no step cap), every machine an anchor;
 - ``clustered-second-order``: the same Phase 1, then each cluster's least squares;
 - ``ifca-official``: IFCA as published (``update = "official"``: the summed gradient over all
-  m machines; Bernoulli starts of scale r; lr 1.0 as given, no cap), single start;
+  m machines divided by m; Bernoulli(1/2) starts, unscaled, as in the authors' code; lr 1.0,
+  no cap), single start;
 - ``ifca-best-of-R``: the same with R restarts, the one of lowest final training loss kept.
 
 Second-order rounds cost a d x d matrix per machine; once a round leaves the models exactly
@@ -22,8 +24,9 @@ as they were (a fixed point of a deterministic map with full participation), eve
 round does too, so that arm runs until its models repeat and its last row stands for round
 300 (the JSON says at which round it stopped).
 
-Usage: python benchmarks/ifca_synthetic.py [--seeds 20] [--r 0.5 0.75] [--restarts 10]
-Writes ``ifca_synthetic.json`` and prints a Markdown table.
+Usage: python benchmarks/ifca_synthetic.py [--seeds 20] [--r 0.5 0.75] [--restarts 5 --restart-seeds 6]
+Writes ``ifca_synthetic_r<r>.json`` and prints a Markdown table (``--table``: of every such file
+in ``--out``, e.g. after one process per r).
 """
 
 from __future__ import annotations
@@ -44,31 +47,16 @@ from scipy.stats import beta  # noqa: E402
 
 from server.app import initial_models  # noqa: E402
 from simulations.reference import Reference  # noqa: E402
+from simulations.ifca_synthetic import TRUTH_FILE, success_line, write_ifca_folder  # noqa: E402
 from simulations.scenarios import load_scenario  # noqa: E402
 
 OFFICIAL = {0.5: 0.075, 0.75: 0.56}  # the official code's single-start success rates (the issue)
 
 
-def write_ifca_folder(folder: Path, seed: int, r: float, m: int = 200, p: int = 4, n: int = 100, d: int = 1000,
-                      sigma: float = 0.1) -> np.ndarray:
-    """IFCA's synthetic data as a data folder; returns the true models (p, d)."""
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 7919]))
-    models = r * rng.integers(0, 2, size=(p, d)).astype(np.float64)
-    labels = np.repeat(np.arange(p), m // p)
-    folder.mkdir(parents=True, exist_ok=True)
-    width = len(str(m - 1))
-    for i in range(m):
-        x = rng.standard_normal((n, d))
-        y = x @ models[labels[i]] + sigma * rng.standard_normal(n)
-        np.savez(folder / f"client-{i:0{width}d}.npz", client_id=np.int64(i), x=x, y=y)
-    np.savez(folder / "truth.npz", models=models, labels=labels.astype(np.int64))
-    return models
-
-
 def scenario(folder: Path, rounds: int, m: int, p: int, d: int, sigma: float, extra: list[str]) -> dict:
     return load_scenario("default", [
         f"run.rounds={rounds}", f"federation.clients={m}", "federation.cohort_size=25",
-        f"data.folder='{folder}'", "data.truth='truth.npz'", f"mixed_regression.dim={d}",
+        f"data.folder='{folder}'", f"data.truth='{TRUTH_FILE}'", f"mixed_regression.dim={d}",
         f"mixed_regression.clusters={p}", f"mixed_regression.noise={sigma}", "anchors.count=0",
         f"anchors.ids={list(range(m))}", "run.strategies=['clustered-fedavg', 'clustered-second-order', 'ifca']",
         *extra])
@@ -79,7 +67,7 @@ def success_round(rows: list[dict], line: float) -> int | None:
 
 
 def run_seed(seed: int, r: float, args) -> dict:
-    line = 0.6 * args.sigma + 0.001
+    line = success_line(args.sigma)
     out: dict = {"seed": seed, "r": r}
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         folder = Path(tmp) / "data"
@@ -97,18 +85,20 @@ def run_seed(seed: int, r: float, args) -> dict:
         # the last rounds' metrics repeat bit for bit: the models stopped moving
         out["clustered-second-order"]["stationary"] = len({(row["nearest_error"], row["estimation_error"])
                                                            for row in rows[-3:]}) == 1
+        restarts = args.restarts if seed < args.restart_seeds else 1
         official = Reference(scenario(folder, args.rounds, args.m, args.p, args.d, args.sigma, [
-            "strategy.ifca.update='official'", "strategy.ifca.init='bernoulli'", f"strategy.ifca.init_scale={r}",
-            "strategy.ifca.lr=1.0", "strategy.ifca.step_cap=0.0"]))
+            "strategy.ifca.update='official'", "strategy.ifca.init='bernoulli'", "strategy.ifca.lr=1.0",
+            "strategy.ifca.step_cap=0.0"]))
         wl = official.workload
         runs = []
-        for restart in range(args.restarts):
-            start = initial_models(wl, "bernoulli", 1000 * seed + restart, r)
+        for restart in range(restarts):
+            start = initial_models(wl, "bernoulli", 1000 * seed + restart)  # the authors' starts: scale 1 for any r
             t = time.perf_counter()
             rows = official.run("ifca", start=start, keep_models=False)
             runs.append(arm_result(rows, line, time.perf_counter() - t))
         out["ifca-official"] = runs[0]
-        out["ifca-best-of-R"] = min(runs, key=lambda run: run["final_loss"])
+        if restarts > 1:  # the restart of lowest final training loss, as the IFCA paper picks
+            out["ifca-best-of-R"] = {**min(runs, key=lambda run: run["final_loss"]), "restarts": restarts}
     return out
 
 
@@ -136,12 +126,19 @@ def main() -> None:
     parser.add_argument("--d", type=int, default=1000)
     parser.add_argument("--sigma", type=float, default=0.1)
     parser.add_argument("--rounds", type=int, default=300)
-    parser.add_argument("--second-order-rounds", type=int, default=12)
-    parser.add_argument("--restarts", type=int, default=10, help="R of IFCA's best-of-R")
+    parser.add_argument("--second-order-rounds", type=int, default=5)
+    parser.add_argument("--restarts", type=int, default=5, help="R of IFCA's best-of-R")
+    parser.add_argument("--restart-seeds", type=int, default=6, help="best-of-R on the first this many data seeds")
+    parser.add_argument("--table", action="store_true", help="only print the table of the JSON files in --out")
     parser.add_argument("--tmp", default=None, help="where the data folders are written (default: the system's)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.table:
+        results = [res for path in sorted(args.out.glob("ifca_synthetic_r*.json"))
+                   for res in json.loads(path.read_text())["results"]]
+        print(table(results, sorted({res["r"] for res in results})))
+        return
     results = []
     for r in args.r:
         for seed in range(args.seeds):
@@ -151,8 +148,9 @@ def main() -> None:
                 f"{arm} {'ok' if res['success'] else 'FAIL'}@{res['success_round']}"
                 for arm, res in results[-1].items() if isinstance(res, dict)) + f" ({time.perf_counter() - t:.0f} s)",
                 flush=True)
-    (args.out / "ifca_synthetic.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                              "results": results}, indent=1))
+    name = "ifca_synthetic_r" + "_".join(f"{r:g}" for r in args.r) + ".json"
+    (args.out / name).write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                             "results": results}, indent=1))
     print(table(results, args.r))
 
 
@@ -161,8 +159,10 @@ def table(results: list[dict], rs: list[float]) -> str:
     lines = ["| r | arm | successes | median rounds to success (worst) | official rate | 95% interval of ours |",
              "|---|---|---|---|---|---|"]
     for r in rs:
-        rows = [res for res in results if res["r"] == r]
         for arm in arms:
+            rows = [res for res in results if res["r"] == r and arm in res]
+            if not rows:
+                continue
             ok = [res[arm] for res in rows if res[arm]["success"]]
             rounds = [a["success_round"] for a in ok]
             lo, hi = binomial_interval(len(ok), len(rows))

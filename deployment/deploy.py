@@ -38,6 +38,7 @@ from deployment import certs as certs_mod
 from server.flower_patches import FLOWER_HEARTBEAT_S, FLOWER_POLL_S
 from workloads import workload_class
 from workloads.base import DeviceFiles, KnownClusters
+from workloads.device_files import TRUTH_FILE
 from workloads.federation import cohort_slice, num_nodes
 
 CONNECTION = "umbel"  # the flwr CLI's name for this deployment's SuperLink
@@ -387,10 +388,12 @@ def stage_app(dest: Path, source: Path | None = None) -> Path:
 
 def run_config(scenario: dict[str, Any], out: Path, resume: Path | None = None) -> dict[str, str]:
     """Flower's run config of a run: the whole resolved scenario as TOML text (its run
-    record under ``out``, made absolute) and the run directory to resume ("" for none);
+    record under ``out``, made absolute; ``data.deployed`` set: the devices' files are the
+    data, so the server scores against ``data.truth`` only) and the run directory to resume ("" for none);
     the ServerApp reads both with ``server.run_config.scenario_from_run_config``."""
     scenario = copy.deepcopy(scenario)
     scenario["run"]["out"] = str(Path(out).resolve())
+    scenario.setdefault("data", {})["deployed"] = True  # truth-based metrics only from data.truth
     return {"scenario": tomli_w.dumps(_drop_none(scenario)),
             "resume": str(Path(resume).resolve()) if resume else ""}
 
@@ -442,22 +445,26 @@ def find_run_dir(out: Path, name: str, since: float, timeout: float = 120.0) -> 
 # ---- device data ------------------------------------------------------------------------
 
 
-def export_device_data(scenario: dict[str, Any], folder: str | Path, labels: bool = False) -> list[Path]:
+def export_device_data(scenario: dict[str, Any], folder: str | Path, labels: bool = False,
+                       truth: bool = False) -> list[Path]:
     """Each simulated client's data in its own file (``client-<id>.npz``, the workload's
     device format), plus the resolved scenario, so a deployment can run on the exact data
     of a simulation. Returns the client files.
 
     Device files carry no cluster labels, as on real devices. ``labels=True`` adds each
     client's true cluster (``cluster``, an int scalar) for workloads that know it
-    (``KnownClusters``): only to compare a deployment with the labelled case in tests."""
+    (``KnownClusters``): only to compare a deployment with the labelled case in tests.
+    ``truth=True`` writes ``truth.npz``: the true models (flattened, (k, P)) and every
+    client's cluster, the ``data.truth`` of this folder or of its deployment."""
     from server.run_config import client_view
 
     name = scenario["run"]["workload"]
     workload = workload_class(name)(client_view(scenario))
     if not isinstance(workload, DeviceFiles):
         raise DeployError(f"workload {name} has no device file format (workloads.base.DeviceFiles)")
-    if labels and not isinstance(workload, KnownClusters):
-        raise DeployError(f"--labels: workload {name} has no true clusters to write")
+    for flag, wanted in (("--labels", labels), ("--truth", truth)):
+        if wanted and not isinstance(workload, KnownClusters):
+            raise DeployError(f"{flag}: workload {name} has no true clusters to write")
     try:
         folder = writable_folder(folder)
     except NotWritable as err:
@@ -465,20 +472,28 @@ def export_device_data(scenario: dict[str, Any], folder: str | Path, labels: boo
     fed = scenario["federation"]
     parts = num_nodes(fed["clients"], fed["cohort_size"])
     width = len(str(fed["clients"] - 1))
-    files = []
+    files, every_cluster = [], []
     for pid in range(parts):
         data = workload.client_data(cohort_slice(pid, parts, workload.num_clients))
-        truth = {}
-        if labels:
-            clusters = workload.true_clusters(data)
-            if clusters is None:
-                raise DeployError(f"--labels: workload {name} does not know its clients' clusters")
-            truth = dict(zip(np.asarray(data.client_ids).tolist(), np.asarray(clusters).tolist()))
+        clusters = {}
+        if labels or truth:
+            known = workload.true_clusters(data)
+            if known is None:
+                raise DeployError(f"workload {name} does not know its clients' clusters")
+            clusters = dict(zip(np.asarray(data.client_ids).tolist(), np.asarray(known).tolist()))
+            every_cluster += list(clusters.values())
         for cid, arrays in workload.device_files(data):
             if labels:
-                arrays = {**arrays, "cluster": np.int64(truth[cid])}
+                arrays = {**arrays, "cluster": np.int64(clusters[cid])}
             path = folder / f"client-{cid:0{width}d}.npz"
             np.savez(path, **arrays)
             files.append(path)
+    if truth:
+        models = workload.true_parameters()
+        if models is None:
+            raise DeployError(f"--truth: workload {name} does not know its true models")
+        k = len(next(iter(models.values())))
+        flat = np.concatenate([np.asarray(v, np.float64).reshape(k, -1) for v in models.values()], axis=1)
+        np.savez(folder / TRUTH_FILE, models=flat, labels=np.asarray(every_cluster, np.int64))
     (folder / SCENARIO).write_text(tomli_w.dumps(_drop_none(scenario)))
     return files

@@ -264,6 +264,11 @@ def decode_sums(record: ArrayRecord, reference: Params) -> ClusterSums:
     return sums
 
 
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes of the arrays a message carries (what a round costs on the wire, less framing)."""
+    return sum(len(array.data) for record in content.array_records.values() for array in record.values())
+
+
 def is_empty_reply(content: RecordDict) -> bool:
     """A cohort none of whose clients took part: valid, it just carries nothing to add."""
     if any(key in content for key in ("clients", "sums", "arrays")) or "metrics" not in content:

@@ -144,7 +144,9 @@ class History(ArmObserver):
         row: dict[str, Any] = {"round": 0, **self.workload.central_metrics(result.sent_models)}
         if result.phase1_warnings is not None:
             key = self.workload.key_metric
-            row[f"handed_in_{key}"] = self.workload.central_metrics(self.handed_in)[key]
+            handed_in = self.workload.central_metrics(self.handed_in).get(key)
+            if handed_in is not None:  # (a loss, as the key metric, has no value before training)
+                row[f"handed_in_{key}"] = handed_in
             row["phase1_warnings"] = result.phase1_warnings
         return row
 

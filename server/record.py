@@ -120,7 +120,7 @@ class RunRecord(RunObserver):
             "name": scenario["run"]["name"],
             "workload": scenario["run"]["workload"],
             "seed": scenario["federation"]["seed"],
-            "key_metric": workload.key_metric,
+            "key_metric": workload.key_metric_for(scenario),
             "loss_name": workload.loss_name,
             "higher_is_better": workload.higher_is_better,
             "curve_x": workload.curve_x,

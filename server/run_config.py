@@ -23,6 +23,7 @@ from workloads.base import (
     REQUIRED, CoarseStatistics, ConfigField, DeviceFiles, NormalEquations, TrainsOnUploads, Workload, non_negative,
     positive,
 )
+from workloads.device_files import client_files
 from workloads.federation import AVAILABILITY_TRACES, SIZE_LAWS
 from workloads.federation import ATTACK_DEFAULTS as ATTACKS
 from workloads.federation import PARTICIPATION_DEFAULTS as DEFAULTS
@@ -168,8 +169,11 @@ CORE_SCHEMA: dict[str, dict[str, ConfigField]] = {
     "data": {
         "folder": ConfigField(str, "", "a folder of client files in the workload's device format, one per "
                               "client (ids 0..clients-1), used instead of generated data; empty: generated"),
-        "truth": ConfigField(str, "", "optional ground-truth file (relative to data.folder) that enables the "
-                             "truth-based metrics; empty: none are recorded"),
+        "truth": ConfigField(str, "", "optional ground-truth file (relative to data.folder when there is one) "
+                             "that enables the truth-based metrics of a data folder or a deployment; empty: none "
+                             "are recorded (a generated federation knows its own)"),
+        "deployed": ConfigField(bool, False, "set by `umbel deploy run`: the clients' data are their devices' "
+                                "files, so only data.truth can give truth-based metrics"),
     },
     "clustered": {
         "init": ConfigField(
@@ -441,6 +445,14 @@ def _refinement_checks(cls: type[Workload], s: dict[str, Any], label: str) -> li
     return problems
 
 
+def truth_path(data: dict[str, Any]) -> Path | None:
+    """``data.truth``: relative to ``data.folder`` when there is one; None when unset."""
+    if not data.get("truth"):
+        return None
+    truth = Path(data["truth"]).expanduser()
+    return Path(data["folder"]).expanduser() / truth if data.get("folder") else truth
+
+
 def _anchor_checks(s: dict[str, Any]) -> list[tuple[str, str]]:
     anchors, clients = s["anchors"], s["federation"]["clients"]
     outside = [i for i in anchors["ids"] if i >= clients]
@@ -452,22 +464,23 @@ def _anchor_checks(s: dict[str, Any]) -> list[tuple[str, str]]:
 def _data_checks(cls: type[Workload], s: dict[str, Any]) -> list[tuple[str, str]]:
     """A data folder: the workload reads device files, the folder holds one file per client,
     and what needs true models or labels has a truth file."""
-    data = s["data"]
-    if not data["folder"]:
-        return [("data.truth", "a truth file belongs to a data.folder; set the folder")] if data["truth"] else []
-    if not issubclass(cls, DeviceFiles):
-        return [("data.folder", f"{cls.name} has no device file format (workloads.base.DeviceFiles)")]
-    folder = Path(data["folder"]).expanduser()
-    if not folder.is_dir():
-        return [("data.folder", f"{str(folder)!r} is not a folder")]
-    problems = []
-    truth = folder / data["truth"] if data["truth"] else None
-    files = [p for p in folder.glob("*.npz") if p != truth]
-    if len(files) != s["federation"]["clients"]:
-        problems.append(("federation.clients", f"{s['federation']['clients']} clients but {str(folder)!r} "
-                         f"holds {len(files)} client files (*.npz); expected one per client"))
+    data, problems = s["data"], []
+    truth = truth_path(data)
     if truth is not None and not truth.is_file():
         problems.append(("data.truth", f"{str(truth)!r} is not a file"))
+    if not data["folder"] and not data["deployed"]:
+        return [("data.truth", "a truth file belongs to a data.folder or a deployment; a generated federation "
+                 "knows its truth")] if data["truth"] else []
+    if data["folder"] and not data["deployed"]:  # a deployment's data are the devices' files
+        if not issubclass(cls, DeviceFiles):
+            return [("data.folder", f"{cls.name} has no device file format (workloads.base.DeviceFiles)")]
+        folder = Path(data["folder"]).expanduser()
+        if not folder.is_dir():
+            return [("data.folder", f"{str(folder)!r} is not a folder")]
+        files = client_files(folder, truth)
+        if len(files) != s["federation"]["clients"]:
+            problems.append(("federation.clients", f"{s['federation']['clients']} clients but {str(folder)!r} "
+                             f"holds {len(files)} client files (*.npz); expected one per client"))
     if truth is None:
         needs = [label for label in s["run"]["strategies"] if catalog.target(s, label) == "oracle"]
         if needs:

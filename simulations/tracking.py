@@ -154,7 +154,7 @@ class MLflowTracker(RunObserver):
         try:
             from workloads import workload_class
 
-            return workload_class(self.scenario["run"]["workload"]).key_metric
+            return workload_class(self.scenario["run"]["workload"]).key_metric_for(self.scenario)
         except Exception:  # a tag only: never a reason to fail
             return ""
 

@@ -258,13 +258,13 @@ SIGNAL_GAP = 2.0  # the moment's last signal eigenvalue over the next: below thi
 def coverage_warnings(estimates: np.ndarray, centres: np.ndarray, spectrum: np.ndarray | None = None,
                       signal: int | None = None) -> list[str]:
     """Warn when the anchors do not seem to cover k distinct clusters: two centres closer
-    than twice the spread of the estimates around their centres, or than a quarter of the
+    than twice the RMS spread of the estimates around their centres, or than a quarter of the
     typical centre distance (one true cluster split in two). The advice follows the cause:
     when the moment's ``signal``-th eigenvalue (of ``spectrum``, its top ones) does not stand
     above the next, the subspace is noise and no anchor can help; otherwise the anchors are
     too few to cover every cluster or too small to fit inside the subspace."""
     label = np.argmin(((estimates[:, None] - centres[None]) ** 2).sum(-1), axis=1)
-    spread = np.sqrt(((estimates - centres[label]) ** 2).sum(-1)).max()
+    spread = np.sqrt(((estimates - centres[label]) ** 2).sum(-1).mean())  # RMS: one stray anchor is not a cluster
     gaps = [np.linalg.norm(a - b) for i, a in enumerate(centres) for b in centres[i + 1:]]
     warnings = []
     if gaps and (min(gaps) < 2 * spread or min(gaps) < np.median(gaps) / 4):

@@ -21,6 +21,7 @@ from proto.wire import (
     decode_batch,
     decode_outcomes,
     is_empty_reply,
+    payload_bytes,
     params_to_record,
     record_to_params,
 )
@@ -34,7 +35,7 @@ def decode_replies(
     replies: Iterable[Message], decode: Callable[[RecordDict], T], result: RoundResult
 ) -> list[tuple[int, T]]:
     """Decode every reply, as (the node that sent it, what it holds); error replies and
-    malformed ones are dropped and named."""
+    malformed ones are dropped and named. The arrays' bytes are counted (``reply_bytes``)."""
     decoded = []
     for msg in replies:
         node = msg.metadata.src_node_id
@@ -42,6 +43,7 @@ def decode_replies(
             result.dropped.append(f"node {node}: error reply: {msg.error.reason}")
             continue
         add_telemetry(msg.content, node, result)
+        result.counts["reply_bytes"] = result.counts.get("reply_bytes", 0) + payload_bytes(msg.content)
         if is_empty_reply(msg.content):
             continue
         try:

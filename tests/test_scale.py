@@ -156,7 +156,7 @@ def test_kernels_do_not_depend_on_the_chunking(monkeypatch):
 
 # ---- through Flower, on the two-node cluster -------------------------------------------
 
-PLACEMENT = ("wall_time_s", "cohort_nodes", "cohorts_generated")
+PLACEMENT = ("wall_time_s", "cohort_nodes", "cohorts_generated", "reply_bytes")
 
 
 def _numbers(history):

@@ -17,7 +17,8 @@ def test_builtins_resolve_and_default_is_the_documented_job():
     assert s["federation"]["clients"] == 1000 and s["federation"]["size_law"] == "zipf"
     assert s["run"]["strategies"] == ["clustered-second-order", "clustered-fedavg", "clustered-fedprox", "ifca",
                                       "fedavg", "oracle"]
-    assert s["strategy"]["clustered-second-order"] == {"use": "clustered-fedavg", "refine": "second-order"}
+    assert s["strategy"]["clustered-second-order"] == {"use": "clustered-fedavg", "refine": "second-order",
+                                                         "reply": "sums"}
 
 
 def test_pyproject_run_config_is_the_default_scenario():

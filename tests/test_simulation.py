@@ -13,7 +13,7 @@ from workloads.mixed_regression import MixedRegression
 pytestmark = pytest.mark.slow
 
 
-PLACEMENT = ("wall_time_s", "cohort_nodes", "cohorts_generated")  # where and how fast, not what
+PLACEMENT = ("wall_time_s", "cohort_nodes", "cohorts_generated", "reply_bytes")  # where and how fast, not what
 
 
 def _strip_times(history):
@@ -110,3 +110,30 @@ def test_clustered_strategies_through_flower_match_the_reference(ray_cluster, tm
             assert abs(f["mse"] - r["mse"]) < 1e-12
     row0 = histories["clients"]["strategies"]["clustered-fedavg"][0]
     assert row0["estimation_error"] < row0["handed_in_estimation_error"]  # Phase 1 replaced them
+
+
+def test_issue_17s_refinements_through_flower_are_bit_identical_across_cohorts_and_reply_forms(ray_cluster, tmp_path):
+    """Second-order refinement, the server step with momentum, IFCA's official update from
+    Bernoulli starts and seeded random anchors, through Flower's engine: cohorts of 60
+    replying per client and cohorts of 7 replying per-cluster sums record the same history,
+    and it is the in-process engine's."""
+    from simulations.reference import Reference
+
+    arms = ["clustered-second-order", "momentum", "ifca-official"]
+    overrides = ["federation.clients=300", "run.rounds=4", "anchors.choice='random'", f"run.strategies={arms}",
+                 "strategy.momentum.use='clustered-fedavg'", "strategy.momentum.server_momentum=0.5",
+                 "strategy.momentum.lr=0.2", "strategy.ifca-official.use='ifca'",
+                 "strategy.ifca-official.update='official'", "strategy.ifca-official.init='bernoulli'",
+                 "strategy.ifca-official.lr=1.0"]
+    histories = []
+    for cohort, reply in ((60, "clients"), (7, "sums")):
+        scenario = load_scenario("default", overrides + [f"federation.cohort_size={cohort}", f"clustered.reply='{reply}'",
+                                                         f"strategy.clustered-second-order.reply='{reply}'"])
+        run_dir = simulate(scenario, out=tmp_path / reply, ray_address=ray_cluster)
+        histories.append(_strip_times(load_history(run_dir)))
+    assert json.dumps(histories[0], sort_keys=True) == json.dumps(histories[1], sort_keys=True)
+    ref = Reference(load_scenario("default", overrides + ["federation.cohort_size=60"]))
+    for arm in arms:
+        flower_rows = histories[0]["strategies"][arm]
+        for f, r in zip(flower_rows, ref.run(arm, keep_models=False), strict=True):
+            assert f["estimation_error"] == r["estimation_error"] and f["mse"] == r["mse"], (arm, f["round"])

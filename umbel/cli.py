@@ -117,7 +117,7 @@ def _run_one(resolved: dict[str, Any], out: Optional[Path], ray_address: Optiona
     from simulations.launcher import LaunchError, RunFailed, RunInterrupted, arm_labels, simulate
     from workloads import workload_class
 
-    key = workload_class(resolved["run"]["workload"]).key_metric
+    key = workload_class(resolved["run"]["workload"]).key_metric_for(resolved)
     fed = resolved["federation"]
     console.print(
         f"[bold]{resolved['run']['name']}[/]: {fed['clients']} clients in cohorts of "
@@ -315,16 +315,19 @@ def data_export(
     seed: Annotated[Optional[int], typer.Option(help="federation seed")] = None,
     labels: Annotated[bool, typer.Option(
         help="also write each client's true cluster (tests only: real devices have none)")] = False,
+    truth: Annotated[bool, typer.Option(
+        help="also write truth.npz (true models and clusters), the data.truth of a data folder or deployment")] = False,
 ) -> None:
     """Write each simulated client's data to its own file: the exact data of a simulation,
-    for devices (a SuperNode's --data). No cluster labels unless --labels."""
+    for devices (a SuperNode's --data) or a simulation's data.folder. No cluster labels
+    unless --labels; no truth file unless --truth."""
     from deployment.deploy import DeployError, export_device_data
     from simulations.scenarios import load_scenario
     from workloads import workload_class
 
     try:
         resolved = load_scenario(scenario, set_ or [], seed)
-        files = export_device_data(resolved, folder, labels=labels)
+        files = export_device_data(resolved, folder, labels=labels, truth=truth)
     except (ScenarioError, DeployError) as err:
         _fail(str(err), EXIT_BAD_INPUT)
     fmt = workload_class(resolved["run"]["workload"]).device_format

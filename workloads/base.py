@@ -97,7 +97,8 @@ class Workload(ABC):
     ``__init__(scenario)`` receives the client view of the scenario (``run``, ``federation``,
     ``anchors`` and the workload's own table) and calls ``super().__init__(scenario)``, which
     keeps ``federation``, ``seed``, ``num_clients``, ``anchor_ids`` (sorted; ``anchor_count``
-    of them) and ``data_folder`` (the scenario's ``data.folder``, or None: generated data).
+    of them), ``data_folder`` (the scenario's ``data.folder``, or None: generated data, or a
+    deployment's devices), ``truth_file`` (``data.truth``, or None) and ``deployed``.
 
     Everything else the platform reads is here with a default, or in one of the opt-in
     capabilities below (``Stateful``, ``KnownClusters``, ``CoarseStatistics``,
@@ -130,8 +131,10 @@ class Workload(ABC):
         self.anchor_ids = anchor_ids(scenario.get("anchors", {}), self.num_clients, self.seed)
         self.anchor_count = len(self.anchor_ids)
         data = scenario.get("data", {})
-        self.data_folder = Path(data["folder"]).expanduser() if data.get("folder") else None
-        self.truth_file = self.data_folder / data["truth"] if self.data_folder and data.get("truth") else None
+        self.deployed = bool(data.get("deployed", False))  # the data are devices' files (umbel deploy run)
+        self.data_folder = Path(data["folder"]).expanduser() if data.get("folder") and not self.deployed else None
+        truth = Path(data["truth"]).expanduser() if data.get("truth") else None
+        self.truth_file = truth if truth is None or not data.get("folder") else Path(data["folder"]).expanduser() / truth
 
     # ---- scenario-level hooks (class methods: no instance needed) ------------------------
 
@@ -139,6 +142,12 @@ class Workload(ABC):
     def check_scenario(cls, scenario: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
         """Cross-field checks over the whole scenario: a list of (dotted field, message)."""
         return []
+
+    @classmethod
+    def key_metric_for(cls, scenario: dict[str, dict[str, Any]]) -> str:
+        """The key metric of a run of this scenario (``key_metric``, unless the scenario
+        leaves the workload without it, e.g. a data folder without its truth)."""
+        return cls.key_metric
 
     @classmethod
     def check_phase1(cls, scenario: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:

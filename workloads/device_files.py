@@ -102,7 +102,15 @@ def distinct_ids(files: list[Path], ids: list[int]) -> None:
         seen[cid] = path
 
 
+TRUTH_FILE = "truth.npz"  # a reserved name in a data folder: never a client's file
+
 _folders: dict[tuple[str, str], dict[int, Path]] = {}
+
+
+def client_files(folder: Path, truth: Path | None = None) -> list[Path]:
+    """A data folder's client files: its ``.npz`` files but the truth file (``truth``, and
+    any file named ``truth.npz``), sorted."""
+    return sorted(p for p in Path(folder).glob("*.npz") if p != truth and p.name != TRUTH_FILE)
 
 
 def folder_index(folder: Path, num_clients: int, exclude: Path | None = None) -> dict[int, Path]:
@@ -110,7 +118,7 @@ def folder_index(folder: Path, num_clients: int, exclude: Path | None = None) ->
     ``0 .. num_clients - 1`` exactly once, else a ``DeviceDataError`` naming the gap."""
     key = (str(folder), str(exclude))
     if key not in _folders:
-        paths = sorted(p for p in Path(folder).glob("*.npz") if p != exclude)
+        paths = client_files(folder, exclude)
         ids = [client_id(p, read_npz(p, {"client_id": 0}), num_clients) for p in paths]
         distinct_ids(paths, ids)
         index = dict(zip(ids, paths))

@@ -234,14 +234,25 @@ class MixedRegression(Workload, KnownClusters, CoarseStatistics, DeviceFiles, No
         self._blocks: dict[int, LinearCohort] = {}
         self._oracle: dict[str, Any] | None = None
         self._truth: dict[str, np.ndarray | None] | None = None  # a folder's truth file, read when first needed
-        if self.data_folder is not None and self.truth_file is None:
-            self.key_metric = self.loss_name  # nothing to score against: the clients' loss is the key metric
+        self.generated = self.data_folder is None and not self.deployed  # this class's generator made the data
+        self.key_metric = self.key_metric_for(scenario)
+
+    @classmethod
+    def key_metric_for(cls, scenario: dict[str, dict[str, Any]]) -> str:
+        """Without a truth to score against (a data folder or a deployment without
+        ``data.truth``), the clients' mean squared error."""
+        data = scenario.get("data", {})
+        if (data.get("folder") or data.get("deployed")) and not data.get("truth"):
+            return cls.loss_name
+        return cls.key_metric
 
     @cached_property
     def true_models(self) -> np.ndarray | None:
-        """(k, dim): generated, or a data folder's truth file (read on first use, so a device,
-        which has none, never reads it); None for a data folder without a truth file."""
-        if self.data_folder is None:
+        """(k, dim): generated, or the truth file of a data folder or a deployment (read on
+        first use, so a device, which has none, never reads it); None without one: a
+        deployment does not score against the generator's models, which its devices' data
+        need not come from."""
+        if self.generated:
             return true_models(self.seed, self.k, self.dim, self.separation)
         return None if self.truth_file is None else self.folder_truth()["models"]
 
@@ -453,13 +464,14 @@ class MixedRegression(Workload, KnownClusters, CoarseStatistics, DeviceFiles, No
             return {"w": w}
         step = np.full(len(data.client_ids), settings.lr) if settings.step_cap == 0 else \
             np.minimum(settings.lr, settings.step_cap / data.lambda_max)
-        for c0, c1, p0, p1 in data.chunks():
-            x, y, owner = data.x[p0:p1], data.y[p0:p1], data.owner(c0, c1)
-            starts, n = data.starts[c0:c1] - p0, data.num_examples[c0:c1, None]
-            wc = w[c0:c1]
+        # Clients of equal size stack into (m, n, d): a step is two batched products per
+        # client, X_i w_i and X_i' r_i, each independent of the other clients in the batch.
+        for n, members, rows in size_groups(data.starts, data.num_examples):
+            xs, ys, wm = data.x[rows], data.y[rows], w[members]
             for _ in range(settings.local_steps):
-                residual = np.einsum("pd,pd->p", x, wc[owner]) - y
-                wc -= step[c0:c1, None] * (2.0 * np.add.reduceat(x * residual[:, None], starts, axis=0) / n)
+                residual = (xs @ wm[..., None])[..., 0] - ys
+                wm -= step[members, None] * (2.0 / n) * (xs.transpose(0, 2, 1) @ residual[..., None])[..., 0]
+            w[members] = wm
         return {"w": w}
 
     def normal_equations(self, data: CohortData) -> tuple[np.ndarray, np.ndarray]:
@@ -561,8 +573,9 @@ class MixedRegression(Workload, KnownClusters, CoarseStatistics, DeviceFiles, No
         and the argmin rule evaluated at the true models (the Bayes-like misclustering per
         size bucket). One pass over the federation's data, cached; None when the clients'
         true clusters are unknown (a data folder whose truth file has no labels)."""
-        if self.data_folder is not None and (self.truth_file is None or self.folder_truth()["labels"] is None):
-            return None
+        if not self.generated and (self.data_folder is None or self.truth_file is None
+                                   or self.folder_truth()["labels"] is None):
+            return None  # the server holds no data (a deployment) or knows no labels
         if self._oracle is None:
             gram = np.zeros((self.k, self.dim, self.dim))
             moment = np.zeros((self.k, self.dim))
