@@ -34,7 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
+
 import tempfile
 import time
 from pathlib import Path

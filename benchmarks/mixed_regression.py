@@ -1,15 +1,18 @@
-"""Clustered mixed regression against IFCA and the oracle, over seeds.
+"""Clustered mixed regression against IFCA and the oracle, over seeds and two instances.
 
-On the default instance (d=20, k=4, 1000 Zipf(1.6)-sized clients, 8 anchors of 65 points),
-for every seed and method: the final estimation error relative to the label oracle (per-
-cluster least squares with the true labels), the rounds until it first falls under 1.1x,
-misclustering per client-size bucket against the Bayes rate (argmin rule at the true models),
-and the success rate (final <= 1.25x oracle) from random starts. Statistics come from the
-in-process reference (the same arithmetic as the Flower path, which the tests check);
-seconds per round come from one run of the default scenario through Flower.
+On the default instance (d=20, k=4, 1000 Zipf(1.6)-sized clients, 8 anchors of 65 points) and
+on the same with 90% of the clients holding one point, for every seed and method: the final
+estimation error relative to the label oracle (per-cluster least squares with the true
+labels), the rounds until it first falls under 1.1x, the reply bytes until then and per
+round (``reply_bytes``: the arrays of the cohorts' replies; Phase 1's exchange excluded),
+misclustering per client-size bucket against the Bayes rate, and whether the clustered
+strategies end the same from any handed-in start (zeros, all models equal to one true model,
+random: Phase 1 replaces them). Statistics come from the in-process reference (the same
+arithmetic as the Flower path, which the tests check); seconds per round come from one run
+of the default scenario through Flower.
 
 Usage: python benchmarks/mixed_regression.py [--seeds 10] [--out benchmarks/results]
-Writes ``mixed_regression.json`` and ``mixed_regression.png``; prints a Markdown table.
+Writes ``mixed_regression.json`` and ``mixed_regression.png``; prints Markdown tables.
 """
 
 from __future__ import annotations
@@ -37,18 +40,32 @@ from simulations.scenarios import load_scenario  # noqa: E402
 from workloads.base import SIZE_BUCKETS  # noqa: E402
 
 BAR = 1.25
-RANDOM_STARTS = 3  # random initial models per seed (the clustered strategies ignore them)
+RANDOM_STARTS = 3  # random initial models per seed for IFCA (the clustered strategies ignore them)
+INSTANCES = {"default": [], "90% one-point": ["federation.single_point_fraction=0.9"]}
+OLD_DEFAULT = ["train.lr=0.02", "train.step_cap=0.5", "run.rounds=150"]  # the default before issue 17
 
 
 def methods(ref: Reference, seed: int):
+    """(label, strategy, handed-in start, scenario overrides or None)."""
     wl = ref.workload
-    yield "clustered-fedavg", "clustered-fedavg", None
-    yield "clustered-fedprox", "clustered-fedprox", None
+    yield "second order (clustered)", "clustered-second-order", None, None
+    yield "first order (clustered-fedavg, lr 0.4, no cap)", "clustered-fedavg", None, None
+    yield "clustered-fedprox (mu 10)", "clustered-fedprox", None, None
+    yield "first order, old default (lr 0.02, step cap 0.5)", "clustered-fedavg", None, OLD_DEFAULT
     for r in range(RANDOM_STARTS):
-        yield "ifca (random start)", "ifca", initial_models(wl, "random", 1000 * seed + r)
-    yield "ifca (all equal to one true model)", "ifca", initial_models(wl, "true-first", seed)
-    yield "alternation from the truth", "ifca", wl.true_parameters()
-    yield "oracle (true labels, FedAvg)", "oracle", None
+        yield "ifca (random start)", "ifca", initial_models(wl, "random", 1000 * seed + r), None
+    yield "ifca (all equal to one true model)", "ifca", initial_models(wl, "true-first", seed), None
+    yield "ifca (zeros)", "ifca", initial_models(wl, "zeros", seed), None
+    yield "alternation from the truth", "ifca", wl.true_parameters(), None
+    yield "oracle (true labels, FedAvg)", "oracle", None, None
+
+
+def start_invariant(ref: Reference, strategy: str, seed: int) -> bool:
+    """Whether a clustered strategy ends at the same models from every handed-in start."""
+    wl = ref.workload
+    finals = [ref.run(strategy, start=start)[-1]["models"]["w"] for start in (
+        initial_models(wl, "zeros", seed), initial_models(wl, "true-first", seed), initial_models(wl, "random", seed))]
+    return all(np.array_equal(finals[0], f) for f in finals[1:])
 
 
 def main() -> None:
@@ -58,91 +75,119 @@ def main() -> None:
     parser.add_argument("--no-flower", action="store_true", help="skip the Flower timing run")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    runs: dict[str, list[dict]] = {}
+    runs: dict[str, dict[str, list[dict]]] = {name: {} for name in INSTANCES}
+    invariant: dict[str, list[bool]] = {}
     t0 = time.perf_counter()
-    for seed in range(args.seeds):
-        ref = Reference(load_scenario("default", seed=seed))
-        oracle = ref.workload.oracle()
-        phase1 = ref.workload.central_metrics({"w": ref.phase1().centres})["estimation_error"]
-        for label, strategy, start in methods(ref, seed):
-            rows = ref.run(strategy, start=start)
-            ratios = [r["estimation_error"] / oracle["error"] for r in rows]
-            runs.setdefault(label, []).append({
-                "seed": seed,
-                "final_ratio": ratios[-1],
-                "rounds_to_1.1": next((i for i, x in enumerate(ratios) if x <= 1.1), None),
-                "curve": ratios,
-                "misclustering": {b: rows[-1].get(f"misclustering_{b}") for b in SIZE_BUCKETS},
-                "bayes": oracle["bayes_misclustering"],
-                "phase1_error": phase1 if strategy.startswith("clustered") else None,
-            })
-        print(f"seed {seed} done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    for instance, extra in INSTANCES.items():
+        for seed in range(args.seeds):
+            refs = {None: Reference(load_scenario("default", extra, seed=seed))}
+            ref = refs[None]
+            oracle = ref.workload.oracle()
+            for label, strategy, start, overrides in methods(ref, seed):
+                key = tuple(overrides) if overrides else None
+                if key not in refs:
+                    refs[key] = Reference(load_scenario("default", [*extra, *overrides], seed=seed))
+                rows = refs[key].run(strategy, start=start)
+                ratios = [r["estimation_error"] / oracle["error"] for r in rows]
+                reach = next((i for i, x in enumerate(ratios) if x <= 1.1), None)
+                sent = np.cumsum([0] + [r.get("reply_bytes", 0) for r in rows[1:]])
+                runs[instance].setdefault(label, []).append({
+                    "seed": seed, "final_ratio": ratios[-1], "rounds_to_1.1": reach,
+                    "bytes_to_1.1": None if reach is None else int(sent[reach]),
+                    "bytes_per_round": float(np.median([r.get("reply_bytes", 0) for r in rows[1:]])),
+                    "curve": ratios,
+                    "misclustering": {b: rows[-1].get(f"misclustering_{b}") for b in SIZE_BUCKETS},
+                    "bayes": oracle["bayes_misclustering"],
+                })
+            for strategy in ("clustered-second-order", "clustered-fedavg"):
+                invariant.setdefault(f"{instance}: {strategy}", []).append(start_invariant(ref, strategy, seed))
+            print(f"{instance} seed {seed} done ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     seconds = {}
     if not args.no_flower:
+        t = time.perf_counter()
         run_dir = simulate(load_scenario("default"), out=args.out / "runs")
+        seconds["make run"] = time.perf_counter() - t
         for name, rows in load_history(run_dir)["strategies"].items():
             seconds[name] = float(np.median([r["wall_time_s"] for r in rows if r["round"] >= 2]))
 
+    tables = {instance: summarise(by_label) for instance, by_label in runs.items()}
+    bayes = {i: {b: float(np.nanmean([np.nan if r["bayes"][b] is None else r["bayes"][b]
+                                      for rs in by.values() for r in rs])) for b in SIZE_BUCKETS}
+             for i, by in runs.items()}
+    result = {"seeds": args.seeds, "bar": BAR, "methods": tables, "start_invariant": invariant,
+              "bayes_misclustering": bayes, "flower_seconds_per_round": seconds,
+              "curves": {i: {k: [r["curve"] for r in v] for k, v in by.items()} for i, by in runs.items()}}
+    (args.out / "mixed_regression.json").write_text(json.dumps(result, indent=1))
+    plot(runs, args)
+    flower_name = {"second order (clustered)": "clustered-second-order",
+                   "first order (clustered-fedavg, lr 0.4, no cap)": "clustered-fedavg",
+                   "clustered-fedprox (mu 10)": "clustered-fedprox", "ifca (random start)": "ifca",
+                   "oracle (true labels, FedAvg)": "oracle"}
+    for instance, table in tables.items():
+        print(f"\n### {instance} ({args.seeds} seeds)\n")
+        print("| method | runs | final ÷ oracle (median / max) | rounds to 1.1x (median / worst, reached) "
+              "| reply MB to 1.1x (median) | reply kB per round | misclustering n=1 / n=2 / 3-10 / >10 "
+              "| Flower s/round |")
+        print("|---|---|---|---|---|---|---|---|")
+        for row in table:
+            m = row["misclustering"]
+            mis = " / ".join("–" if np.isnan(m[b]) else f"{m[b]:.3f}" for b in SIZE_BUCKETS)
+            worst = "–" if row["rounds_to_1.1_worst"] is None else f"{row['rounds_to_1.1_worst']}"
+            reach = ("–" if row["rounds_to_1.1_median"] is None else
+                     f"{row['rounds_to_1.1_median']:.0f} / {worst} ({row['reached_1.1']}/{row['runs']})")
+            mb = "–" if row["bytes_to_1.1_median"] is None else f"{row['bytes_to_1.1_median'] / 1e6:.2f}"
+            sec = seconds.get(flower_name.get(row["method"], ""), None) if instance == "default" else None
+            print(f"| {row['method']} | {row['runs']} | {row['final_ratio_median']:.3f} / {row['final_ratio_max']:.3f} "
+                  f"| {reach} | {mb} | {row['bytes_per_round'] / 1e3:.0f} | {mis} | {'–' if sec is None else f'{sec:.3f}'} |")
+        print(f"| Bayes rate (argmin at the true models) | | | | | | "
+              f"{' / '.join(f'{bayes[instance][b]:.3f}' for b in SIZE_BUCKETS)} | |")
+    print("\nsame final models from zeros, one true model and random starts:",
+          {k: f"{sum(v)}/{len(v)}" for k, v in invariant.items()})
+    if seconds:
+        print(f"make run (the default scenario through Flower): {seconds['make run']:.0f} s")
+
+
+def summarise(by_label: dict[str, list[dict]]) -> list[dict]:
     table = []
-    for label, rs in runs.items():
+    for label, rs in by_label.items():
         final = np.array([r["final_ratio"] for r in rs])
         reach = [r["rounds_to_1.1"] for r in rs if r["rounds_to_1.1"] is not None]
+        sent = [r["bytes_to_1.1"] for r in rs if r["bytes_to_1.1"] is not None]
         mis = {b: np.nanmean([np.nan if r["misclustering"][b] is None else r["misclustering"][b] for r in rs])
                for b in SIZE_BUCKETS}
         table.append({
-            "method": label,
-            "runs": len(rs),
-            "final_ratio_median": float(np.median(final)),
-            "final_ratio_max": float(final.max()),
+            "method": label, "runs": len(rs),
+            "final_ratio_median": float(np.median(final)), "final_ratio_max": float(final.max()),
             "success_rate": float(np.mean(final <= BAR)),
             "rounds_to_1.1_median": float(np.median(reach)) if reach else None,
+            "rounds_to_1.1_worst": max(reach) if len(reach) == len(rs) else None,
             "reached_1.1": len(reach),
+            "bytes_to_1.1_median": float(np.median(sent)) if sent else None,
+            "bytes_per_round": float(np.median([r["bytes_per_round"] for r in rs])),
             "misclustering": mis,
-            "phase1_error_max": max((r["phase1_error"] or 0.0) for r in rs) or None,
         })
-    bayes = {b: float(np.nanmean([np.nan if r["bayes"][b] is None else r["bayes"][b]
-                                  for rs in runs.values() for r in rs])) for b in SIZE_BUCKETS}
-    result = {"seeds": args.seeds, "bar": BAR, "methods": table, "bayes_misclustering": bayes,
-              "flower_seconds_per_round": seconds,
-              "curves": {k: [r["curve"] for r in v] for k, v in runs.items()}}
-    (args.out / "mixed_regression.json").write_text(json.dumps(result, indent=1))
+    return table
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for label, rs in runs.items():
-        curves = np.array([r["curve"] for r in rs])
-        med = np.median(curves, axis=0)
-        ax.plot(med, label=label)
-        ax.fill_between(range(len(med)), curves.min(0), curves.max(0), alpha=0.12)
-    ax.axhline(1.0, color="k", lw=0.8)
-    ax.axhline(BAR, color="k", ls="--", lw=0.8)
-    ax.set_yscale("log")
-    ax.set_xlabel("round")
-    ax.set_ylabel("estimation error / label oracle")
-    ax.set_ylim(0.8, None)  # the truth-started run begins at zero error
-    ax.set_title(f"default instance, {args.seeds} seeds (median, min-max band)")
-    ax.legend(fontsize=7)
+
+def plot(runs: dict[str, dict[str, list[dict]]], args) -> None:
+    fig, axes = plt.subplots(1, len(runs), figsize=(6.5 * len(runs), 4.2), squeeze=False)
+    for ax, (instance, by_label) in zip(axes[0], runs.items()):
+        for label, rs in by_label.items():
+            curves = np.array([r["curve"][:61] for r in rs])
+            med = np.median(curves, axis=0)
+            ax.plot(med, label=label)
+            ax.fill_between(range(len(med)), curves.min(0), curves.max(0), alpha=0.12)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.axhline(1.1, color="k", ls=":", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_xlabel("round")
+        ax.set_ylabel("estimation error / label oracle")
+        ax.set_ylim(0.8, None)  # the truth-started run begins at zero error
+        ax.set_title(f"{instance}, {args.seeds} seeds (median, min-max band)")
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(args.out / "mixed_regression.png", dpi=110)
-
-    print()
-    print("| method | runs | final ÷ oracle (median / max) | success (<= 1.25x) | rounds to 1.1x (median, reached) "
-          "| misclustering n=1 / n=2 / 3-10 / >10 | Flower s/round |")
-    print("|---|---|---|---|---|---|---|")
-    flower_name = {"clustered-fedavg": "clustered-fedavg", "clustered-fedprox": "clustered-fedprox",
-                   "ifca (random start)": "ifca", "oracle (true labels, FedAvg)": "oracle"}
-    for row in table:
-        m = row["misclustering"]
-        mis = " / ".join("–" if np.isnan(m[b]) else f"{m[b]:.3f}" for b in SIZE_BUCKETS)
-        reach = ("–" if row["rounds_to_1.1_median"] is None
-                 else f"{row['rounds_to_1.1_median']:.0f} ({row['reached_1.1']}/{row['runs']})")
-        sec = seconds.get(flower_name.get(row["method"], ""), None)
-        print(f"| {row['method']} | {row['runs']} | {row['final_ratio_median']:.3f} / {row['final_ratio_max']:.3f} "
-              f"| {row['success_rate']:.0%} | {reach} | {mis} | {'–' if sec is None else f'{sec:.3f}'} |")
-    print(f"| Bayes rate (argmin at the true models) | | | | | "
-          f"{' / '.join(f'{bayes[b]:.3f}' for b in SIZE_BUCKETS)} | |")
-    if "fedavg" in seconds:
-        print(f"\nFedAvg (one model) s/round through Flower: {seconds['fedavg']:.3f}")
 
 
 if __name__ == "__main__":

@@ -346,8 +346,8 @@ def resolve(raw: dict[str, Any], source: str = "<scenario>") -> dict[str, dict[s
     if not problems:
         problems += _cross_checks(resolved)
         problems += workload_class(workload).check_scenario(resolved)
-    if problems:
-        raise ScenarioError(source, problems)
+    if problems:  # a setting every label inherits is named once
+        raise ScenarioError(source, list(dict.fromkeys(problems)))
     return resolved
 
 
@@ -430,6 +430,9 @@ def _refinement_checks(cls: type[Workload], s: dict[str, Any], label: str) -> li
     c, where = label_settings(s, label)["clustered"], f"{STRATEGY_TABLES}.{label}" \
         if label in s[STRATEGY_TABLES] else "clustered"
     if c["refine"] != "second-order":
+        if c["update"] == "official" and c["aggregate"] != "mean":
+            return [(f"{where}.update", f"IFCA's official update sums the clients' updates; it cannot follow "
+                     f"aggregate = {c['aggregate']!r} (use aggregate = \"mean\")")]
         return []
     if not issubclass(cls, NormalEquations):
         return [(f"{where}.refine", f"second-order needs per-client normal equations, which {cls.name} does "

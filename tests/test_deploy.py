@@ -376,6 +376,8 @@ def test_the_run_config_carries_the_whole_scenario_and_flower_accepts_its_keys(n
     assert resume == str((tmp_path / "runs" / "x").resolve())
     assert back["run"].pop("out") == str((tmp_path / "runs").resolve())
     scenario["run"].pop("out")
+    assert back["data"].pop("deployed") is True  # the server scores against data.truth only
+    scenario["data"].pop("deployed")
     assert back == scenario
     # `flwr run . -c 'scenario="tiny"'` (the README's line) names a built-in scenario
     tiny = fuse_dicts(declared, parse_config_args(['scenario="tiny"']), check_keys=True)

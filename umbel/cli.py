@@ -477,7 +477,9 @@ def deploy_run(
 
     h = Home(home)
     try:
-        resolved = check_resumable(resume) if resume else load_scenario(scenario, set_ or [], seed)
+        # a deployment's data are its devices' files: truth-based metrics only from data.truth
+        resolved = check_resumable(resume) if resume else load_scenario(scenario, [*(set_ or []), "data.deployed=true"],
+                                                                         seed)
     except (ScenarioError, LaunchError) as err:
         _fail(str(err), EXIT_BAD_INPUT)
     since = _time.time()
