@@ -3,6 +3,9 @@ IFCA's official update, Phase 1 on residual moments in high dimension, anchors b
 per-label training settings. Statistical claims are comparisons on fixed seeds, margins from
 the pilots in the README ("Refinement", "Phase 1 in high dimension")."""
 
+import json
+import os
+
 import numpy as np
 import pytest
 
@@ -242,3 +245,21 @@ def test_second_order_refuses_what_it_cannot_honour(overrides, field):
     with pytest.raises(ScenarioError, match=field.replace(".", r"\.")):
         load_scenario("default", overrides) if "koopman" not in overrides[0] else \
             load_scenario("koopman-burgers", overrides[1:])
+
+
+def test_every_process_that_computes_results_runs_one_blas_thread_whatever_loaded_first():
+    """``proto`` (imported by clients, servers and strategies) pins BLAS at one thread: through
+    the environment when numpy is not loaded yet (and for every process started after), and
+    through threadpoolctl when it is, so bit-identity never depends on the thread count."""
+    import subprocess
+    import sys
+
+    probe = ("import os, json; {first}; import client.app, server.app; from threadpoolctl import threadpool_info; "
+             "print(json.dumps([[i['internal_api'], i['num_threads']] for i in threadpool_info() "
+             "if i['user_api'] == 'blas'] + [os.environ['OPENBLAS_NUM_THREADS']]))")
+    for first in ("import numpy", "pass"):
+        env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+        out = subprocess.run([sys.executable, "-c", probe.format(first=first)], env={**env, "OPENBLAS_NUM_THREADS": "2"},
+                             capture_output=True, text=True, check=True).stdout
+        *libraries, variable = json.loads(out.strip().splitlines()[-1])
+        assert libraries and all(threads == 1 for _, threads in libraries) and variable == "1", out
