@@ -7,11 +7,18 @@ labels), the rounds until it first falls under 1.1x, the reply bytes until then 
 round (``reply_bytes``: the arrays of the cohorts' replies; Phase 1's exchange excluded),
 misclustering per client-size bucket against the Bayes rate, and whether the clustered
 strategies end the same from any handed-in start (zeros, all models equal to one true model,
-random: Phase 1 replaces them). Statistics come from the in-process reference (the same
+random: Phase 1 replaces them). Two label-free bounds sit beside the oracle: the hard
+alternation started at the true models, and the maximum-likelihood fit by EM (soft
+assignments, noise and mixing weights estimated, started at the true models): no estimator
+without labels is expected to beat the second, so its gap to the label oracle is what the
+missing labels cost on that instance. Statistics come from the in-process reference (the same
 arithmetic as the Flower path, which the tests check); seconds per round come from one run
 of the default scenario through Flower.
 
-Usage: python benchmarks/mixed_regression.py [--seeds 10] [--out benchmarks/results]
+Usage: python benchmarks/mixed_regression.py [--seeds 10] [--first-seed 0] [--bounds-only]
+       [--out benchmarks/results]
+(``--bounds-only``: only the default arm (second order), the truth-started alternation, maximum
+likelihood and the oracle: the label-free bounds over many seeds.)
 Writes ``mixed_regression.json`` and ``mixed_regression.png``; prints Markdown tables.
 """
 
@@ -38,6 +45,7 @@ from simulations.launcher import simulate  # noqa: E402
 from simulations.reference import Reference  # noqa: E402
 from simulations.scenarios import load_scenario  # noqa: E402
 from workloads.base import SIZE_BUCKETS  # noqa: E402
+from workloads.mixed_regression import best_matching  # noqa: E402
 
 BAR = 1.25
 RANDOM_STARTS = 3  # random initial models per seed for IFCA (the clustered strategies ignore them)
@@ -45,9 +53,18 @@ INSTANCES = {"default": [], "90% one-point": ["federation.single_point_fraction=
 OLD_DEFAULT = ["train.lr=0.02", "train.step_cap=0.5", "run.rounds=150"]  # the default before issue 17
 
 
-def methods(ref: Reference, seed: int):
+MAXIMUM_LIKELIHOOD = "maximum likelihood (EM from the truth, labels unknown)"
+EM_ITERATIONS = 200
+
+
+def methods(ref: Reference, seed: int, bounds_only: bool = False):
     """(label, strategy, handed-in start, scenario overrides or None)."""
     wl = ref.workload
+    if bounds_only:
+        yield "second order (clustered)", "clustered-second-order", None, None
+        yield "alternation from the truth", "ifca", wl.true_parameters(), None
+        yield "oracle (true labels, FedAvg)", "oracle", None, None
+        return
     yield "second order (clustered)", "clustered-second-order", None, None
     yield "first order (clustered-fedavg, lr 0.4, no cap)", "clustered-fedavg", None, None
     yield "clustered-fedprox (mu 10)", "clustered-fedprox", None, None
@@ -58,6 +75,34 @@ def methods(ref: Reference, seed: int):
     yield "ifca (zeros)", "ifca", initial_models(wl, "zeros", seed), None
     yield "alternation from the truth", "ifca", wl.true_parameters(), None
     yield "oracle (true labels, FedAvg)", "oracle", None, None
+
+
+def maximum_likelihood(workload) -> np.ndarray:
+    """EM for the mixture of k linear regressions over the whole federation, each client's
+    points sharing one cluster: responsibilities from each client's squared residuals under
+    a common noise variance and mixing weights, both re-estimated each iteration; started
+    at the true models. The reference no label-free method is expected to beat."""
+    data = workload.client_data(np.arange(workload.num_clients))
+    k, models = workload.k, workload.true_models.copy()
+    # the noise of the start: each point's smallest squared residual under the start models
+    variance = float(np.mean(np.min((data.x @ models.T - data.y[:, None]) ** 2, axis=1)))
+    weights = np.full(k, 1 / k)
+    for _ in range(EM_ITERATIONS):
+        sse = np.add.reduceat((data.x @ models.T - data.y[:, None]) ** 2, data.starts, axis=0)  # (clients, k)
+        log_post = np.log(weights) - sse / (2 * variance)
+        resp = np.exp(log_post - log_post.max(axis=1, keepdims=True))
+        resp /= resp.sum(axis=1, keepdims=True)
+        point_resp = np.repeat(resp, data.num_examples, axis=0)
+        previous = models.copy()
+        for j in range(k):
+            weighted = data.x * point_resp[:, j:j + 1]
+            models[j] = np.linalg.solve(weighted.T @ data.x, weighted.T @ data.y)
+        residual = (data.x @ models.T - data.y[:, None]) ** 2
+        variance = float((point_resp * residual).sum() / len(data.y))
+        weights = resp.mean(axis=0)
+        if np.abs(models - previous).max() < 1e-12:
+            break
+    return models
 
 
 def start_invariant(ref: Reference, strategy: str, seed: int) -> bool:
@@ -71,6 +116,9 @@ def start_invariant(ref: Reference, strategy: str, seed: int) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--bounds-only", action="store_true",
+                        help="only second order, the label-free bounds and the oracle (for many seeds)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--no-flower", action="store_true", help="skip the Flower timing run")
     args = parser.parse_args()
@@ -79,11 +127,11 @@ def main() -> None:
     invariant: dict[str, list[bool]] = {}
     t0 = time.perf_counter()
     for instance, extra in INSTANCES.items():
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             refs = {None: Reference(load_scenario("default", extra, seed=seed))}
             ref = refs[None]
             oracle = ref.workload.oracle()
-            for label, strategy, start, overrides in methods(ref, seed):
+            for label, strategy, start, overrides in methods(ref, seed, args.bounds_only):
                 key = tuple(overrides) if overrides else None
                 if key not in refs:
                     refs[key] = Reference(load_scenario("default", [*extra, *overrides], seed=seed))
@@ -99,12 +147,17 @@ def main() -> None:
                     "misclustering": {b: rows[-1].get(f"misclustering_{b}") for b in SIZE_BUCKETS},
                     "bayes": oracle["bayes_misclustering"],
                 })
-            for strategy in ("clustered-second-order", "clustered-fedavg"):
+            ml_error = best_matching(maximum_likelihood(ref.workload), ref.workload.true_models)[0]
+            runs[instance].setdefault(MAXIMUM_LIKELIHOOD, []).append({
+                "seed": seed, "final_ratio": ml_error / oracle["error"], "rounds_to_1.1": None,
+                "bytes_to_1.1": None, "bytes_per_round": 0.0, "curve": [ml_error / oracle["error"]],
+                "misclustering": {b: None for b in SIZE_BUCKETS}, "bayes": oracle["bayes_misclustering"]})
+            for strategy in ("clustered-second-order", "clustered-fedavg") if not args.bounds_only else ():
                 invariant.setdefault(f"{instance}: {strategy}", []).append(start_invariant(ref, strategy, seed))
             print(f"{instance} seed {seed} done ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     seconds = {}
-    if not args.no_flower:
+    if not (args.no_flower or args.bounds_only):
         t = time.perf_counter()
         run_dir = simulate(load_scenario("default"), out=args.out / "runs")
         seconds["make run"] = time.perf_counter() - t
@@ -126,7 +179,7 @@ def main() -> None:
                    "oracle (true labels, FedAvg)": "oracle"}
     for instance, table in tables.items():
         print(f"\n### {instance} ({args.seeds} seeds)\n")
-        print("| method | runs | final ÷ oracle (median / max) | rounds to 1.1x (median / worst, reached) "
+        print("| method | runs | final ÷ oracle (median / max, seeds above 1.1x) | rounds to 1.1x (median / worst, reached) "
               "| reply MB to 1.1x (median) | reply kB per round | misclustering n=1 / n=2 / 3-10 / >10 "
               "| Flower s/round |")
         print("|---|---|---|---|---|---|---|---|")
@@ -138,7 +191,8 @@ def main() -> None:
                      f"{row['rounds_to_1.1_median']:.0f} / {worst} ({row['reached_1.1']}/{row['runs']})")
             mb = "–" if row["bytes_to_1.1_median"] is None else f"{row['bytes_to_1.1_median'] / 1e6:.2f}"
             sec = seconds.get(flower_name.get(row["method"], ""), None) if instance == "default" else None
-            print(f"| {row['method']} | {row['runs']} | {row['final_ratio_median']:.3f} / {row['final_ratio_max']:.3f} "
+            print(f"| {row['method']} | {row['runs']} | {row['final_ratio_median']:.3f} / {row['final_ratio_max']:.3f}, "
+                  f"{row['above_1.1']} "
                   f"| {reach} | {mb} | {row['bytes_per_round'] / 1e3:.0f} | {mis} | {'–' if sec is None else f'{sec:.3f}'} |")
         print(f"| Bayes rate (argmin at the true models) | | | | | | "
               f"{' / '.join(f'{bayes[instance][b]:.3f}' for b in SIZE_BUCKETS)} | |")
@@ -154,12 +208,14 @@ def summarise(by_label: dict[str, list[dict]]) -> list[dict]:
         final = np.array([r["final_ratio"] for r in rs])
         reach = [r["rounds_to_1.1"] for r in rs if r["rounds_to_1.1"] is not None]
         sent = [r["bytes_to_1.1"] for r in rs if r["bytes_to_1.1"] is not None]
-        mis = {b: np.nanmean([np.nan if r["misclustering"][b] is None else r["misclustering"][b] for r in rs])
+        mis = {b: float(np.mean(v)) if (v := [r["misclustering"][b] for r in rs
+                                              if r["misclustering"][b] is not None]) else np.nan
                for b in SIZE_BUCKETS}
         table.append({
             "method": label, "runs": len(rs),
             "final_ratio_median": float(np.median(final)), "final_ratio_max": float(final.max()),
             "success_rate": float(np.mean(final <= BAR)),
+            "above_1.1": int(np.sum(final > 1.1)),
             "rounds_to_1.1_median": float(np.median(reach)) if reach else None,
             "rounds_to_1.1_worst": max(reach) if len(reach) == len(rs) else None,
             "reached_1.1": len(reach),
@@ -174,6 +230,8 @@ def plot(runs: dict[str, dict[str, list[dict]]], args) -> None:
     fig, axes = plt.subplots(1, len(runs), figsize=(6.5 * len(runs), 4.2), squeeze=False)
     for ax, (instance, by_label) in zip(axes[0], runs.items()):
         for label, rs in by_label.items():
+            if len(rs[0]["curve"]) == 1:
+                continue  # a final value only (maximum likelihood): in the tables
             curves = np.array([r["curve"][:61] for r in rs])
             med = np.median(curves, axis=0)
             ax.plot(med, label=label)
