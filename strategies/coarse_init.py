@@ -273,11 +273,14 @@ def coverage_warnings(estimates: np.ndarray, centres: np.ndarray, spectrum: np.n
         weak = spectrum is not None and signal and len(spectrum) > signal and \
             not spectrum[signal - 1] > SIGNAL_GAP * max(spectrum[signal], 0.0)
         if weak:
+            residual = signal == len(centres) - 1  # residual moments keep k - 1 directions besides the fit
+            remedies = ([] if residual else ['clustered.moments = "residual"']) + [
+                'moments from every client (clustered.moments_from = "all")', "more points per dimension",
+                "or fewer clusters"]
             warnings.append(
                 f"{found}: the second moments do not lift the clusters' directions above sampling noise "
                 f"(eigenvalue {signal} is {spectrum[signal - 1]:.3g}, the next {spectrum[signal]:.3g}), so more or "
-                "larger anchors cannot help; what can: clustered.moments = \"residual\", moments from every client "
-                "(clustered.moments_from = \"all\"), more points per dimension, or fewer clusters")
+                f"larger anchors cannot help; what can: {', '.join(remedies)}")
         else:
             warnings.append(
                 f"{found}: the subspace is clear of noise, so the anchors are the limit: raise anchors.count "

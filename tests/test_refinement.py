@@ -181,6 +181,12 @@ def test_the_coverage_warning_blames_the_anchors_only_when_the_subspace_is_clear
     noise = coverage_warnings(pts, centres, spectrum=np.array([9.0, 1.2, 1.0]), signal=2)
     assert "raise anchors.count" in clear[0] and "cannot help" not in clear[0]
     assert "cannot help" in noise[0] and "raise anchors.count" not in noise[0]
+    # raw moments (k = 4 signal directions) are told to use residual ones; residual moments
+    # (k - 1 = 3 directions besides the global fit) are not told to use what they already use
+    raw = coverage_warnings(pts, centres, spectrum=np.array([9.0, 8.0, 7.0, 1.2, 1.0]), signal=4)
+    residual = coverage_warnings(pts, centres, spectrum=np.array([9.0, 8.0, 1.2, 1.0]), signal=3)
+    assert 'clustered.moments = "residual"' in raw[0]
+    assert "cannot help" in residual[0] and 'clustered.moments = "residual"' not in residual[0]
 
 
 # ---- anchors, starts and per-label settings ----------------------------------------------------
