@@ -209,7 +209,8 @@ class AnchorModels(CoarseInit):
         label = np.argmin(((directions[:, None] - centres[None]) ** 2).sum(-1), axis=1)
         models = np.stack([estimates[label == j].mean(0) if np.any(label == j) else self.start
                            for j in range(self.k)])
-        return CoarseResult(models, None, len(estimates), coverage_warnings(directions, centres))
+        warnings = coverage_warnings(directions, centres, larger=ANCHOR_STEPS_ADVICE)
+        return CoarseResult(models, None, len(estimates), warnings)
 
 
 def reduce_coarse(parts: list[dict[str, np.ndarray]], reduce: str) -> dict[str, np.ndarray]:
@@ -255,14 +256,19 @@ def subspace_distance(a: np.ndarray, b: np.ndarray) -> float:
 SIGNAL_GAP = 2.0  # the moment's last signal eigenvalue over the next: below this, noise
 
 
+ANCHOR_SIZE_ADVICE = "anchors.size (points per anchor, to fit inside the subspace)"
+ANCHOR_STEPS_ADVICE = "clustered.anchor_steps (longer anchor training moves each anchor towards its own cluster)"
+
+
 def coverage_warnings(estimates: np.ndarray, centres: np.ndarray, spectrum: np.ndarray | None = None,
-                      signal: int | None = None) -> list[str]:
+                      signal: int | None = None, larger: str = ANCHOR_SIZE_ADVICE) -> list[str]:
     """Warn when the anchors do not seem to cover k distinct clusters: two centres closer
     than twice the RMS spread of the estimates around their centres, or than a quarter of the
     typical centre distance (one true cluster split in two). The advice follows the cause:
     when the moment's ``signal``-th eigenvalue (of ``spectrum``, its top ones) does not stand
-    above the next, the subspace is noise and no anchor can help; otherwise the anchors are
-    too few to cover every cluster or too small to fit inside the subspace."""
+    above the next, the subspace is noise and no anchor can help; otherwise (or without a
+    spectrum: anchor models, moment descent) the anchors are too few to cover every cluster
+    or too small (``larger``: the setting that makes each anchor's estimate better)."""
     label = np.argmin(((estimates[:, None] - centres[None]) ** 2).sum(-1), axis=1)
     spread = np.sqrt(((estimates - centres[label]) ** 2).sum(-1).mean())  # RMS: one stray anchor is not a cluster
     gaps = [np.linalg.norm(a - b) for i, a in enumerate(centres) for b in centres[i + 1:]]
@@ -282,10 +288,11 @@ def coverage_warnings(estimates: np.ndarray, centres: np.ndarray, spectrum: np.n
                 f"(eigenvalue {signal} is {spectrum[signal - 1]:.3g}, the next {spectrum[signal]:.3g}), so more or "
                 f"larger anchors cannot help; what can: {', '.join(remedies)}")
         else:
+            cause = "the anchors may not cover every cluster" if spectrum is None else \
+                "the subspace is clear of noise, so the anchors are the limit"
             warnings.append(
-                f"{found}: the subspace is clear of noise, so the anchors are the limit: raise anchors.count "
-                "(random anchors miss a cluster often: with k clusters and m anchors about k(1 - 1/k)^m of "
-                "the time) or anchors.size (points per anchor, to fit inside the subspace)")
+                f"{found}: {cause}: raise anchors.count (random anchors miss a cluster often: with k clusters "
+                f"and m anchors about k(1 - 1/k)^m of the time) or {larger}")
     if np.bincount(label, minlength=len(centres)).min() == 0:
         warnings.append("a k-means centre has no anchor: some cluster has no anchor estimate")
     return warnings
