@@ -11,6 +11,11 @@
 4. Federation (the ``koopman-burgers`` scenario, in-process reference: the same arithmetic
    as the Flower run, which the tests check): every strategy and baseline, the error per
    viscosity group, the ARI of the clients' choices, seconds; and the ν-blind floor.
+5. Rounds (``--parts rounds``, not in the default set: about 10 minutes): clustered-fedavg
+   as the scenario runs it against the levers on rounds, more local work per round (fewer
+   rounds, the cosine schedule over them) and a server step with momentum: the first round
+   at which each viscosity's error reaches the scenario run's final one, and the clients'
+   local steps until then.
 
 Usage: python benchmarks/koopman.py [--epochs 200] [--rollout-epochs 20] [--parts solver,centralised,rollout,federated]
 Writes ``benchmarks/results/koopman.json`` and ``koopman_rollout.png``; prints Markdown tables.
@@ -123,13 +128,56 @@ def federated() -> dict:
     return out
 
 
+ROUND_ARMS = {  # label -> overrides of the koopman-burgers scenario (clustered-fedavg only)
+    "scenario (25 rounds x 32 steps)": [],
+    "more local work (12 rounds x 96 steps)": ["run.rounds=12", "train.local_steps=96"],
+    "server momentum 0.5 (25 rounds x 32 steps)": ["clustered.server_momentum=0.5"],
+}
+
+
+def rounds_to_target() -> dict:
+    """Per arm: per-viscosity curves, the first round at or under the scenario arm's final
+    error for each viscosity, and local steps per client until every viscosity got there."""
+    out, target = {}, None
+    for label, overrides in ROUND_ARMS.items():
+        scenario = load_scenario("koopman-burgers", ["run.strategies=['clustered-fedavg']", *overrides])
+        start = time.perf_counter()
+        rows = Reference(scenario).run("clustered-fedavg", keep_models=False)
+        groups = [k for k in rows[-1] if k.startswith("rel_l2_nu")]
+        curves = {g: [r[g] for r in rows] for g in groups}
+        target = target or {g: c[-1] for g, c in curves.items()}  # the first arm is the scenario's
+        reach = {g: next((i for i, e in enumerate(c) if e <= target[g]), None) for g, c in curves.items()}
+        every = None if None in reach.values() else max(reach.values())
+        steps = scenario["train"]["local_steps"]
+        out[label] = {"curves": curves, "final": {g: c[-1] for g, c in curves.items()}, "reach": reach,
+                      "rounds_to_all": every, "steps_to_all": None if every is None else every * steps,
+                      "seconds": time.perf_counter() - start}
+        print(label, {g: round(v, 4) for g, v in out[label]["final"].items()}, reach, flush=True)
+    return out
+
+
 def tables(results: dict) -> str:
     lines = []
-    s = results["solver"]
-    lines += ["Solver against Cole-Hopf (u0 = sin 2πx, T = 0.5, 1024 points, dt 1e-4): "
+    s = results.get("solver")
+    lines += [] if s is None else ["Solver against Cole-Hopf (u0 = sin 2πx, T = 0.5, 1024 points, dt 1e-4): "
               + ", ".join(f"ν={k}: {v:.1e}" for k, v in s["cole_hopf"].items()),
               f"Subnormals flushed: {s['flushed_s']:.2f} s against {s['subnormal_s']:.2f} s kept "
               f"({s['flush_speedup']:.1f}x; largest difference {s['flush_max_diff']:.1e})", ""]
+    if "rounds" in results:
+        r = results["rounds"]
+        first = next(iter(r.values()))
+        groups = list(first["final"])
+        base_steps = first["steps_to_all"]
+        lines += ["| arm | final " + " / ".join(g.removeprefix("rel_l2_") for g in groups)
+                  + " | first round at the scenario's final, per ν | rounds to all | local steps to all (÷ scenario) |",
+                  "|---|---|---|---|---|"]
+        for label, row in r.items():
+            reach = " / ".join("–" if row["reach"][g] is None else str(row["reach"][g]) for g in groups)
+            every = "–" if row["rounds_to_all"] is None else str(row["rounds_to_all"])
+            steps = "–" if row["steps_to_all"] is None else f"{row['steps_to_all']} ({row['steps_to_all'] / base_steps:.2f})"
+            lines.append(f"| {label} | " + " / ".join(f"{row['final'][g]:.4f}" for g in groups)
+                         + f" | {reach} | {every} | {steps} |")
+        lines.append("")
     if "centralised" in results:
         lines += ["| ν | model | rel L2 @128 | @256 | @512 | 512/256 - 1 | predict u0 | predict 0 | train s |",
                   "|---|---|---|---|---|---|---|---|---|"]
@@ -177,13 +225,19 @@ def main() -> None:
         "centralised": lambda: centralised(args.epochs),
         "rollout": lambda: rollout(args.rollout_epochs, args.epochs),
         "federated": federated,
+        "rounds": rounds_to_target,
     }
     for part in args.parts.split(","):
         results[part] = parts[part]()
         results[f"{part}_date"] = time.strftime("%Y-%m-%d")
     path.write_text(json.dumps(results, indent=1, default=str))
     results = json.loads(path.read_text())  # the same keys (strings) whichever parts ran
-    r = results["rollout"]
+    if "rollout" in results:
+        plot_rollout(results["rollout"], args.out)
+    print(tables(results))
+
+
+def plot_rollout(r: dict, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(r["t"], r["one_step_curve"], marker="o", label="one-step model, rolled out")
     ax.axhline(r["direct_error"], color="k", linestyle="--", label="direct model at T")
@@ -193,8 +247,7 @@ def main() -> None:
     ax.legend()
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    fig.savefig(args.out / "koopman_rollout.png", dpi=110)
-    print(tables(results))
+    fig.savefig(out / "koopman_rollout.png", dpi=110)
 
 
 if __name__ == "__main__":
