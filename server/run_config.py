@@ -23,7 +23,7 @@ from workloads.base import (
     REQUIRED, CoarseStatistics, ConfigField, DeviceFiles, NormalEquations, TrainsOnUploads, Workload, non_negative,
     positive,
 )
-from workloads.device_files import client_files
+from workloads.device_files import client_files, truth_path
 from workloads.federation import AVAILABILITY_TRACES, SIZE_LAWS
 from workloads.federation import ATTACK_DEFAULTS as ATTACKS
 from workloads.federation import PARTICIPATION_DEFAULTS as DEFAULTS
@@ -446,14 +446,6 @@ def _refinement_checks(cls: type[Workload], s: dict[str, Any], label: str) -> li
         problems.append(("federation.scaled_update_fraction", "simulated attackers scale model updates; "
                          f"{label!r} refines by second order (no updates): use first-order"))
     return problems
-
-
-def truth_path(data: dict[str, Any]) -> Path | None:
-    """``data.truth``: relative to ``data.folder`` when there is one; None when unset."""
-    if not data.get("truth"):
-        return None
-    truth = Path(data["truth"]).expanduser()
-    return Path(data["folder"]).expanduser() / truth if data.get("folder") else truth
 
 
 def _anchor_checks(s: dict[str, Any]) -> list[tuple[str, str]]:

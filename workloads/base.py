@@ -19,6 +19,7 @@ from typing import Any, Callable, ClassVar, Protocol
 import numpy as np
 
 from workloads import streams
+from workloads.device_files import truth_path
 
 Params = dict[str, np.ndarray]
 
@@ -133,8 +134,7 @@ class Workload(ABC):
         data = scenario.get("data", {})
         self.deployed = bool(data.get("deployed", False))  # the data are devices' files (umbel deploy run)
         self.data_folder = Path(data["folder"]).expanduser() if data.get("folder") and not self.deployed else None
-        truth = Path(data["truth"]).expanduser() if data.get("truth") else None
-        self.truth_file = truth if truth is None or not data.get("folder") else Path(data["folder"]).expanduser() / truth
+        self.truth_file = truth_path(data)
 
     # ---- scenario-level hooks (class methods: no instance needed) ------------------------
 

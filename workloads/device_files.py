@@ -107,6 +107,14 @@ TRUTH_FILE = "truth.npz"  # a reserved name in a data folder: never a client's f
 _folders: dict[tuple[str, str], dict[int, Path]] = {}
 
 
+def truth_path(data: dict) -> Path | None:
+    """A scenario's ``data.truth``: relative to ``data.folder`` when there is one; None when unset."""
+    if not data.get("truth"):
+        return None
+    truth = Path(data["truth"]).expanduser()
+    return Path(data["folder"]).expanduser() / truth if data.get("folder") else truth
+
+
 def client_files(folder: Path, truth: Path | None = None) -> list[Path]:
     """A data folder's client files: its ``.npz`` files but the truth file (``truth``, and
     any file named ``truth.npz``), sorted."""
