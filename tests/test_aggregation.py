@@ -214,6 +214,41 @@ def test_malformed_partial_sums_are_dropped_and_named(corrupt, reason):
     assert result.dropped[0].startswith("node 2:")
 
 
+def normal_equations_reply(seed, matrix=None):
+    """A cohort's second-order sums: per client a positive definite X'X/n and X'y/n."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((6, 4, D))
+    params = {"normal-matrix": np.einsum("cpd,cpe->cde", x, x) / 4, "normal-vector": rng.standard_normal((6, D))}
+    sums = cluster_sums(np.arange(6) % K, rng.integers(1, 9, 6), params, rng.random(6), K)
+    if matrix is not None:
+        sums.weighted["normal-matrix"] = (matrix, np.zeros_like(matrix))
+    return encode_result(CohortResult(None, sums, None))
+
+
+@pytest.mark.parametrize(
+    "bad, reason",
+    [(lambda: normal_equations_reply(3, np.full((K, D, D), np.nan)), "non-finite"),
+     (lambda: normal_equations_reply(3, np.zeros((K, D, D + 1))), "shape"),
+     (lambda: sums_reply(3), "normal-matrix")],  # a first-order reply: a model, no normal equations
+)
+def test_malformed_second_order_sums_are_dropped_and_named(bad, reason):
+    """A second-order round takes the cohorts' normal equations; one that sends broken or
+    first-order sums is dropped, named, and the models are those of the others alone."""
+    from strategies.clustered_fl import ClusteredStrategy
+
+    def strategy():
+        s = ClusteredStrategy(K, num_nodes=3, refine="second-order")
+        s.sent = params_to_record(MODELS)
+        return s
+
+    good = [normal_equations_reply(1), normal_equations_reply(2)]
+    result = strategy().aggregate_round(1, [reply(good[0], 1), reply(bad(), 2), reply(good[1], 3)])
+    expected = strategy().aggregate_round(1, [reply(g, n) for g, n in zip(good, (1, 3))])
+    assert np.array_equal(result.arrays["w"].numpy(), expected.arrays["w"].numpy())
+    assert not np.array_equal(expected.arrays["w"].numpy(), MODELS["w"])  # the good sums moved the models
+    assert len(result.dropped) == 1 and result.dropped[0].startswith("node 2:") and reason in result.dropped[0]
+
+
 @settings(max_examples=100, deadline=None)
 @given(
     examples=st.lists(st.integers(-3, 20), min_size=1, max_size=5),
