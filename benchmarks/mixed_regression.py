@@ -49,6 +49,7 @@ from workloads.mixed_regression import best_matching  # noqa: E402
 
 BAR = 1.25
 RANDOM_STARTS = 3  # random initial models per seed for IFCA (the clustered strategies ignore them)
+IFCA_RANDOM = f"ifca (random start, {RANDOM_STARTS} per seed)"
 INSTANCES = {"default": [], "90% one-point": ["federation.single_point_fraction=0.9"]}
 OLD_DEFAULT = ["train.lr=0.02", "train.step_cap=0.5", "run.rounds=150"]  # the default before issue 17
 
@@ -68,9 +69,9 @@ def methods(ref: Reference, seed: int, bounds_only: bool = False):
     yield "second order (clustered)", "clustered-second-order", None, None
     yield "first order (clustered-fedavg, lr 0.4, no cap)", "clustered-fedavg", None, None
     yield "clustered-fedprox (mu 10)", "clustered-fedprox", None, None
-    yield "first order, old default (lr 0.02, step cap 0.5)", "clustered-fedavg", None, OLD_DEFAULT
+    yield "first order, old default (lr 0.02, step cap 0.5; 150 rounds)", "clustered-fedavg", None, OLD_DEFAULT
     for r in range(RANDOM_STARTS):
-        yield "ifca (random start)", "ifca", initial_models(wl, "random", 1000 * seed + r), None
+        yield IFCA_RANDOM, "ifca", initial_models(wl, "random", 1000 * seed + r), None
     yield "ifca (all equal to one true model)", "ifca", initial_models(wl, "true-first", seed), None
     yield "ifca (zeros)", "ifca", initial_models(wl, "zeros", seed), None
     yield "alternation from the truth", "ifca", wl.true_parameters(), None
@@ -175,7 +176,7 @@ def main() -> None:
     plot(runs, args)
     flower_name = {"second order (clustered)": "clustered-second-order",
                    "first order (clustered-fedavg, lr 0.4, no cap)": "clustered-fedavg",
-                   "clustered-fedprox (mu 10)": "clustered-fedprox", "ifca (random start)": "ifca",
+                   "clustered-fedprox (mu 10)": "clustered-fedprox", IFCA_RANDOM: "ifca",
                    "oracle (true labels, FedAvg)": "oracle"}
     for instance, table in tables.items():
         print(f"\n### {instance} ({args.seeds} seeds)\n")
