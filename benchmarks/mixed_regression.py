@@ -55,7 +55,6 @@ OLD_DEFAULT = ["train.lr=0.02", "train.step_cap=0.5", "run.rounds=150"]  # the d
 
 
 MAXIMUM_LIKELIHOOD = "maximum likelihood (EM from the truth, labels unknown)"
-EM_ITERATIONS = 200
 
 
 def methods(ref: Reference, seed: int, bounds_only: bool = False):
@@ -76,34 +75,6 @@ def methods(ref: Reference, seed: int, bounds_only: bool = False):
     yield "ifca (zeros)", "ifca", initial_models(wl, "zeros", seed), None
     yield "alternation from the truth", "ifca", wl.true_parameters(), None
     yield "oracle (true labels, FedAvg)", "oracle", None, None
-
-
-def maximum_likelihood(workload) -> np.ndarray:
-    """EM for the mixture of k linear regressions over the whole federation, each client's
-    points sharing one cluster: responsibilities from each client's squared residuals under
-    a common noise variance and mixing weights, both re-estimated each iteration; started
-    at the true models. The reference no label-free method is expected to beat."""
-    data = workload.client_data(np.arange(workload.num_clients))
-    k, models = workload.k, workload.true_models.copy()
-    # the noise of the start: each point's smallest squared residual under the start models
-    variance = float(np.mean(np.min((data.x @ models.T - data.y[:, None]) ** 2, axis=1)))
-    weights = np.full(k, 1 / k)
-    for _ in range(EM_ITERATIONS):
-        sse = np.add.reduceat((data.x @ models.T - data.y[:, None]) ** 2, data.starts, axis=0)  # (clients, k)
-        log_post = np.log(weights) - sse / (2 * variance)
-        resp = np.exp(log_post - log_post.max(axis=1, keepdims=True))
-        resp /= resp.sum(axis=1, keepdims=True)
-        point_resp = np.repeat(resp, data.num_examples, axis=0)
-        previous = models.copy()
-        for j in range(k):
-            weighted = data.x * point_resp[:, j:j + 1]
-            models[j] = np.linalg.solve(weighted.T @ data.x, weighted.T @ data.y)
-        residual = (data.x @ models.T - data.y[:, None]) ** 2
-        variance = float((point_resp * residual).sum() / len(data.y))
-        weights = resp.mean(axis=0)
-        if np.abs(models - previous).max() < 1e-12:
-            break
-    return models
 
 
 def start_invariant(ref: Reference, strategy: str, seed: int) -> bool:
@@ -148,7 +119,7 @@ def main() -> None:
                     "misclustering": {b: rows[-1].get(f"misclustering_{b}") for b in SIZE_BUCKETS},
                     "bayes": oracle["bayes_misclustering"],
                 })
-            ml_error = best_matching(maximum_likelihood(ref.workload), ref.workload.true_models)[0]
+            ml_error = best_matching(ref.workload.maximum_likelihood(), ref.workload.true_models)[0]
             runs[instance].setdefault(MAXIMUM_LIKELIHOOD, []).append({
                 "seed": seed, "final_ratio": ml_error / oracle["error"], "rounds_to_1.1": None,
                 "bytes_to_1.1": None, "bytes_per_round": 0.0, "curve": [ml_error / oracle["error"]],

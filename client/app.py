@@ -182,6 +182,7 @@ def train(msg: Message, context: Context) -> Message:
         extra_metrics=extra,
         clipping_norm=float(config["clipping_norm"]) if "clipping_norm" in config else None,
         refine=str(config.get("refine", "first-order")),
+        assignment=str(config.get("assignment", "hard")),
     )
     if not k_models and result.batch is not None:  # Flower's FedAvg/FedProx: one model
         result.batch.metrics.pop(CLUSTER)

@@ -12,7 +12,7 @@ import numpy as np
 
 from proto.exact_sum import DD, dd_add, dd_sum
 from proto.wire import (
-    ANCHOR_TRAIN, CLIENT_ID, CLUSTER, LOSS_BEFORE, NORMAL_MATRIX, NORMAL_VECTOR, REDUCE_ROWS, ClientBatch,
+    ANCHOR_TRAIN, CLIENT_ID, CLUSTER, LOSS_BEFORE, NORMAL_CONSTANT, NORMAL_MATRIX, NORMAL_VECTOR, REDUCE_ROWS, ClientBatch,
     CohortResult, cluster_sums, combine_sums,
 )
 from workloads.base import (
@@ -25,6 +25,7 @@ SELECTIONS = ("min-loss", "true-label", "single")
 COARSE_CHUNK = 2048  # clients per pass of a Phase-1 statistic
 REPLIES = ("clients", "sums")
 REFINEMENTS = ("first-order", "second-order")
+ASSIGNMENTS = ("hard", "soft")  # soft: the server weighs every client in every cluster (second order)
 NORMAL_BYTES = 2**28  # second-order: clients per pass so that their P x P matrices stay under this
 NORM_BIT = "norm_bit"  # Flower's name (flwr.supercore.differential_privacy.KEY_NORM_BIT)
 
@@ -117,6 +118,7 @@ def train_cohort(
     extra_metrics: dict[str, np.ndarray] | None = None,
     clipping_norm: float | None = None,
     refine: str = "first-order",
+    assignment: str = "hard",
 ) -> CohortResult:
     """Each active client picks a model, trains it from there, and the cohort replies.
 
@@ -131,7 +133,8 @@ def train_cohort(
 
     ``refine = "second-order"``: clients do not train; each sends its normal equations
     (``NormalEquations``: per-example X'X/n and X'y/n) for the cluster it picked, and the
-    server solves each cluster's least squares.
+    server solves each cluster's least squares. ``assignment = "soft"`` (second order, per-client
+    replies): each also sends its y'y/n, so that the server can score it under every model.
     """
     if reply not in REPLIES:
         raise ValueError(f"unknown reply form {reply!r}; expected one of {REPLIES}")
@@ -139,6 +142,10 @@ def train_cohort(
         raise ValueError(f"unknown refinement {refine!r}; expected one of {REFINEMENTS}")
     if refine == "second-order" and not isinstance(workload, NormalEquations):
         raise ValueError(f"second-order refinement needs normal equations, which {workload.name!r} does not provide")
+    if assignment not in ASSIGNMENTS:
+        raise ValueError(f"unknown assignment {assignment!r}; expected one of {ASSIGNMENTS}")
+    if assignment == "soft" and (refine != "second-order" or reply != "clients"):
+        raise ValueError("soft assignments need second-order refinement and per-client replies")
     k = len(next(iter(models.values())))
     participation = round_participation(federation, data.client_ids, round_)
     outcomes = participation.counts()
@@ -152,7 +159,8 @@ def train_cohort(
     confusion = confusion_counts(workload, sub, choice, k, slice(None))
     counts = sub.num_examples
     if refine == "second-order":
-        return normal_equations_reply(workload, sub, choice, loss * counts, k, reply, confusion, outcomes)
+        return normal_equations_reply(workload, sub, choice, loss * counts, k, reply, confusion, outcomes,
+                                      constant=assignment == "soft")
     start = {name: v[choice] for name, v in models.items()}
     trained = workload.local_train(start, sub, replace(settings, server_round=round_))
     extra = {name: np.asarray(v, np.float64)[idx] for name, v in (extra_metrics or {}).items()}
@@ -172,12 +180,12 @@ def train_cohort(
 
 def normal_equations_reply(
     workload: Workload, data: CohortData, choice: np.ndarray, loss_sums: np.ndarray, k: int, reply: str,
-    confusion: np.ndarray | None, outcomes: np.ndarray | None,
+    confusion: np.ndarray | None, outcomes: np.ndarray | None, constant: bool = False,
 ) -> CohortResult:
     """Second-order refinement's reply: each client's normal equations under the cluster it
     picked, per client or summed per cluster (computed a pass of clients at a time, so the
     P x P matrices of a large cohort never exist at once; the double-double sums do not
-    depend on the passes)."""
+    depend on the passes). ``constant``: also each client's y'y/n (``NORMAL_CONSTANT``)."""
     assert isinstance(workload, NormalEquations)
     counts, num = data.num_examples, len(data.client_ids)
     size = sum(v.size for v in workload.initial_parameters().values())
@@ -186,13 +194,13 @@ def normal_equations_reply(
     parts = []
     for index in passes:
         part = data if len(index) == num else workload.subset(data, index)
-        matrix, vector = workload.normal_equations(part)
-        parts.append((index, {NORMAL_MATRIX: matrix, NORMAL_VECTOR: vector}))
+        matrix, vector, const = workload.normal_equations(part)
+        parts.append((index, {NORMAL_MATRIX: matrix, NORMAL_VECTOR: vector, **({NORMAL_CONSTANT: const} if constant else {})}))
         if reply == "sums":  # add this pass now, keep no matrices
             parts[-1] = cluster_sums(choice[index], counts[index], parts[-1][1], loss_sums[index], k)
     if reply == "sums":
         return CohortResult(None, combine_sums(parts), confusion, outcomes)
-    params = {name: np.concatenate([p[name] for _, p in parts]) for name in (NORMAL_MATRIX, NORMAL_VECTOR)}
+    params = {name: np.concatenate([p[name] for _, p in parts]) for name in parts[0][1]}
     batch = ClientBatch(data.client_ids, counts, params,
                         {LOSS_BEFORE: loss_sums, CLUSTER: choice.astype(np.float64)})
     return CohortResult(batch, None, confusion, outcomes)

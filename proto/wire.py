@@ -47,6 +47,7 @@ XX, XY = "xx", "xy"
 # Second-order refinement: what a client sends instead of a trained model (per-example means,
 # so that the example-weighted cluster sums are the cluster's X'X and X'y).
 NORMAL_MATRIX, NORMAL_VECTOR = "normal-matrix", "normal-vector"
+NORMAL_CONSTANT = "normal-constant"  # y'y/n per client: soft assignments score every cluster on the server
 REDUCE_SUM, REDUCE_ROWS = "sum", "rows"  # statistics summed over clients, or one row per anchor
 CLIENT_ID, ESTIMATE = "client-id", "estimate"
 Y2XX, Y2XV, Y2, N = "y2xx", "y2xv", "y2", "n"

@@ -188,6 +188,12 @@ CORE_SCHEMA: dict[str, dict[str, ConfigField]] = {
             "each cluster's least squares; workloads with NormalEquations)",
             choices=REFINEMENTS,
         ),
+        "assignment": ConfigField(
+            str, "hard", "second-order: each client in the one cluster it picks (hard, the paper's "
+            "alternation) or in every cluster by its posterior weight under a Gaussian noise model (soft: "
+            "one EM step a round on the server, from per-client replies; closer to maximum likelihood "
+            "when many clients hold one or two points)", choices=("hard", "soft"),
+        ),
         "ridge": ConfigField(float, 1e-6, "second-order: ridge weight towards the cluster's previous model, "
                              "relative to the mean normal matrix", non_negative),
         "update": ConfigField(
@@ -430,6 +436,9 @@ def _refinement_checks(cls: type[Workload], s: dict[str, Any], label: str) -> li
     c, where = label_settings(s, label)["clustered"], f"{STRATEGY_TABLES}.{label}" \
         if label in s[STRATEGY_TABLES] else "clustered"
     if c["refine"] != "second-order":
+        if c["assignment"] == "soft":
+            return [(f"{where}.assignment", "soft assignments weigh every client's normal equations on the "
+                     "server: set refine = \"second-order\"")]
         if c["update"] == "official" and c["aggregate"] != "mean":
             return [(f"{where}.update", f"IFCA's official update sums the clients' updates; it cannot follow "
                      f"aggregate = {c['aggregate']!r} (use aggregate = \"mean\")")]
@@ -442,6 +451,9 @@ def _refinement_checks(cls: type[Workload], s: dict[str, Any], label: str) -> li
              if bad]
     problems = [(f"{where}.{key}", f"{c[key]!r} acts on the clients' models; second-order refinement "
                  "solves each cluster's least squares from their normal equations instead") for key, _ in clash]
+    if c["assignment"] == "soft" and c["reply"] != "clients":
+        problems.append((f"{where}.reply", "soft assignments score every client under every model on the server: "
+                         "they need per-client replies (reply = \"clients\"), not per-cluster sums"))
     if s["federation"]["scaled_update_fraction"] > 0:
         problems.append(("federation.scaled_update_fraction", "simulated attackers scale model updates; "
                          f"{label!r} refines by second order (no updates): use first-order"))

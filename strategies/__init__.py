@@ -128,6 +128,7 @@ def build_strategy(
         update=opts.get("update", "mean"),
         server_lr=opts.get("server_lr", 1.0),
         server_momentum=opts.get("server_momentum", 0.0),
+        assignment=opts.get("assignment", "hard"),
     )
 
 

@@ -20,7 +20,8 @@ import numpy as np
 
 from proto.exact_sum import dd_value
 from proto.wire import (
-    CLUSTER, LOSS_BEFORE, NORMAL_MATRIX, NORMAL_VECTOR, ClientBatch, ClusterSums, Params, cluster_sums, combine_sums,
+    CLUSTER, LOSS_BEFORE, NORMAL_CONSTANT, NORMAL_MATRIX, NORMAL_VECTOR, ClientBatch, ClusterSums, Params, cluster_sums,
+    combine_sums,
 )
 from strategies.aggregation import merge_batches
 
@@ -79,6 +80,50 @@ def cluster_least_squares(sums: ClusterSums, previous: Params, ridge: float) -> 
         r = ridge * max(float(np.trace(a)) / len(a), np.finfo(float).tiny)
         rows[j] = np.linalg.solve(a + r * np.eye(len(a)), b + r * rows[j])
     return unflatten(rows, previous)
+
+
+Mixture = tuple[float, np.ndarray]  # soft assignments' state: noise variance, cluster weights
+
+
+def soft_least_squares(batch: ClientBatch, previous: Params, ridge: float,
+                       mixture: Mixture | None) -> tuple[Params, Mixture]:
+    """Second-order refinement with soft assignments: one EM step for the mixture of k
+    linear regressions, from each client's normal equations (per example: A_i, b_i, c_i).
+
+    A client's squared error under model j, n_i (w_j'A_i w_j - 2 b_i'w_j + c_i), gives its
+    responsibilities r_ij ~ pi_j exp(-error_ij / 2 s^2) (all of a client's points share one
+    cluster); each cluster solves its least squares weighted by r_ij n_i, with the ridge of
+    ``cluster_least_squares``; then the noise variance s^2 and the weights pi are re-estimated.
+    A hard choice counts a one-point client near two models wholly in one of them, which
+    biases both; its responsibilities split it. ``mixture``: (s^2, pi) of the round before;
+    None: s^2 from each client's best model, pi uniform. ``batch``: every client of the
+    round, in client-id order (``merge_batches``), so the result does not depend on cohorts."""
+    rows = flat_models(previous)
+    n = batch.num_examples.astype(np.float64)
+    a, b, c = (np.asarray(batch.params[name], np.float64) for name in (NORMAL_MATRIX, NORMAL_VECTOR, NORMAL_CONSTANT))
+    tiny = np.finfo(float).tiny
+
+    def squared_errors(w: np.ndarray) -> np.ndarray:  # (clients, k)
+        quadratic = np.einsum("ikp,kp->ik", np.einsum("ipq,kq->ikp", a, w), w)
+        return np.maximum(n[:, None] * (quadratic - 2 * b @ w.T + c[:, None]), 0.0)
+
+    errors = squared_errors(rows)
+    if mixture is None:
+        mixture = (float(errors.min(axis=1).sum() / n.sum()), np.full(len(rows), 1 / len(rows)))
+    variance, weights = mixture
+    log_post = np.log(np.maximum(weights, tiny)) - errors / (2 * max(variance, tiny))
+    resp = np.exp(log_post - log_post.max(axis=1, keepdims=True))
+    resp /= resp.sum(axis=1, keepdims=True)
+    new = rows.copy()
+    for j in range(len(rows)):
+        mass = resp[:, j] * n
+        if not mass.sum() > 0:
+            continue  # no client's weight: the model stays
+        aj, bj = np.einsum("i,ipq->pq", mass, a) / mass.sum(), mass @ b / mass.sum()
+        r = ridge * max(float(np.trace(aj)) / len(aj), tiny)
+        new[j] = np.linalg.solve(aj + r * np.eye(len(aj)), bj + r * rows[j])
+    variance = float((resp * squared_errors(new)).sum() / n.sum())
+    return unflatten(new, previous), (variance, resp.mean(axis=0))
 
 
 def server_step(previous: Params, averaged: Params, velocity: Params | None, lr: float, momentum: float,

@@ -27,6 +27,7 @@ from proto.exact_sum import dd_add, dd_value
 from proto.wire import (
     CLUSTER,
     COARSE_ACTION,
+    NORMAL_CONSTANT,
     NORMAL_MATRIX,
     NORMAL_VECTOR,
     MalformedBatch,
@@ -39,7 +40,8 @@ from proto.wire import (
 )
 from strategies.aggregation import merge_batches
 from strategies.clustered import (
-    aggregate_results, cluster_least_squares, cluster_means, flat_models, official_means, server_step, unflatten,
+    aggregate_results, cluster_least_squares, cluster_means, flat_models, official_means, server_step,
+    soft_least_squares, unflatten,
 )
 from strategies.coarse_init import CoarseInit, CoarseInitError, CoarseResult, reduce_coarse
 from strategies.fedavg import decode_replies, unshared
@@ -63,6 +65,7 @@ class ClusteredStrategy(ReportingStrategy):
         update: str = "mean",
         server_lr: float = 1.0,
         server_momentum: float = 0.0,
+        assignment: str = "hard",
     ) -> None:
         """``rule``: each cluster's aggregation over its clients' flattened models and
         example counts (``strategies.aggregation``: median, trimmed mean, Krum, or yours);
@@ -70,8 +73,14 @@ class ClusteredStrategy(ReportingStrategy):
         ``refine``: ``first-order`` (clients train; the cluster's new model is the rule's,
         or IFCA's official update with ``update = "official"``, then a server step of
         ``server_lr`` with ``server_momentum``) or ``second-order`` (clients send normal
-        equations; each cluster's least squares, ``ridge`` towards its previous model)."""
+        equations; each cluster's least squares, ``ridge`` towards its previous model).
+        ``assignment = "soft"`` (second order, per-client replies): each client counts in
+        every cluster by its posterior weight, one EM step a round (``soft_least_squares``)."""
+        if assignment == "soft" and (refine != "second-order" or reply != "clients"):
+            raise ValueError("soft assignments need refine = \"second-order\" and reply = \"clients\"")
         self.rule, self.refine, self.ridge, self.update = rule, refine, ridge, update
+        self.assignment = assignment
+        self.mixture = None  # soft assignments: (noise variance, cluster weights), kept across rounds
         self.server_lr, self.server_momentum = server_lr, server_momentum
         self.velocity: Params | None = None  # the server step's momentum, per cluster model
         self.k, self.num_nodes, self.selection = k, num_nodes, selection
@@ -88,7 +97,8 @@ class ClusteredStrategy(ReportingStrategy):
 
     def describe_refinement(self) -> str:
         if self.refine == "second-order":
-            return f"second-order (per-cluster least squares, ridge {self.ridge:g})"
+            soft = ", soft assignments (EM)" if self.assignment == "soft" else ""
+            return f"second-order (per-cluster least squares, ridge {self.ridge:g}{soft})"
         local = f"FedProx mu={self.proximal_mu}" if self.proximal_mu else "FedAvg"
         if self.update == "official":
             local += " (IFCA's official update)"
@@ -160,6 +170,7 @@ class ClusteredStrategy(ReportingStrategy):
                 "reply": self.reply,
                 "proximal-mu": self.proximal_mu,
                 "refine": self.refine,
+                "assignment": self.assignment,
             }
         )
         content = RecordDict({"arrays": arrays, "config": cfg})
@@ -170,10 +181,12 @@ class ClusteredStrategy(ReportingStrategy):
         result = RoundResult(sent=self.sent, k_models=True, phase1_warnings=self.phase1_warnings)
         self.phase1_warnings = None
         models = record_to_params(self.sent)
-        expected = models if self.refine == "first-order" else normal_equations_shapes(models)
+        expected = models if self.refine == "first-order" else normal_equations_shapes(models, self.assignment)
 
         def decode(content: RecordDict):
             conf = decode_confusion(content, None)
+            if "sums" in content and self.assignment == "soft":
+                raise MalformedBatch("soft assignments need every client's normal equations; this cohort sent sums")
             if "sums" in content:
                 return decode_sums(content["sums"], expected), None, conf
             return None, decode_clustered_batch(content, expected), conf
@@ -193,6 +206,9 @@ class ClusteredStrategy(ReportingStrategy):
 
     def new_models(self, total, batches, models: Params) -> Params:
         """The round's models from its sums (and, for a robust rule, its per-client batches)."""
+        if self.refine == "second-order" and self.assignment == "soft":
+            new, self.mixture = soft_least_squares(merge_batches(batches), models, self.ridge, self.mixture)
+            return new
         if self.refine == "second-order":
             return cluster_least_squares(total, models, self.ridge)
         if self.rule is not None:
@@ -271,7 +287,9 @@ def per_cluster(batch, previous: Params, rule: Callable[[np.ndarray, np.ndarray]
     return unflatten(rows, previous)
 
 
-def normal_equations_shapes(models: Params) -> Params:
-    """What a second-order reply carries per cluster: a P x P normal matrix and a P-vector."""
+def normal_equations_shapes(models: Params, assignment: str = "hard") -> Params:
+    """What a second-order reply carries per cluster: a P x P normal matrix and a P-vector
+    (and, for soft assignments, the constant y'y/n)."""
     k, size = len(next(iter(models.values()))), sum(v[0].size for v in models.values())
-    return {NORMAL_MATRIX: np.zeros((k, size, size)), NORMAL_VECTOR: np.zeros((k, size))}
+    shapes = {NORMAL_MATRIX: np.zeros((k, size, size)), NORMAL_VECTOR: np.zeros((k, size))}
+    return shapes | ({NORMAL_CONSTANT: np.zeros(k)} if assignment == "soft" else {})

@@ -249,6 +249,30 @@ def test_malformed_second_order_sums_are_dropped_and_named(bad, reason):
     assert len(result.dropped) == 1 and result.dropped[0].startswith("node 2:") and reason in result.dropped[0]
 
 
+def test_a_soft_assignment_round_drops_a_cohort_that_sent_sums():
+    """Soft assignments weigh every client under every model, so they need per-client normal
+    equations; a cohort's per-cluster sums cannot be split back and are dropped, named."""
+    from strategies.clustered_fl import ClusteredStrategy
+
+    def strategy():
+        s = ClusteredStrategy(K, num_nodes=2, refine="second-order", assignment="soft")
+        s.sent = params_to_record({"w": np.eye(K, D)})
+        return s
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((8, 2, D))
+    y = rng.standard_normal((8, 2))
+    clients = ClientBatch(np.arange(8), np.full(8, 2), {
+        "normal-matrix": np.einsum("cpd,cpe->cde", x, x) / 2, "normal-vector": np.einsum("cpd,cp->cd", x, y) / 2,
+        "normal-constant": (y * y).mean(axis=1)}, {"loss-before": rng.random(8), "cluster": np.arange(8.0) % K})
+    good = encode_result(CohortResult(clients, None, None))
+    result = strategy().aggregate_round(1, [reply(good, 1), reply(normal_equations_reply(2), 2)])
+    alone = strategy().aggregate_round(1, [reply(good, 1)])
+    assert len(result.dropped) == 1 and "sent sums" in result.dropped[0] and result.dropped[0].startswith("node 2:")
+    assert np.array_equal(result.arrays["w"].numpy(), alone.arrays["w"].numpy())
+    assert not np.array_equal(alone.arrays["w"].numpy(), np.eye(K, D))
+
+
 @settings(max_examples=100, deadline=None)
 @given(
     examples=st.lists(st.integers(-3, 20), min_size=1, max_size=5),

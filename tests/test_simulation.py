@@ -113,14 +113,17 @@ def test_clustered_strategies_through_flower_match_the_reference(ray_cluster, tm
 
 
 def test_issue_17s_refinements_through_flower_are_bit_identical_across_cohorts_and_reply_forms(ray_cluster, tmp_path):
-    """Second-order refinement, the server step with momentum, IFCA's official update from
-    Bernoulli starts and seeded random anchors, through Flower's engine: cohorts of 60
-    replying per client and cohorts of 7 replying per-cluster sums record the same history,
-    and it is the in-process engine's."""
+    """Second-order refinement (hard and soft assignments), the server step with momentum,
+    IFCA's official update from Bernoulli starts and seeded random anchors, through Flower's
+    engine: cohorts of 60 replying per client and cohorts of 7 replying per-cluster sums
+    (soft assignments: per client, always) record the same history, and it is the in-process
+    engine's."""
     from simulations.reference import Reference
 
-    arms = ["clustered-second-order", "momentum", "ifca-official"]
+    arms = ["clustered-second-order", "soft", "momentum", "ifca-official"]
     overrides = ["federation.clients=300", "run.rounds=4", "anchors.choice='random'", f"run.strategies={arms}",
+                 "strategy.soft.use='clustered-fedavg'", "strategy.soft.refine='second-order'",
+                 "strategy.soft.assignment='soft'", "strategy.soft.reply='clients'",
                  "strategy.momentum.use='clustered-fedavg'", "strategy.momentum.server_momentum=0.5",
                  "strategy.momentum.lr=0.2", "strategy.ifca-official.use='ifca'",
                  "strategy.ifca-official.update='official'", "strategy.ifca-official.init='bernoulli'",

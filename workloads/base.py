@@ -366,12 +366,14 @@ class SimulatedAttacks(ABC):
 
 class NormalEquations(ABC):
     """Second-order refinement: a client's mean loss is a quadratic of the flattened model,
-    ``w'A w - 2 b'w + c``, and the client sends (A, b) (for least squares: X'X/n and X'y/n).
-    The server adds them per cluster and solves each cluster's least squares."""
+    ``w'A w - 2 b'w + c``, and the client sends (A, b) (for least squares: X'X/n and X'y/n),
+    and c too for soft assignments. The server adds them per cluster and solves each
+    cluster's least squares."""
 
     @abstractmethod
-    def normal_equations(self, data: CohortData) -> tuple[np.ndarray, np.ndarray]:
-        """((B, P, P), (B, P)): each client's per-example normal matrix and vector."""
+    def normal_equations(self, data: CohortData) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """((B, P, P), (B, P), (B,)): each client's per-example normal matrix, vector and
+        constant (its mean loss at the zero model)."""
 
 
 class DeviceFiles(ABC):

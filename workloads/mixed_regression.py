@@ -64,6 +64,7 @@ DRIVER_BYTES = 400e6  # the driver: Ray's head processes, Flower's engine, the s
 
 BLOCKS_KEPT = 2  # generation blocks kept in memory (neighbouring cohorts share one)
 CHUNK_POINTS = 65_536  # points per kernel pass: temporaries stay small whatever the cohort
+EM_ITERATIONS = 200  # the maximum-likelihood reference's cap (it stops at a fixed point first)
 
 
 @dataclass
@@ -474,13 +475,14 @@ class MixedRegression(Workload, KnownClusters, CoarseStatistics, DeviceFiles, No
             w[members] = wm
         return {"w": w}
 
-    def normal_equations(self, data: CohortData) -> tuple[np.ndarray, np.ndarray]:
-        """Each client's X'X/n (B, d, d) and X'y/n (B, d): its mean squared error is
-        w'(X'X/n)w - 2(X'y/n)'w + y'y/n."""
+    def normal_equations(self, data: CohortData) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each client's X'X/n (B, d, d), X'y/n (B, d) and y'y/n (B,): its mean squared error
+        is w'(X'X/n)w - 2(X'y/n)'w + y'y/n."""
         assert isinstance(data, LinearCohort)
         n = data.num_examples.astype(np.float64)
         gram = client_products(data.x, data.x, data.starts, data.num_examples) / n[:, None, None]
-        return gram, np.add.reduceat(data.x * data.y[:, None], data.starts, axis=0) / n[:, None]
+        return (gram, np.add.reduceat(data.x * data.y[:, None], data.starts, axis=0) / n[:, None],
+                np.add.reduceat(data.y * data.y, data.starts) / n)
 
     # ---- Phase 1 statistics (anchors send statistics, never raw data) ----------------------
 
@@ -602,6 +604,35 @@ class MixedRegression(Workload, KnownClusters, CoarseStatistics, DeviceFiles, No
                 },
             }
         return self._oracle
+
+    def maximum_likelihood(self, iterations: int = EM_ITERATIONS) -> np.ndarray:
+        """The label-free reference beside the label oracle: EM for the mixture of k linear
+        regressions over the whole federation (each client's points share one cluster;
+        noise variance and cluster weights estimated), started at the true models, to a
+        fixed point. No estimator without labels is expected to beat it; (k, d)."""
+        if self.true_models is None:
+            raise ValueError("the maximum-likelihood reference starts at the true models; this federation has none")
+        data = self.client_data(np.arange(self.num_clients))
+        models = self.true_models.copy()
+        n = data.num_examples.astype(np.float64)
+        # the noise of the start: each point's smallest squared residual under the true models
+        variance = float(np.mean(np.min((data.x @ models.T - data.y[:, None]) ** 2, axis=1)))
+        weights = np.full(self.k, 1 / self.k)
+        for _ in range(iterations):
+            sse = np.add.reduceat((data.x @ models.T - data.y[:, None]) ** 2, data.starts, axis=0)  # (clients, k)
+            log_post = np.log(weights) - sse / (2 * variance)
+            resp = np.exp(log_post - log_post.max(axis=1, keepdims=True))
+            resp /= resp.sum(axis=1, keepdims=True)
+            point_resp = np.repeat(resp, data.num_examples, axis=0)
+            previous = models.copy()
+            for j in range(self.k):
+                weighted = data.x * point_resp[:, j:j + 1]
+                models[j] = np.linalg.solve(weighted.T @ data.x, weighted.T @ data.y)
+            variance = float((point_resp * (data.x @ models.T - data.y[:, None]) ** 2).sum() / n.sum())
+            weights = resp.mean(axis=0)
+            if np.abs(models - previous).max() < 1e-12:
+                break
+        return models
 
 
 def _scalar(request: Params, key: str, default: float = 0) -> float:
