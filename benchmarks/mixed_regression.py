@@ -55,6 +55,7 @@ OLD_DEFAULT = ["train.lr=0.02", "train.step_cap=0.5", "run.rounds=150"]  # the d
 
 
 MAXIMUM_LIKELIHOOD = "maximum likelihood (EM from the truth, labels unknown)"
+SOFT = "second order, soft assignments (clustered-soft)"
 
 
 def methods(ref: Reference, seed: int, bounds_only: bool = False):
@@ -62,10 +63,12 @@ def methods(ref: Reference, seed: int, bounds_only: bool = False):
     wl = ref.workload
     if bounds_only:
         yield "second order (clustered)", "clustered-second-order", None, None
+        yield SOFT, "clustered-soft", None, None
         yield "alternation from the truth", "ifca", wl.true_parameters(), None
         yield "oracle (true labels, FedAvg)", "oracle", None, None
         return
     yield "second order (clustered)", "clustered-second-order", None, None
+    yield SOFT, "clustered-soft", None, None
     yield "first order (clustered-fedavg, lr 0.4, no cap)", "clustered-fedavg", None, None
     yield "clustered-fedprox (mu 10)", "clustered-fedprox", None, None
     yield "first order, old default (lr 0.02, step cap 0.5; 150 rounds)", "clustered-fedavg", None, OLD_DEFAULT
@@ -124,7 +127,7 @@ def main() -> None:
                 "seed": seed, "final_ratio": ml_error / oracle["error"], "rounds_to_1.1": None,
                 "bytes_to_1.1": None, "bytes_per_round": 0.0, "curve": [ml_error / oracle["error"]],
                 "misclustering": {b: None for b in SIZE_BUCKETS}, "bayes": oracle["bayes_misclustering"]})
-            for strategy in ("clustered-second-order", "clustered-fedavg") if not args.bounds_only else ():
+            for strategy in ("clustered-second-order", "clustered-soft", "clustered-fedavg") if not args.bounds_only else ():
                 invariant.setdefault(f"{instance}: {strategy}", []).append(start_invariant(ref, strategy, seed))
             print(f"{instance} seed {seed} done ({time.perf_counter() - t0:.0f} s)", flush=True)
 
@@ -145,7 +148,7 @@ def main() -> None:
               "curves": {i: {k: [r["curve"] for r in v] for k, v in by.items()} for i, by in runs.items()}}
     (args.out / "mixed_regression.json").write_text(json.dumps(result, indent=1))
     plot(runs, args)
-    flower_name = {"second order (clustered)": "clustered-second-order",
+    flower_name = {"second order (clustered)": "clustered-second-order", SOFT: "clustered-soft",
                    "first order (clustered-fedavg, lr 0.4, no cap)": "clustered-fedavg",
                    "clustered-fedprox (mu 10)": "clustered-fedprox", IFCA_RANDOM: "ifca",
                    "oracle (true labels, FedAvg)": "oracle"}

@@ -15,8 +15,10 @@ def test_builtins_resolve_and_default_is_the_documented_job():
         load_scenario(name)
     s = load_scenario("default")
     assert s["federation"]["clients"] == 1000 and s["federation"]["size_law"] == "zipf"
-    assert s["run"]["strategies"] == ["clustered-second-order", "clustered-fedavg", "clustered-fedprox", "ifca",
-                                      "fedavg", "oracle"]
+    assert s["run"]["strategies"] == ["clustered-second-order", "clustered-soft", "clustered-fedavg",
+                                      "clustered-fedprox", "ifca", "fedavg", "oracle"]
+    assert s["strategy"]["clustered-soft"] == {"use": "clustered-fedavg", "refine": "second-order",
+                                                 "assignment": "soft", "reply": "clients"}
     assert s["strategy"]["clustered-second-order"] == {"use": "clustered-fedavg", "refine": "second-order",
                                                          "reply": "sums"}
 
