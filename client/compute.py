@@ -195,7 +195,10 @@ def normal_equations_reply(
     for index in passes:
         part = data if len(index) == num else workload.subset(data, index)
         matrix, vector, const = workload.normal_equations(part)
-        parts.append((index, {NORMAL_MATRIX: matrix, NORMAL_VECTOR: vector, **({NORMAL_CONSTANT: const} if constant else {})}))
+        stats = {NORMAL_MATRIX: matrix, NORMAL_VECTOR: vector}
+        if constant:
+            stats[NORMAL_CONSTANT] = const
+        parts.append((index, stats))
         if reply == "sums":  # add this pass now, keep no matrices
             parts[-1] = cluster_sums(choice[index], counts[index], parts[-1][1], loss_sums[index], k)
     if reply == "sums":

@@ -15,7 +15,7 @@ from simulations.scenarios import load_scenario
 from workloads.device_files import TRUTH_FILE, DeviceDataError, folder_index
 
 TRUTH_METRICS = ("estimation_error", "nearest_error", "oracle_error", "misclustering_rate", "ari")
-ARMS = ["clustered-second-order", "clustered-fedavg", "clustered-fedprox", "ifca"]
+ARMS = ["clustered-second-order", "clustered-soft", "clustered-fedavg", "clustered-fedprox", "ifca"]
 BASE = ["federation.clients=300", "federation.cohort_size=60", "run.rounds=5"]
 
 
@@ -88,16 +88,20 @@ def test_folder_settings_and_files_that_cannot_run_are_named(exported, tmp_path)
 def test_the_same_folder_deployed_to_devices_trains_the_same_models_and_scores_no_truth(tmp_path):
     """deploy-tiny's three clients as a folder without labels or truth: simulated from the
     folder, then deployed (a device per file, TLS, authentication): both arms end at the
-    simulation's models, and the deployment records no truth-based metric (its server does
+    simulation's models (soft assignments too, from the devices' own y'y), and the deployment
+    records no truth-based metric (its server does
     not score against the generator's models)."""
     from deployment_support import Deployment, no_labels_no_drops
 
     folder = tmp_path / "data"
     deploy.export_device_data(load_scenario("deploy-tiny"), folder)
+    arms = ["clustered-fedavg", "second-order", "soft"]
     scenario = load_scenario("deploy-tiny", [
-        "run.strategies=['clustered-fedavg', 'second-order']", "strategy.second-order.use='clustered-fedavg'",
-        "strategy.second-order.refine='second-order'", f"data.folder='{folder}'"])
-    simulated = run_all(scenario, ["clustered-fedavg", "second-order"])
+        f"run.strategies={arms}", "strategy.second-order.use='clustered-fedavg'",
+        "strategy.second-order.refine='second-order'", "strategy.soft.use='clustered-fedavg'",
+        "strategy.soft.refine='second-order'", "strategy.soft.assignment='soft'", "strategy.soft.reply='clients'",
+        f"data.folder='{folder}'"])
+    simulated = run_all(scenario, arms)
     d = Deployment(tmp_path, scenario, spare=(), data=folder)
     try:
         status, run_dir = d.run(scenario)
@@ -106,7 +110,7 @@ def test_the_same_folder_deployed_to_devices_trains_the_same_models_and_scores_n
     assert status["status"] == "finished:completed", status
     history = load_history(run_dir)
     assert history["key_metric"] == "mse"
-    for arm in ("clustered-fedavg", "second-order"):
+    for arm in arms:
         rows = history["strategies"][arm]
         no_labels_no_drops(rows, clients=3)
         assert not [key for row in rows for key in row if key in TRUTH_METRICS]

@@ -59,8 +59,8 @@ def test_second_order_solves_each_clusters_least_squares_from_summed_normal_equa
 
 def test_soft_assignments_with_a_vanishing_noise_are_the_hard_choice_and_split_a_client_between_close_models():
     """One EM step from the clients' normal equations: with a tiny noise variance each client
-    goes wholly to its best model, which is the hard least squares; a one-point client whose
-    point both models fit alike counts half in each."""
+    goes wholly to its best model, which is the hard least squares; with a larger one a
+    one-point client is split by its posterior, pi_j exp(-error_j / 2 s^2), normalised."""
     rng = np.random.default_rng(3)
     sizes, d = rng.integers(1, 6, size=40), 3
     xs = [rng.standard_normal((n, d)) for n in sizes]
@@ -77,12 +77,17 @@ def test_soft_assignments_with_a_vanishing_noise_are_the_hard_choice_and_split_a
     soft, (variance, weights) = soft_least_squares(batch, start, 1e-6, (1e-9, np.array([0.5, 0.5])))
     np.testing.assert_allclose(soft["w"], hard["w"], rtol=1e-9, atol=1e-12)
     assert 0 < variance < 0.01 and np.isclose(weights.sum(), 1)
-    # a tie: one extra client whose single point is fitted equally by both models
-    x_tie = np.array([[1.0, 1.0, 0]])
-    tied = ClientBatch(np.array([0]), np.array([1]), {NORMAL_MATRIX: (x_tie.T @ x_tie)[None],
-                       NORMAL_VECTOR: x_tie[0][None] * 1.0, NORMAL_CONSTANT: np.array([1.0])}, {})
-    _, (_, split) = soft_least_squares(tied, {"w": truth}, 1e-6, (0.01, np.array([0.5, 0.5])))
-    np.testing.assert_allclose(split, [0.5, 0.5])
+    # one client, one point x = (1, 1, 0), y = 1.2: model 0 predicts 1 (error 0.04), model 1
+    # predicts 0.8 (error 0.16)
+    x1, y1 = np.array([[1.0, 1.0, 0]]), np.array([1.2])
+    models = {"w": np.array([[1.0, 0, 0], [0.8, 0, 0]])}
+    one = ClientBatch(np.array([0]), np.array([1]), {NORMAL_MATRIX: (x1.T @ x1)[None],
+                      NORMAL_VECTOR: (x1.T @ y1)[None], NORMAL_CONSTANT: y1 * y1}, {})
+    variance, prior = 0.05, np.array([0.3, 0.7])
+    _, (_, split) = soft_least_squares(one, models, 1e-6, (variance, prior))
+    post = prior * np.exp(-np.array([0.2**2, 0.4**2]) / (2 * variance))
+    np.testing.assert_allclose(split, post / post.sum(), rtol=1e-9)
+    assert 0.2 < split[0] < 0.8  # a real split, not a hard choice
 
 
 def test_ifcas_official_update_divides_by_every_machine_not_the_cluster():

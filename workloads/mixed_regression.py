@@ -619,7 +619,7 @@ class MixedRegression(Workload, KnownClusters, CoarseStatistics, DeviceFiles, No
         variance = float(np.mean(np.min((data.x @ models.T - data.y[:, None]) ** 2, axis=1)))
         weights = np.full(self.k, 1 / self.k)
         for _ in range(iterations):
-            sse = np.add.reduceat((data.x @ models.T - data.y[:, None]) ** 2, data.starts, axis=0)  # (clients, k)
+            sse = self.local_losses({"w": models}, data) * n[:, None]  # (clients, k)
             log_post = np.log(weights) - sse / (2 * variance)
             resp = np.exp(log_post - log_post.max(axis=1, keepdims=True))
             resp /= resp.sum(axis=1, keepdims=True)
